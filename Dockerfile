@@ -1,0 +1,45 @@
+# syntax=docker/dockerfile:1
+# Embedding service image: the model is baked in at build time and the container runs offline.
+#   docker build -t embedding-service .
+#   docker build --build-arg EMBEDDING_MODEL=sentence-transformers/all-MiniLM-L6-v2 -t embedding-service:minilm .
+# torch is pinned (constraints.txt) like everywhere else; to get a CPU-only torch wheel instead of the
+# default CUDA build, point PIP_EXTRA_INDEX_URL at a PyTorch CPU wheel index.
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS builder
+ARG PIP_EXTRA_INDEX_URL=""
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL}
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# Same pins as `make install`: the service's own pyproject.toml and the full constraints.txt.
+COPY pyproject.toml constraints.txt README.md ./
+COPY app ./app
+RUN pip install -c constraints.txt .
+
+FROM builder AS model
+ARG EMBEDDING_MODEL=intfloat/multilingual-e5-small
+ENV HF_HOME=/opt/models
+# Download the model into the hub cache and load it once, so a broken model fails the build, not the start.
+RUN python -c "import os; from sentence_transformers import SentenceTransformer; SentenceTransformer(os.environ['EMBEDDING_MODEL'], device='cpu')"
+
+FROM ${PYTHON_IMAGE} AS runtime
+ARG EMBEDDING_MODEL=intfloat/multilingual-e5-small
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin embedding
+COPY --from=builder /opt/venv /opt/venv
+COPY --from=model /opt/models /opt/models
+ENV PATH=/opt/venv/bin:$PATH \
+    HF_HOME=/opt/models \
+    HF_HUB_OFFLINE=1 \
+    EMBEDDING_MODEL=${EMBEDDING_MODEL} \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+USER 10001
+WORKDIR /tmp
+EXPOSE 5000
+# Healthy only once the model is loaded and warmed up (GET /ready answers 200).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('EMBEDDING_PORT', '5000'), timeout=4)"]
+ENTRYPOINT ["gunicorn", "-c", "python:app.gunicorn_conf", "app.wsgi:app"]

@@ -1,0 +1,60 @@
+"""Embedding service: a Flask app whose memory stays flat under indexing load."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import structlog
+from flask import Flask
+from prometheus_client import CollectorRegistry
+
+from app import api, errors, logs, memory, ops
+from app.backend import EmbeddingBackend, SentenceTransformerBackend
+from app.components import Components, components
+from app.config import Settings
+from app.engine import Engine
+from app.metrics import Metrics
+from app.version import __version__
+
+__all__ = ["Settings", "__version__", "components", "create_app"]
+
+log = structlog.get_logger("app")
+
+
+def create_app(
+    settings: Settings,
+    *,
+    backend: EmbeddingBackend | None = None,
+    registry: CollectorRegistry | None = None,
+    on_fatal: Callable[[BaseException], None] | None = None,
+    start: bool = True,
+) -> Flask:
+    """Build the app: routes, metrics, the engine (started unless ``start=False``)."""
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider has it
+    metrics = Metrics(registry)
+    engine = Engine(
+        backend or SentenceTransformerBackend(settings.model, settings.device, settings.torch_threads),
+        batch_size=settings.batch_size,
+        queue_size=settings.queue_size,
+        metrics=metrics,
+        rss_sampler=memory.rss_bytes,
+        on_fatal=on_fatal,
+    )
+    Components(settings, engine, metrics).init_app(app)
+    logs.init_app(app, metrics)
+    errors.init_app(app)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(ops.bp)
+    if start:
+        engine.start()
+        log.info(
+            "service.started",
+            version=__version__,
+            pid=os.getpid(),
+            settings={k: v for k, v in dataclasses.asdict(settings).items() if k != "admin_token"},
+        )
+    return app

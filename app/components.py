@@ -1,0 +1,37 @@
+"""The parts of one app instance, attached to it as ``app.extensions["embedding"]``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import Flask, current_app
+
+from app.config import Settings
+from app.engine import Engine
+from app.metrics import Metrics
+from app.schemas import Limits
+
+EXTENSION_KEY = "embedding"
+
+
+@dataclass(frozen=True)
+class Components:
+    """Settings, engine and metrics of one app; routes reach them through :func:`components`."""
+
+    settings: Settings
+    engine: Engine
+    metrics: Metrics
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_inputs=self.settings.max_inputs, max_input_chars=self.settings.max_input_chars)
+
+    def init_app(self, app: Flask) -> None:
+        """Attach to ``app``."""
+        app.extensions[EXTENSION_KEY] = self
+
+
+def components(app: Flask | None = None) -> Components:
+    """The components of ``app`` (default: the app handling the current request)."""
+    found: Components = (app or current_app).extensions[EXTENSION_KEY]
+    return found

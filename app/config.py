@@ -1,0 +1,177 @@
+"""Service settings: one frozen, typed object read from ``EMBEDDING_*`` variables.
+
+Every value is parsed and checked once, at start. A bad value raises
+:class:`ConfigError` naming the variable and the accepted form, so the service
+refuses to start instead of misbehaving later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+PREFIX = "EMBEDDING_"
+DEFAULT_MODEL = "intfloat/multilingual-e5-small"
+MEMORY_POLICIES = ("smart", "legacy", "off")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the variable."""
+
+
+def parse_bytes(text: str) -> int:
+    """Parse ``2.5GB``, ``512MiB``, ``1000`` into a number of bytes."""
+    match = _BYTES_RE.match(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _BYTE_UNITS:
+        raise ValueError(f"not a byte size: {text!r}")
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
+
+
+def _parse_int(text: str) -> int:
+    return int(text.strip())
+
+
+def _parse_float(text: str) -> float:
+    value = float(text.strip())
+    if not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service can be configured with; see README "Configuration"."""
+
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    port: int = 5000
+    batch_size: int = 32
+    max_inputs: int = 512
+    max_input_chars: int = 32_768
+    max_body_bytes: int = 16 * 1024**2
+    queue_size: int = 4096
+    request_timeout_s: float = 120.0
+    torch_threads: int = 0
+    http_threads: int = 32
+    memory_elevated_bytes: int = 2_000_000_000
+    memory_high_bytes: int = 2_500_000_000
+    memory_limit_bytes: int | None = None
+    cleanup_interval_s: float = 300.0
+    cleanup_every_requests: int = 50
+    monitor_interval_s: float = 60.0
+    memory_policy: str = "smart"
+    admin_token: str | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _check(self.device in DEVICES, "DEVICE", f"one of {', '.join(DEVICES)}")
+        _check(1 <= self.port <= 65535, "PORT", "a port number from 1 to 65535")
+        _check(1 <= self.batch_size <= 4096, "BATCH_SIZE", "a whole number from 1 to 4096")
+        _check(self.max_inputs >= 1, "MAX_INPUTS", "a whole number of at least 1")
+        _check(self.max_input_chars >= 1, "MAX_INPUT_CHARS", "a whole number of at least 1")
+        _check(self.max_body_bytes >= 1024, "MAX_BODY_BYTES", "a byte size of at least 1KiB")
+        _check(
+            self.queue_size >= self.max_inputs,
+            "QUEUE_SIZE",
+            f"a whole number of at least EMBEDDING_MAX_INPUTS ({self.max_inputs})",
+        )
+        _check(self.request_timeout_s > 0, "REQUEST_TIMEOUT_S", "a number of seconds above 0")
+        _check(self.torch_threads >= 0, "TORCH_THREADS", "0 (one per usable CPU) or more")
+        _check(self.http_threads >= 1, "HTTP_THREADS", "a whole number of at least 1")
+        _check(self.memory_elevated_bytes > 0, "MEMORY_ELEVATED_BYTES", "a byte size above 0")
+        _check(
+            self.memory_high_bytes >= self.memory_elevated_bytes,
+            "MEMORY_HIGH_BYTES",
+            "a byte size not below EMBEDDING_MEMORY_ELEVATED_BYTES",
+        )
+        _check(
+            self.memory_limit_bytes is None or self.memory_limit_bytes > 0,
+            "MEMORY_LIMIT_BYTES",
+            "a byte size above 0, or empty for no limit",
+        )
+        _check(self.cleanup_interval_s > 0, "CLEANUP_INTERVAL_S", "a number of seconds above 0")
+        _check(self.cleanup_every_requests >= 1, "CLEANUP_EVERY_REQUESTS", "a whole number of at least 1")
+        _check(self.monitor_interval_s > 0, "MONITOR_INTERVAL_S", "a number of seconds above 0")
+        _check(self.memory_policy in MEMORY_POLICIES, "MEMORY_POLICY", f"one of {', '.join(MEMORY_POLICIES)}")
+        _check(self.log_level in LOG_LEVELS, "LOG_LEVEL", f"one of {', '.join(LOG_LEVELS)}")
+        _check(bool(self.model.strip()), "MODEL", "a hub model id, a local directory or a bundled model name")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every ``EMBEDDING_*`` variable; unset or empty ones keep their default."""
+        env = os.environ if environ is None else environ
+        reader = _EnvReader(env)
+        values: dict[str, Any] = {
+            "model": reader.get("MODEL", str),
+            "device": reader.get("DEVICE", _lower),
+            "port": reader.get("PORT", _parse_int, "a whole number"),
+            "batch_size": reader.get("BATCH_SIZE", _parse_int, "a whole number"),
+            "max_inputs": reader.get("MAX_INPUTS", _parse_int, "a whole number"),
+            "max_input_chars": reader.get("MAX_INPUT_CHARS", _parse_int, "a whole number"),
+            "max_body_bytes": reader.get("MAX_BODY_BYTES", parse_bytes, "a byte size such as 16MiB"),
+            "queue_size": reader.get("QUEUE_SIZE", _parse_int, "a whole number"),
+            "request_timeout_s": reader.get("REQUEST_TIMEOUT_S", _parse_float, "a number of seconds"),
+            "torch_threads": reader.get("TORCH_THREADS", _parse_int, "a whole number"),
+            "http_threads": reader.get("HTTP_THREADS", _parse_int, "a whole number"),
+            "memory_elevated_bytes": reader.get("MEMORY_ELEVATED_BYTES", parse_bytes, "a byte size such as 2GB"),
+            "memory_high_bytes": reader.get("MEMORY_HIGH_BYTES", parse_bytes, "a byte size such as 2.5GB"),
+            "memory_limit_bytes": reader.get("MEMORY_LIMIT_BYTES", parse_bytes, "a byte size such as 3GB"),
+            "cleanup_interval_s": reader.get("CLEANUP_INTERVAL_S", _parse_float, "a number of seconds"),
+            "cleanup_every_requests": reader.get("CLEANUP_EVERY_REQUESTS", _parse_int, "a whole number"),
+            "monitor_interval_s": reader.get("MONITOR_INTERVAL_S", _parse_float, "a number of seconds"),
+            "memory_policy": reader.get("MEMORY_POLICY", _lower),
+            "admin_token": reader.get("ADMIN_TOKEN", str),
+            "log_level": reader.get("LOG_LEVEL", _lower),
+        }
+        return cls(**{name: value for name, value in values.items() if value is not None})
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]  # field types are checked in __post_init__
+
+
+def _lower(text: str) -> str:
+    return text.strip().lower()
+
+
+def _check(ok: bool, name: str, accepted: str) -> None:
+    if not ok:
+        raise ConfigError(f"{PREFIX}{name}: expected {accepted}")
+
+
+class _EnvReader:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._env = environ
+
+    def get(self, name: str, parse: Callable[[str], T], form: str = "") -> T | None:
+        raw = self._env.get(PREFIX + name, "")
+        if raw.strip() == "":
+            return None
+        try:
+            return parse(raw)
+        except ValueError:
+            raise ConfigError(f"{PREFIX}{name}={raw!r}: expected {form or 'a valid value'}") from None

@@ -1,0 +1,42 @@
+"""gunicorn settings: one worker (one model), request threads, graceful SIGTERM.
+
+Used as ``gunicorn -c python:app.gunicorn_conf app.wsgi:app`` by ``make run``,
+the Dockerfile and the tests. The settings are validated here, in the master,
+so a bad ``EMBEDDING_*`` value stops the start with one clear line.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from app.config import ConfigError, Settings
+from app.logs import gunicorn_logconfig
+
+try:
+    _settings = Settings.from_env()
+except ConfigError as _error:
+    sys.stderr.write(f"embedding service: configuration error: {_error}\n")
+    raise SystemExit(2) from None
+
+bind = f"0.0.0.0:{_settings.port}"  # override with --bind HOST:PORT
+workers = 1  # one process holds one model; concurrency comes from threads + batching
+worker_class = "gthread"
+threads = _settings.http_threads
+timeout = 120  # heartbeat of the worker's main loop, not of requests
+graceful_timeout = max(30, int(_settings.request_timeout_s))
+keepalive = 5
+accesslog = None  # app.logs emits one request.completed line per request
+logconfig_dict = gunicorn_logconfig(_settings.log_level)
+proc_name = "embedding-service"
+# The runtime control socket is not used; without this it is created under $HOME.
+control_socket_disable = True
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """After the worker has answered its in-flight requests: drain and stop the engine."""
+    wsgi = getattr(worker, "wsgi", None)
+    extensions = getattr(wsgi, "extensions", {})
+    parts = extensions.get("embedding")
+    if parts is not None:
+        parts.engine.stop(timeout_s=graceful_timeout)

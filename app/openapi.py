@@ -1,0 +1,157 @@
+"""The OpenAPI 3.1 document served at ``/openapi.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_TEXTS = {
+    "oneOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+    ]
+}
+_INPUT_TYPE = {
+    "type": "string",
+    "enum": ["query", "passage", "document"],
+    "description": (
+        "Adds the prefix the model was trained with (e5: 'query: ' / 'passage: '); nothing for models without one."
+    ),
+}
+_OBJECT = {"type": "object"}
+_STRING = {"type": "string"}
+_DIMENSIONS = {"type": "integer", "minimum": 1, "description": "Keep the first N components, re-normalised."}
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "code": {"type": "integer"},
+                "param": {"type": "string"},
+            },
+        }
+    },
+}
+_ERRORS = {
+    "400": "Malformed JSON or a field of the wrong type.",
+    "404": "A model other than the served one was asked for.",
+    "413": "Request body over the size limit.",
+    "422": "Empty input, too many inputs, a text too long, or dimensions out of range.",
+    "429": "Inference queue full; retry after Retry-After seconds.",
+    "503": "Not ready, shutting down, over the memory limit, or timed out in the queue.",
+}
+
+
+def _error_responses() -> dict[str, Any]:
+    return {
+        code: {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        for code, text in _ERRORS.items()
+    }
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    """The API description, with the service version."""
+    vector = {"type": "array", "items": {"type": "number"}}
+    embed_request = {
+        "type": "object",
+        "required": ["inputs"],
+        "properties": {
+            "inputs": _TEXTS,
+            "normalize": {"type": "boolean", "default": True},
+            "truncate": {
+                "type": "boolean",
+                "default": True,
+                "description": "false: a text longer than the model's maximum sequence length is a 422.",
+            },
+            "input_type": _INPUT_TYPE,
+            "dimensions": _DIMENSIONS,
+        },
+    }
+    embed_response = {
+        "type": "object",
+        "properties": {
+            "embeddings": {"type": "array", "items": vector},
+            "model": {"type": "string"},
+            "dimensions": {"type": "integer"},
+            "usage": {"type": "object", "properties": {"tokens": {"type": "integer"}}},
+        },
+    }
+    openai_request = {
+        "type": "object",
+        "required": ["input"],
+        "properties": {
+            "input": _TEXTS,
+            "model": {"type": "string", "description": "Optional; must name the served model."},
+            "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
+            "dimensions": _DIMENSIONS,
+            "input_type": _INPUT_TYPE,
+            "user": {"type": "string", "description": "Accepted and ignored."},
+        },
+    }
+    openai_response = {
+        "type": "object",
+        "properties": {
+            "object": {"const": "list"},
+            "data": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "object": {"const": "embedding"},
+                        "index": {"type": "integer"},
+                        "embedding": {"oneOf": [vector, {"type": "string", "contentEncoding": "base64"}]},
+                    },
+                },
+            },
+            "model": {"type": "string"},
+            "usage": {
+                "type": "object",
+                "properties": {"prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}},
+            },
+        },
+    }
+    status = {"type": "object", "properties": {"status": {"type": "string"}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Embedding service", "version": version},
+        "paths": {
+            "/embed": {
+                "post": {
+                    "summary": "Embed one text or a list of texts.",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": embed_request}}},
+                    "responses": {"200": _json(embed_response), **_error_responses()},
+                }
+            },
+            "/v1/embeddings": {
+                "post": {
+                    "summary": "OpenAI-compatible embeddings.",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": openai_request}}},
+                    "responses": {"200": _json(openai_response), **_error_responses()},
+                }
+            },
+            "/info": {"get": {"summary": "Model, limits and version.", "responses": {"200": _json(_OBJECT)}}},
+            "/health": {"get": {"summary": "Liveness.", "responses": {"200": _json(status)}}},
+            "/ready": {
+                "get": {
+                    "summary": "Readiness: 200 once the model is loaded and warmed up.",
+                    "responses": {"200": _json(status), "503": _json(status, "Not ready.")},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics.",
+                    "responses": {"200": {"description": "OK", "content": {"text/plain": {"schema": _STRING}}}},
+                }
+            },
+            "/openapi.json": {"get": {"summary": "This document.", "responses": {"200": _json(_OBJECT)}}},
+        },
+        "components": {"schemas": {"Error": _ERROR}},
+    }

@@ -1,0 +1,70 @@
+"""Test doubles that ship with the code and subclass the real abstractions."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import Any
+
+import numpy as np
+
+from app.backend import EmbeddingBackend, ModelInfo, ModelLoadError, Prepared
+
+
+class FakeBackend(EmbeddingBackend):
+    """A deterministic backend: a text's vector is derived from its hash; tokens are words + 2.
+
+    ``gate`` (a cleared Event) holds every batch until it is set, so tests can
+    fill the queue; ``poison`` makes any batch that holds that text fail;
+    ``load_error`` makes ``load`` fail.
+    """
+
+    def __init__(
+        self,
+        *,
+        dimensions: int = 8,
+        max_seq_length: int = 16,
+        prompts: dict[str, str] | None = None,
+        poison: str | None = None,
+        load_error: str | None = None,
+    ) -> None:
+        self.dimensions = dimensions
+        self.max_seq_length = max_seq_length
+        self.prompts = prompts or {}
+        self.poison = poison
+        self.load_error = load_error
+        self.gate = threading.Event()
+        self.gate.set()
+        self.batches: list[list[str]] = []
+        self.released = 0
+
+    def load(self) -> ModelInfo:
+        if self.load_error is not None:
+            raise ModelLoadError(self.load_error)
+        return ModelInfo("fake/model", self.dimensions, self.max_seq_length, "cpu", dict(self.prompts))
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return [len(text.split()) + 2 for text in texts]
+
+    def prepare(self, texts: list[str]) -> Prepared:
+        counts = [min(n, self.max_seq_length) for n in self.count_tokens(texts)]
+        return Prepared(features=list(texts), token_counts=counts)
+
+    def encode(self, prepared: Prepared) -> Any:
+        self.gate.wait()
+        texts: list[str] = prepared.features
+        if self.poison is not None and self.poison in texts:
+            raise RuntimeError("poisoned batch")
+        self.batches.append(texts)
+        return np.stack([self.vector(text) for text in texts])
+
+    def finish(self, encoded: Any) -> np.ndarray:
+        return np.asarray(encoded, dtype=np.float32)
+
+    def release_caches(self) -> None:
+        self.released += 1
+
+    def vector(self, text: str) -> np.ndarray:
+        """The (unnormalised) vector this backend gives ``text``."""
+        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+        return np.random.default_rng(seed).standard_normal(self.dimensions).astype(np.float32)

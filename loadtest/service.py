@@ -1,0 +1,121 @@
+"""Run the real service (gunicorn, real model) on a free loopback port: for tests, benchmarks and load tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_MODEL = "all-minilm-l6-v2"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServiceProcess:
+    """gunicorn serving ``app.wsgi:app`` exactly as ``make run`` does, logs captured to a file."""
+
+    def __init__(self, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "EMBEDDING_MODEL": BUNDLED_MODEL,
+            "EMBEDDING_LOG_LEVEL": "info",
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        """Start gunicorn; returns at once (see :meth:`wait_ready`)."""
+        gunicorn = Path(sys.executable).with_name("gunicorn")
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [str(gunicorn), "-c", "python:app.gunicorn_conf", "--bind", f"127.0.0.1:{self.port}", "app.wsgi:app"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def wait_ready(self, timeout_s: float = 120.0) -> list[int]:
+        """Poll ``/ready`` until 200; return the status codes seen on the way."""
+        seen: list[int] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            try:
+                status = requests.get(f"{self.url}/ready", timeout=2).status_code
+            except requests.ConnectionError:
+                status = 0
+            seen.append(status)
+            if status == 200:
+                return seen
+            time.sleep(0.1)
+        raise TimeoutError(f"service not ready after {timeout_s}s:\n{self.log_text()[-3000:]}")
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, wait for exit, return the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._log.close()
+        return code
+
+    def wait_exit(self, timeout_s: float) -> int:
+        """Wait for the process to exit by itself; return the exit code."""
+        assert self.proc is not None
+        code = self.proc.wait(timeout_s)
+        self._log.close()
+        return code
+
+    def log_text(self) -> str:
+        """Everything the service wrote so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The JSON log lines (optionally only those whose ``event`` is ``name``)."""
+        found = []
+        for line in self.log_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and (name is None or record.get("event") == name):
+                found.append(record)
+        return found
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One sample from ``/metrics`` (None when absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = requests.get(f"{self.url}/metrics", timeout=5).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        return None

@@ -1,0 +1,36 @@
+"""The real service: gunicorn on a loopback port serving the bundled model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loadtest.service import ServiceProcess
+
+# Small limits so that the limit tests send small bodies; everything else is the default.
+SERVICE_ENV = {
+    "EMBEDDING_MAX_INPUTS": "256",
+    "EMBEDDING_MAX_INPUT_CHARS": "20000",
+    "EMBEDDING_MAX_BODY_BYTES": "1MiB",
+}
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """One running service for the whole session."""
+    proc = ServiceProcess(tmp_path_factory.mktemp("service") / "service.log", SERVICE_ENV).start()
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.terminate()
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """Where the bundled model lives, for in-process comparisons."""
+    from app.backend import resolve_model
+
+    return Path(resolve_model("all-minilm-l6-v2").location)

@@ -1,0 +1,155 @@
+"""The embedding API of the real service (gunicorn + the bundled model)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from loadtest.service import ServiceProcess
+
+DIMS = 384
+
+
+def embed(service: ServiceProcess, body: object, **headers: str) -> requests.Response:
+    return requests.post(f"{service.url}/embed", json=body, headers=headers, timeout=60)
+
+
+def test_embed_returns_one_unit_vector_per_text(service: ServiceProcess) -> None:
+    response = embed(service, {"inputs": ["The cat sits on the mat.", "Quarterly revenue grew by 8%."]})
+    assert response.status_code == 200
+    body = response.json()
+    vectors = np.array(body["embeddings"])
+    assert vectors.shape == (2, DIMS)
+    assert body["dimensions"] == DIMS
+    assert body["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert body["usage"]["tokens"] > 10
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_a_single_string_gives_a_single_embedding(service: ServiceProcess) -> None:
+    assert np.array(embed(service, {"inputs": "just one"}).json()["embeddings"]).shape == (1, DIMS)
+
+
+def test_paraphrases_score_higher_than_unrelated_text(service: ServiceProcess) -> None:
+    texts = [
+        "How do I reset my password?",
+        "What are the steps to change my login password?",
+        "The volcano erupted and covered the village in ash.",
+    ]
+    a, b, c = np.array(embed(service, {"inputs": texts}).json()["embeddings"])
+    assert a @ b > 0.6
+    assert a @ b > a @ c + 0.4
+
+
+def test_dimensions_shortens_and_renormalises(service: ServiceProcess) -> None:
+    full = np.array(embed(service, {"inputs": "matryoshka"}).json()["embeddings"][0])
+    short = embed(service, {"inputs": "matryoshka", "dimensions": 64}).json()
+    vector = np.array(short["embeddings"][0])
+    assert short["dimensions"] == 64
+    np.testing.assert_allclose(np.linalg.norm(vector), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vector, full[:64] / np.linalg.norm(full[:64]), atol=1e-5)
+
+
+def test_truncation_off_refuses_a_text_over_the_model_limit(service: ServiceProcess) -> None:
+    long_text = "word " * 400  # about 400 tokens, the model takes 256
+    refused = embed(service, {"inputs": ["fine", long_text], "truncate": False})
+    assert refused.status_code == 422
+    assert "input[1] has 402 tokens" in refused.json()["error"]["message"]
+    truncated = embed(service, {"inputs": [long_text]})
+    assert truncated.status_code == 200
+    assert truncated.json()["usage"]["tokens"] == 256
+
+
+def test_openai_client_float_and_base64(service: ServiceProcess) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0)
+    texts = ["first document", "second, somewhat longer document about embeddings"]
+    as_float = client.embeddings.create(model="sentence-transformers/all-MiniLM-L6-v2", input=texts)
+    as_b64 = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts, encoding_format="base64")
+    default = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts[0])  # the client asks for base64
+    assert [d.index for d in as_float.data] == [0, 1]
+    assert as_float.usage.prompt_tokens == as_float.usage.total_tokens > 0
+    floats = np.array([d.embedding for d in as_float.data])
+    assert floats.shape == (2, DIMS)
+    # With encoding_format="base64" the client hands back the base64 text; decode it as OpenAI documents.
+    decoded = np.array([np.frombuffer(__import__("base64").b64decode(d.embedding), "<f4") for d in as_b64.data])
+    np.testing.assert_allclose(decoded, floats, atol=1e-6)
+    np.testing.assert_allclose(np.array(default.data[0].embedding), floats[0], atol=1e-6)
+    shortened = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts[0], dimensions=128)
+    assert len(shortened.data[0].embedding) == 128
+
+
+def test_openai_client_sees_a_wrong_model_as_not_found(service: ServiceProcess) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.embeddings.create(model="text-embedding-3-small", input="x")
+    assert "serves 'sentence-transformers/all-MiniLM-L6-v2' only" in str(caught.value)
+
+
+def test_concurrent_single_texts_are_batched_and_each_caller_gets_its_own_vector(
+    service: ServiceProcess, model_dir: Path
+) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    texts = [f"Document number {i} talks about topic {i % 7} in {i * 3} words or so." for i in range(64)]
+    before = service.metric("embedding_batch_size_sum") or 0.0
+    before_count = service.metric("embedding_batch_size_count") or 0.0
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        vectors = list(pool.map(lambda t: embed(service, {"inputs": t}).json()["embeddings"][0], texts))
+    texts_batched = (service.metric("embedding_batch_size_sum") or 0.0) - before
+    batches = (service.metric("embedding_batch_size_count") or 0.0) - before_count
+    assert texts_batched == 64
+    assert batches < 64, "some batches should hold more than one request's text"
+    local = SentenceTransformer(str(model_dir), device="cpu").encode(texts, normalize_embeddings=True)
+    np.testing.assert_allclose(np.array(vectors), local, atol=1e-4)
+
+
+def test_info_reports_model_limits_and_version(service: ServiceProcess) -> None:
+    info = requests.get(f"{service.url}/info", timeout=5).json()
+    assert info["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert info["dimensions"] == DIMS
+    assert info["max_seq_length"] == 256
+    assert info["batch_size"] == 32
+    assert info["limits"]["max_inputs"] == 256
+    assert info["version"] == "0.1.0"
+
+
+def test_metrics_show_requests_queue_and_batches(service: ServiceProcess) -> None:
+    embed(service, {"inputs": ["counted"]})
+    assert (service.metric("embedding_requests_total", route="/embed", code="200") or 0) >= 1
+    assert service.metric("embedding_queue_depth") == 0
+    assert (service.metric("embedding_inputs_total") or 0) >= 1
+    assert (service.metric("embedding_tokens_total") or 0) >= 1
+    assert service.metric("embedding_model_info", model="sentence-transformers/all-MiniLM-L6-v2", device="cpu") == 1
+    assert (service.metric("process_resident_memory_bytes") or 0) > 100e6
+    assert service.metric("python_gc_objects_collected_total", generation="0") is not None
+
+
+def test_request_ids_are_echoed_and_logged(service: ServiceProcess) -> None:
+    response = embed(service, {"inputs": "traced"}, **{"X-Request-ID": "trace-abc-123"})
+    assert response.headers["X-Request-ID"] == "trace-abc-123"
+    generated = embed(service, {"inputs": "untraced"}).headers["X-Request-ID"]
+    completed = {e["request_id"]: e for e in service.events("request.completed")}
+    assert completed["trace-abc-123"]["route"] == "/embed"
+    assert completed["trace-abc-123"]["status"] == 200
+    assert generated in completed
+
+
+def test_log_lines_are_json_with_the_design_events(service: ServiceProcess) -> None:
+    embed(service, {"inputs": ["logged", "twice"]})
+    for event in service.events():
+        assert {"timestamp", "level", "event"} <= set(event)
+    started = service.events("service.started")
+    assert started and started[0]["version"] == "0.1.0"
+    assert "admin_token" not in started[0]["settings"]
+    loaded = service.events("model.loaded")
+    assert loaded and loaded[0]["dimensions"] == DIMS
+    batch = service.events("batch.completed")[-1]
+    assert {"size", "tokens", "duration_ms", "rss_delta_bytes"} <= set(batch)

@@ -1,0 +1,90 @@
+"""Bad input gets a clear JSON error, and the service keeps serving everyone else."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from loadtest.service import ServiceProcess
+
+JSON = {"Content-Type": "application/json"}
+
+CASES = [
+    # (route, raw body, status, fragment of the message)
+    ("/embed", b"{not json", 400, "not valid JSON"),
+    ("/embed", b'{"inputs": 42}', 400, "got number"),
+    ("/embed", b'{"inputs": [1, 2]}', 400, "inputs[0] must be a string, got number"),
+    ("/embed", b'{"inputs": [["nested"]]}', 400, "got array"),
+    ("/embed", b'{"inputs": null}', 400, "got null"),
+    ("/embed", b'{"inputs": ["ok", null]}', 400, "inputs[1] must be a string, got null"),
+    ("/embed", b'["inputs"]', 400, "must be a JSON object"),
+    ("/embed", b'{"inputs": []}', 422, "is empty"),
+    ("/embed", b'{"inputs": "x", "normalize": "no"}', 400, "true or false"),
+    ("/v1/embeddings", b'{"input": []}', 422, "is empty"),
+    ("/v1/embeddings", b'{"input": "x", "encoding_format": "int8"}', 400, "unsupported encoding_format"),
+    ("/v1/embeddings", b'{"input": "x", "dimensions": 385}', 422, "from 1 to 384"),
+    ("/v1/embeddings", b'{"input": "x", "dimensions": 0}', 422, "from 1 to 384"),
+    ("/v1/embeddings", b'{"input": [[101, 2023]]}', 400, "must be a string"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "status", "fragment"), CASES)
+def test_bad_input_gets_a_json_error(
+    service: ServiceProcess, route: str, body: bytes, status: int, fragment: str
+) -> None:
+    response = requests.post(f"{service.url}{route}", data=body, headers=JSON, timeout=30)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == status
+    assert fragment in error["message"]
+
+
+def test_too_many_inputs(service: ServiceProcess) -> None:
+    response = requests.post(f"{service.url}/embed", json={"inputs": ["x"] * 257}, timeout=30)
+    assert response.status_code == 422
+    assert "257 texts, more than the limit of 256" in response.json()["error"]["message"]
+
+
+def test_a_text_over_the_character_limit(service: ServiceProcess) -> None:
+    response = requests.post(f"{service.url}/embed", json={"inputs": ["y" * 20001]}, timeout=30)
+    assert response.status_code == 422
+    assert "20001 characters" in response.json()["error"]["message"]
+
+
+def test_a_body_over_the_size_limit(service: ServiceProcess) -> None:
+    body = b'{"inputs": ["' + b"z" * (1024 * 1024 + 10) + b'"]}'
+    response = requests.post(f"{service.url}/embed", data=body, headers=JSON, timeout=30)
+    assert response.status_code == 413
+    assert "larger than the limit of 1048576 bytes" in response.json()["error"]["message"]
+
+
+def test_unknown_routes_and_methods_are_json_too(service: ServiceProcess) -> None:
+    assert requests.get(f"{service.url}/nope", timeout=5).json()["error"]["code"] == 404
+    assert requests.get(f"{service.url}/embed", timeout=5).json()["error"]["code"] == 405
+
+
+def test_bad_requests_do_not_disturb_good_ones(service: ServiceProcess) -> None:
+    stop = threading.Event()
+
+    def hammer_with_bad_input() -> int:
+        sent = 0
+        while not stop.is_set():
+            for _, body, _, _ in CASES:
+                requests.post(f"{service.url}/embed", data=body, headers=JSON, timeout=30)
+                sent += 1
+        return sent
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        bad = [pool.submit(hammer_with_bad_input) for _ in range(2)]
+        good = [
+            pool.submit(requests.post, f"{service.url}/embed", json={"inputs": [f"good {i}", "text"]}, timeout=60)
+            for i in range(40)
+        ]
+        statuses = [f.result().status_code for f in good]
+        stop.set()
+        assert sum(f.result() for f in bad) > 0
+    assert statuses == [200] * 40
+    assert requests.get(f"{service.url}/ready", timeout=5).status_code == 200

@@ -1,0 +1,93 @@
+"""Start, readiness, backpressure and shutdown of the real service, one process per test."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+from loadtest.service import ServiceProcess
+
+TEXTS = [f"Sentence {i} of a document that is being indexed, with a few more words." for i in range(32)]
+
+
+def test_health_answers_at_once_and_ready_only_after_warm_up(tmp_path: Path) -> None:
+    service = ServiceProcess(tmp_path / "log").start()
+    try:
+        seen = service.wait_ready()
+        assert 503 in seen, "the service listens before the model is loaded, and says it is not ready"
+        assert requests.get(f"{service.url}/health", timeout=5).status_code == 200
+        loaded = service.events("model.loaded")[0]
+        assert loaded["warm_up_s"] >= 0
+    finally:
+        assert service.terminate() == 0
+
+
+def test_sigterm_finishes_queued_work_and_exits_zero(tmp_path: Path) -> None:
+    service = ServiceProcess(tmp_path / "log").start()
+    service.wait_ready()
+    started = threading.Barrier(17)
+
+    def index_batch(i: int) -> int:
+        started.wait()
+        response = requests.post(f"{service.url}/embed", json={"inputs": [f"{i}: {t}" for t in TEXTS]}, timeout=120)
+        return response.status_code
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        futures = [pool.submit(index_batch, i) for i in range(16)]
+        started.wait()
+        time.sleep(0.3)  # the requests are queued or in the model
+        assert (service.metric("embedding_queue_depth") or 0) > 0
+        code = service.terminate()
+        statuses = [f.result() for f in futures]
+    assert statuses == [200] * 16
+    assert code == 0
+    assert service.events("engine.stopped")
+
+
+def test_a_bad_setting_stops_the_start_and_names_the_variable(tmp_path: Path) -> None:
+    service = ServiceProcess(tmp_path / "log", {"EMBEDDING_BATCH_SIZE": "thirty-two"}).start()
+    assert service.wait_exit(60) != 0
+    assert "EMBEDDING_BATCH_SIZE='thirty-two': expected a whole number" in service.log_text()
+
+
+def test_a_model_that_cannot_be_loaded_stops_the_start(tmp_path: Path) -> None:
+    not_a_model = tmp_path / "empty-model-dir"
+    not_a_model.mkdir()
+    service = ServiceProcess(tmp_path / "log", {"EMBEDDING_MODEL": str(not_a_model)}).start()
+    assert service.wait_exit(120) != 0
+    failed = service.events("model.load_failed")
+    assert failed and "cannot load model" in failed[0]["error"]
+    assert "cannot start" in service.log_text()
+
+
+def test_a_missing_model_directory_is_named(tmp_path: Path) -> None:
+    service = ServiceProcess(tmp_path / "log", {"EMBEDDING_MODEL": str(tmp_path / "missing")}).start()
+    assert service.wait_exit(120) != 0
+    assert "does not exist" in service.events("model.load_failed")[0]["error"]
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_loses_no_accepted_work(tmp_path: Path) -> None:
+    env = {"EMBEDDING_MAX_INPUTS": "32", "EMBEDDING_QUEUE_SIZE": "64"}
+    service = ServiceProcess(tmp_path / "log", env).start()
+    service.wait_ready()
+    try:
+        with ThreadPoolExecutor(max_workers=24) as pool:
+            responses = list(
+                pool.map(
+                    lambda i: requests.post(f"{service.url}/embed", json={"inputs": TEXTS}, timeout=120), range(48)
+                )
+            )
+        refused = [r for r in responses if r.status_code == 429]
+        accepted = [r for r in responses if r.status_code == 200]
+        assert refused, "48 concurrent 32-text requests must overflow a 64-text queue"
+        assert len(refused) + len(accepted) == 48
+        assert all(r.headers["Retry-After"] == "1" for r in refused)
+        assert all(len(r.json()["embeddings"]) == 32 for r in accepted)
+        assert service.metric("embedding_rejected_total", reason="queue_full") == len(refused)
+        assert requests.post(f"{service.url}/embed", json={"inputs": "after"}, timeout=30).status_code == 200
+    finally:
+        service.terminate()

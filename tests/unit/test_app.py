@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from app import components, create_app
+from app.config import Settings
+from app.testing import FakeBackend
+
+SETTINGS = Settings(model="fake", max_inputs=4, queue_size=16, max_body_bytes=2048)
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return FakeBackend(prompts={"query": "query: ", "passage": "passage: "})
+
+
+@pytest.fixture
+def app(backend: FakeBackend) -> Iterator[Flask]:
+    app = create_app(SETTINGS, backend=backend)
+    engine = components(app).engine
+    deadline = time.monotonic() + 5
+    while not engine.ready:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    yield app
+    engine.stop(5)
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def test_input_type_adds_the_model_prefix(client: FlaskClient, backend: FakeBackend) -> None:
+    client.post("/embed", json={"inputs": ["find me"], "input_type": "query"})
+    client.post("/embed", json={"inputs": ["a document"], "input_type": "passage"})
+    client.post("/embed", json={"inputs": ["as is"]})
+    assert backend.batches[-3:] == [["query: find me"], ["passage: a document"], ["as is"]]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status"),
+    [
+        ("get", "/nowhere", {}, 404),
+        ("get", "/embed", {}, 405),
+        ("post", "/embed", {"data": b'{"inputs": "' + b"x" * 3000 + b'"}'}, 413),
+        ("post", "/embed", {"data": b"{bad"}, 400),
+    ],
+)
+def test_every_error_is_a_json_error_body(
+    client: FlaskClient, method: str, path: str, kwargs: dict[str, bytes], status: int
+) -> None:
+    response = getattr(client, method)(path, **kwargs)
+    assert response.status_code == status
+    error = response.get_json()["error"]
+    assert error["code"] == status
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str)
+
+
+def test_a_request_id_is_echoed_or_generated(client: FlaskClient) -> None:
+    assert client.get("/health", headers={"X-Request-ID": "trace-42"}).headers["X-Request-ID"] == "trace-42"
+    generated = client.get("/health").headers["X-Request-ID"]
+    assert len(generated) == 32
+    assert client.get("/health", headers={"X-Request-ID": "bad id; drop"}).headers["X-Request-ID"] != "bad id; drop"
+
+
+def test_requests_are_counted_by_route_and_code(client: FlaskClient, app: Flask) -> None:
+    client.post("/embed", json={"inputs": "x"})
+    client.post("/embed", json={"inputs": []})
+    registry = components(app).metrics.registry
+    assert registry.get_sample_value("embedding_requests_total", {"route": "/embed", "code": "200"}) == 1
+    assert registry.get_sample_value("embedding_requests_total", {"route": "/embed", "code": "422"}) == 1
+    assert registry.get_sample_value("embedding_request_duration_seconds_count", {"route": "/embed"}) == 2
+
+
+def test_not_ready_until_the_model_is_loaded() -> None:
+    backend = FakeBackend()
+    backend.gate.clear()  # the warm-up batch waits here
+    app = create_app(SETTINGS, backend=backend)
+    client = app.test_client()
+    assert client.get("/health").status_code == 200
+    response = client.get("/ready")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "5"
+    assert client.post("/embed", json={"inputs": "x"}).status_code == 503
+    backend.gate.set()
+    deadline = time.monotonic() + 5
+    while client.get("/ready").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert client.post("/embed", json={"inputs": "x"}).status_code == 200
+    components(app).engine.stop(5)
+
+
+def test_the_openapi_document_describes_every_route(client: FlaskClient, app: Flask) -> None:
+    document = client.get("/openapi.json").get_json()
+    assert document["openapi"].startswith("3.1")
+    served = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
+    assert set(document["paths"]) == served

@@ -1,0 +1,212 @@
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from app.engine import Engine, Job, plan_batches
+from app.errors import QueueFull, ServiceError, Unavailable, Unprocessable
+from app.metrics import Metrics
+from app.testing import FakeBackend
+
+
+def make_engine(backend: FakeBackend, *, batch_size: int = 4, queue_size: int = 64) -> tuple[Engine, Metrics]:
+    metrics = Metrics()
+    engine = Engine(backend, batch_size=batch_size, queue_size=queue_size, metrics=metrics, rss_sampler=lambda: 1000)
+    return engine, metrics
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def running(backend: FakeBackend) -> Iterator[tuple[Engine, Metrics]]:
+    engine, metrics = make_engine(backend)
+    engine.start()
+    wait_for(lambda: engine.ready)
+    yield engine, metrics
+    backend.gate.set()
+    engine.stop(timeout_s=5)
+
+
+def wait_for(condition: object, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+def test_each_request_gets_its_own_vectors_in_input_order(
+    running: tuple[Engine, Metrics], backend: FakeBackend
+) -> None:
+    engine, _ = running
+    texts = ["one", "two words", "three words here", "four", "five five"]
+    result = engine.submit(texts).wait(5)
+    np.testing.assert_array_equal(result.embeddings, np.stack([backend.vector(t) for t in texts]))
+    assert result.token_counts == [3, 4, 5, 3, 4]
+
+
+def test_concurrent_requests_share_batches_of_similar_length() -> None:
+    backend = FakeBackend(max_seq_length=128)
+    engine, metrics = make_engine(backend, batch_size=4)
+    engine.start()
+    wait_for(lambda: engine.ready)
+    backend.gate.clear()  # hold the model so requests pile up in the queue
+    blocker = engine.submit(["blocker"])
+    wait_for(lambda: engine.queue_depth == 0)  # the blocker is in the model
+    words = (1, 100, 2, 100, 1, 90, 2, 1)
+    jobs = [engine.submit([" ".join(["w"] * n)]) for n in words]
+    backend.gate.set()
+    blocker.wait(5)
+    results = [job.wait(5) for job in jobs]
+    engine.stop(5)
+    batches = [[len(t.split()) for t in batch] for batch in backend.batches[2:]]
+    assert sorted(n for batch in batches for n in batch) == sorted(words)
+    assert batches[0] == [100, 100, 90]  # long texts first, and short ones not padded to their length
+    assert all(max(batch) <= 2 for batch in batches[1:])
+    assert all(len(batch) <= 4 for batch in batches)
+    for job, result in zip(jobs, results, strict=True):
+        np.testing.assert_array_equal(result.embeddings[0], backend.vector(job.texts[0]))
+    count = metrics.registry.get_sample_value("embedding_batch_size_count")
+    assert count == 1 + len(batches)  # the blocker's batch + these; the warm-up is not counted
+
+
+@pytest.mark.parametrize(
+    ("lengths", "max_size", "expected"),
+    [
+        ([], 4, []),
+        ([10, 10, 10, 10, 10], 4, [4, 1]),
+        ([256, 250, 20, 18, 17, 9], 32, [2, 4]),
+        ([100] * 3 + [90] * 3, 32, [6]),  # close lengths: one batch beats two
+        ([256] + [8] * 40, 32, [1, 32, 8]),
+    ],
+)
+def test_plan_batches_groups_by_length_within_the_size_limit(
+    lengths: list[int], max_size: int, expected: list[int]
+) -> None:
+    spans = plan_batches(lengths, max_size, overhead=32)
+    assert [s.stop - s.start for s in spans] == expected
+    assert [i for s in spans for i in range(s.start, s.stop)] == list(range(len(lengths)))
+
+
+def test_a_full_queue_is_refused_with_retry_after(backend: FakeBackend) -> None:
+    engine, metrics = make_engine(backend, batch_size=2, queue_size=10)
+    engine.start()
+    wait_for(lambda: engine.ready)
+    backend.gate.clear()
+    first = engine.submit(["a"])
+    wait_for(lambda: engine.queue_depth == 0)
+    queued = engine.submit(["b"] * 10)
+    assert engine.is_overloaded()
+    with pytest.raises(QueueFull) as caught:
+        engine.submit(["c"])
+    assert caught.value.status == 429
+    assert caught.value.headers() == {"Retry-After": "1"}
+    assert metrics.registry.get_sample_value("embedding_rejected_total", {"reason": "queue_full"}) == 1
+    assert metrics.registry.get_sample_value("embedding_queue_depth") == 10
+    backend.gate.set()
+    first.wait(5)
+    assert len(queued.wait(5).embeddings) == 10  # the queued work was not lost
+    engine.stop(5)
+
+
+def test_a_failing_text_fails_only_its_own_request(backend: FakeBackend) -> None:
+    backend.poison = "poison"
+    engine, _ = make_engine(backend, batch_size=8)
+    engine.start()
+    wait_for(lambda: engine.ready)
+    backend.gate.clear()
+    blocker = engine.submit(["blocker"])
+    wait_for(lambda: engine.queue_depth == 0)
+    good = engine.submit(["fine", "also fine"])
+    bad = engine.submit(["poison"])
+    other = engine.submit(["more"])
+    backend.gate.set()
+    blocker.wait(5)
+    assert good.wait(5).embeddings.shape == (2, 8)
+    assert other.wait(5).embeddings.shape == (1, 8)
+    with pytest.raises(ServiceError) as caught:
+        bad.wait(5)
+    assert caught.value.status == 500
+    assert engine.submit(["after"]).wait(5).embeddings.shape == (1, 8)  # the thread lives on
+    engine.stop(5)
+
+
+def test_no_truncation_refuses_a_text_longer_than_the_model_takes(running: tuple[Engine, Metrics]) -> None:
+    engine, _ = running
+    long_text = " ".join(["word"] * 20)  # 22 tokens > 16
+    with pytest.raises(Unprocessable) as caught:
+        engine.submit(["short", long_text], truncate=False).wait(5)
+    assert "input[1] has 22 tokens" in caught.value.message
+    result = engine.submit([long_text], truncate=True).wait(5)
+    assert result.token_counts == [16]
+
+
+def test_stop_finishes_queued_work_then_refuses(backend: FakeBackend) -> None:
+    engine, _ = make_engine(backend)
+    engine.start()
+    wait_for(lambda: engine.ready)
+    backend.gate.clear()
+    jobs = [engine.submit([f"text {i}"]) for i in range(10)]
+    stopper = threading.Thread(target=engine.stop, kwargs={"timeout_s": 5})
+    stopper.start()
+    wait_for(lambda: engine.state == "stopping")
+    with pytest.raises(Unavailable, match="shutting down"):
+        engine.submit(["late"])
+    backend.gate.set()
+    stopper.join(5)
+    assert all(job.wait(0.1).embeddings.shape == (1, 8) for job in jobs)
+    assert engine.state == "stopped"
+
+
+def test_a_model_that_does_not_load_fails_the_engine_and_reports_it() -> None:
+    reported: list[BaseException] = []
+    backend = FakeBackend(load_error="no such model")
+    metrics = Metrics()
+    engine = Engine(
+        backend, batch_size=4, queue_size=8, metrics=metrics, rss_sampler=lambda: 0, on_fatal=reported.append
+    )
+    engine.start()
+    wait_for(lambda: reported)
+    assert engine.state == "failed"
+    assert [str(e) for e in reported] == ["no such model"]
+    with pytest.raises(Unavailable, match="model failed to load: no such model"):
+        engine.submit(["x"])
+
+
+def test_a_timed_out_request_is_skipped_by_the_engine(backend: FakeBackend) -> None:
+    engine, _ = make_engine(backend)
+    engine.start()
+    wait_for(lambda: engine.ready)
+    backend.gate.clear()
+    blocker = engine.submit(["blocker"])
+    wait_for(lambda: engine.queue_depth == 0)
+    late: Job = engine.submit(["never needed"])
+    with pytest.raises(Unavailable, match="timed out"):
+        late.wait(0.05)
+    backend.gate.set()
+    blocker.wait(5)
+    engine.stop(5)
+    assert ["never needed"] not in backend.batches
+
+
+def test_hooks_run_between_batches_and_when_idle(backend: FakeBackend) -> None:
+    engine, _ = make_engine(backend, batch_size=2)
+    between: list[int] = []
+    idle = threading.Event()
+    engine.add_between_batches_hook(lambda: between.append(1))
+    engine.add_idle_hook(idle.set)
+    engine.add_between_batches_hook(lambda: 1 / 0)  # a broken hook must not stop the engine
+    engine.start()
+    wait_for(lambda: engine.ready)
+    engine.submit(["a", "b", "c", "d", "e"]).wait(5)
+    wait_for(lambda: len(between) == 3)  # one per batch: 2 + 2 + 1
+    time.sleep(0.05)
+    assert len(between) == 3
+    assert idle.wait(3)
+    engine.stop(5)
