@@ -5,16 +5,18 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 from flask import Flask
 from prometheus_client import CollectorRegistry
 
-from app import api, errors, logs, memory, ops
+from app import api, errors, logs, ops
 from app.backend import EmbeddingBackend, SentenceTransformerBackend
 from app.components import Components, components
 from app.config import Settings
 from app.engine import Engine
+from app.memory import MemoryManager, rss_bytes
 from app.metrics import Metrics
 from app.version import __version__
 
@@ -30,8 +32,12 @@ def create_app(
     registry: CollectorRegistry | None = None,
     on_fatal: Callable[[BaseException], None] | None = None,
     start: bool = True,
+    memory_options: dict[str, Any] | None = None,
 ) -> Flask:
-    """Build the app: routes, metrics, the engine (started unless ``start=False``)."""
+    """Build the app: routes, metrics, engine and memory manager (threads started unless ``start=False``).
+
+    ``memory_options`` go to :class:`~app.memory.MemoryManager` (tests pass a fake clock or sampler).
+    """
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider has it
@@ -41,15 +47,17 @@ def create_app(
         batch_size=settings.batch_size,
         queue_size=settings.queue_size,
         metrics=metrics,
-        rss_sampler=memory.rss_bytes,
+        rss_sampler=rss_bytes,
         on_fatal=on_fatal,
     )
-    Components(settings, engine, metrics).init_app(app)
+    manager = MemoryManager(settings, metrics=metrics, engine=engine, **(memory_options or {}))
+    Components(settings, engine, manager, metrics).init_app(app)
     logs.init_app(app, metrics)
     errors.init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)
     if start:
+        manager.start()
         engine.start()
         log.info(
             "service.started",

@@ -8,6 +8,7 @@ from flask import Flask, current_app
 
 from app.config import Settings
 from app.engine import Engine
+from app.memory import MemoryManager
 from app.metrics import Metrics
 from app.schemas import Limits
 
@@ -16,10 +17,11 @@ EXTENSION_KEY = "embedding"
 
 @dataclass(frozen=True)
 class Components:
-    """Settings, engine and metrics of one app; routes reach them through :func:`components`."""
+    """Settings, engine, memory manager and metrics of one app; routes reach them through :func:`components`."""
 
     settings: Settings
     engine: Engine
+    memory: MemoryManager
     metrics: Metrics
 
     @property

@@ -82,8 +82,10 @@ class Settings:
     memory_limit_bytes: int | None = None
     cleanup_interval_s: float = 300.0
     cleanup_every_requests: int = 50
+    cleanup_cooldown_s: float = 30.0
     monitor_interval_s: float = 60.0
     memory_policy: str = "smart"
+    trim_after_batch: bool = True
     admin_token: str | None = None
     log_level: str = "info"
 
@@ -115,6 +117,7 @@ class Settings:
         )
         _check(self.cleanup_interval_s > 0, "CLEANUP_INTERVAL_S", "a number of seconds above 0")
         _check(self.cleanup_every_requests >= 1, "CLEANUP_EVERY_REQUESTS", "a whole number of at least 1")
+        _check(self.cleanup_cooldown_s >= 0, "CLEANUP_COOLDOWN_S", "a number of seconds, 0 or more")
         _check(self.monitor_interval_s > 0, "MONITOR_INTERVAL_S", "a number of seconds above 0")
         _check(self.memory_policy in MEMORY_POLICIES, "MEMORY_POLICY", f"one of {', '.join(MEMORY_POLICIES)}")
         _check(self.log_level in LOG_LEVELS, "LOG_LEVEL", f"one of {', '.join(LOG_LEVELS)}")
@@ -142,8 +145,10 @@ class Settings:
             "memory_limit_bytes": reader.get("MEMORY_LIMIT_BYTES", parse_bytes, "a byte size such as 3GB"),
             "cleanup_interval_s": reader.get("CLEANUP_INTERVAL_S", _parse_float, "a number of seconds"),
             "cleanup_every_requests": reader.get("CLEANUP_EVERY_REQUESTS", _parse_int, "a whole number"),
+            "cleanup_cooldown_s": reader.get("CLEANUP_COOLDOWN_S", _parse_float, "a number of seconds"),
             "monitor_interval_s": reader.get("MONITOR_INTERVAL_S", _parse_float, "a number of seconds"),
             "memory_policy": reader.get("MEMORY_POLICY", _lower),
+            "trim_after_batch": reader.get("TRIM_AFTER_BATCH", _parse_bool, "true or false"),
             "admin_token": reader.get("ADMIN_TOKEN", str),
             "log_level": reader.get("LOG_LEVEL", _lower),
         }
@@ -152,6 +157,15 @@ class Settings:
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]  # field types are checked in __post_init__
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
 
 
 def _lower(text: str) -> str:

@@ -171,6 +171,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._between_batches: list[Callable[[], None]] = []
         self._on_idle: list[Callable[[], None]] = []
+        self._on_ready: list[Callable[[], None]] = []
         self._batch_observers: list[Callable[[BatchStats], None]] = []
         self.info: ModelInfo | None = None
         self.failure: str | None = None
@@ -213,6 +214,14 @@ class Engine:
     def queue_depth(self) -> int:
         return self._pending
 
+    def is_idle(self) -> bool:
+        """True when nothing is queued and no batch is running."""
+        return self._pending == 0 and not self._busy.locked()
+
+    def release_model_caches(self) -> None:
+        """Let the backend give back framework caches; call inside :meth:`exclusive`."""
+        self._backend.release_caches()
+
     def is_overloaded(self) -> bool:
         """True when the queue is full."""
         return self._pending >= self._queue_size
@@ -222,6 +231,10 @@ class Engine:
     def add_between_batches_hook(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` on the inference thread after every batch."""
         self._between_batches.append(hook)
+
+    def add_ready_hook(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` on the inference thread once, after warm-up and before serving."""
+        self._on_ready.append(hook)
 
     def add_idle_hook(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` on the inference thread about every second while no work is queued."""
@@ -291,6 +304,7 @@ class Engine:
         self.info = info
         warm_up = [*WARM_UP_TEXTS, " ".join(["warm"] * info.max_seq_length)]
         self._encode(warm_up)
+        self._run_hooks(self._on_ready)
         self._metrics.model_info.labels(model=info.model_id, device=info.device, dimensions=str(info.dimensions)).set(1)
         with self._cond:
             if self._state == "loading":

@@ -41,8 +41,11 @@ class ServiceError(Exception):
         return {"error": error}
 
     def headers(self) -> dict[str, str]:
-        """Extra response headers (``Retry-After`` for errors worth retrying)."""
-        return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+        """Extra response headers (``Retry-After`` for errors worth retrying, a challenge for 401)."""
+        headers = {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return headers
 
 
 class BadRequest(ServiceError):

@@ -39,4 +39,5 @@ def worker_exit(server: Any, worker: Any) -> None:
     extensions = getattr(wsgi, "extensions", {})
     parts = extensions.get("embedding")
     if parts is not None:
+        parts.memory.stop()
         parts.engine.stop(timeout_s=graceful_timeout)

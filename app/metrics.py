@@ -20,6 +20,14 @@ from prometheus_client import (
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 BATCH_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_MIB = 1024 * 1024
+# RSS change per batch: both signs, since a batch can give memory back as well as take it.
+MEMORY_DELTA_BUCKETS = tuple(
+    sign * size * _MIB for sign, size in [(-1, 64), (-1, 16), (-1, 4), (-1, 1), (-1, 0.25), (1, 0), (1, 0.25)]
+) + tuple(size * _MIB for size in (1, 4, 16, 64))
+FREED_BYTES_BUCKETS = tuple(size * _MIB for size in (0, 1, 4, 16, 64, 128, 256, 512, 1024, 2048))
+FREED_OBJECTS_BUCKETS = (0, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+CLEANUP_DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
@@ -61,6 +69,58 @@ class Metrics:
             "embedding_model_info", "The loaded model (value 1).", ["model", "device", "dimensions"], registry=r
         )
         self.ready = Gauge("embedding_ready", "1 once the model is loaded and warmed up, else 0.", registry=r)
+
+        self.batch_memory_delta = Histogram(
+            "embedding_batch_memory_delta_bytes",
+            "Change of resident memory across one model batch (negative: memory given back).",
+            buckets=MEMORY_DELTA_BUCKETS,
+            registry=r,
+        )
+        self.memory_rss = Gauge("embedding_memory_rss_bytes", "Resident set size of the service.", registry=r)
+        self.memory_uss = Gauge(
+            "embedding_memory_uss_bytes", "Unique set size at the last GET /memory (0 where unknown).", registry=r
+        )
+        self.memory_threshold = Gauge(
+            "embedding_memory_threshold_bytes",
+            "Configured memory thresholds: elevated, high (cleanup) and limit (load shedding).",
+            ["level"],
+            registry=r,
+        )
+        self.memory_status = Gauge(
+            "embedding_memory_status", "1 for the current memory status, 0 for the others.", ["status"], registry=r
+        )
+        self.cleanups = Counter("embedding_cleanups", "Memory cleanups run, by trigger.", ["reason"], registry=r)
+        self.cleanups_ineffective = Counter(
+            "embedding_cleanups_ineffective",
+            "Cleanups that gave less than 1 MiB back to the operating system, by trigger.",
+            ["reason"],
+            registry=r,
+        )
+        self.cleanup_freed_objects = Histogram(
+            "embedding_cleanup_freed_objects",
+            "Objects freed by the garbage collector in one cleanup.",
+            buckets=FREED_OBJECTS_BUCKETS,
+            registry=r,
+        )
+        self.cleanup_freed_bytes = Histogram(
+            "embedding_cleanup_freed_bytes",
+            "Resident memory given back to the operating system by one cleanup.",
+            buckets=FREED_BYTES_BUCKETS,
+            registry=r,
+        )
+        self.cleanup_duration = Histogram(
+            "embedding_cleanup_duration_seconds",
+            "Time one cleanup took.",
+            buckets=CLEANUP_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.last_cleanup = Gauge(
+            "embedding_last_cleanup_timestamp_seconds", "Unix time the last cleanup finished.", registry=r
+        )
+        self.trims = Counter("embedding_memory_trims", "Heap trims after a batch (smart policy).", registry=r)
+        self.trimmed_bytes = Counter(
+            "embedding_memory_trimmed_bytes", "Resident memory given back by heap trims after batches.", registry=r
+        )
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""

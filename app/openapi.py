@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+_OBJECT = {"type": "object"}
+_STRING = {"type": "string"}
 _TEXTS = {
     "oneOf": [
         {"type": "string", "minLength": 1},
@@ -17,8 +19,6 @@ _INPUT_TYPE = {
         "Adds the prefix the model was trained with (e5: 'query: ' / 'passage: '); nothing for models without one."
     ),
 }
-_OBJECT = {"type": "object"}
-_STRING = {"type": "string"}
 _DIMENSIONS = {"type": "integer", "minimum": 1, "description": "Keep the first N components, re-normalised."}
 _ERROR = {
     "type": "object",
@@ -34,6 +34,21 @@ _ERROR = {
                 "param": {"type": "string"},
             },
         }
+    },
+}
+_ERROR_REF = {"$ref": "#/components/schemas/Error"}
+_CLEANUP = {
+    "type": "object",
+    "properties": {
+        "reason": _STRING,
+        "started_at": {"type": "number"},
+        "duration_s": {"type": "number"},
+        "rss_before_bytes": {"type": "integer"},
+        "rss_after_bytes": {"type": "integer"},
+        "freed_bytes": {"type": "integer"},
+        "freed_objects": {"type": "integer"},
+        "trimmed": {"type": "boolean"},
+        "effective": {"type": "boolean"},
     },
 }
 _ERRORS = {
@@ -143,6 +158,22 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "get": {
                     "summary": "Readiness: 200 once the model is loaded and warmed up.",
                     "responses": {"200": _json(status), "503": _json(status, "Not ready.")},
+                }
+            },
+            "/memory": {
+                "get": {
+                    "summary": "RSS/USS, thresholds, status (normal/elevated/high), last cleanup, cleanups by reason.",
+                    "responses": {"200": _json(_OBJECT)},
+                }
+            },
+            "/cleanup": {
+                "post": {
+                    "summary": "Run a memory cleanup now (reason manual); Bearer EMBEDDING_ADMIN_TOKEN when set.",
+                    "responses": {
+                        "200": _json(_CLEANUP, "The cleanup record."),
+                        "401": _json(_ERROR_REF, "Missing or wrong admin token."),
+                        "409": _json(_ERROR_REF, "A cleanup is already running."),
+                    },
                 }
             },
             "/metrics": {

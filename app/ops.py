@@ -1,12 +1,14 @@
-"""Operational routes: ``/health``, ``/ready``, ``/metrics``."""
+"""Operational routes: ``/health``, ``/ready``, ``/memory``, ``/cleanup``, ``/metrics``."""
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+import hmac
+
+from flask import Blueprint, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.components import components
-from app.errors import Unavailable
+from app.errors import Unauthorized, Unavailable
 
 bp = Blueprint("ops", __name__)
 
@@ -33,3 +35,26 @@ def ready() -> tuple[Response, int]:
 def metrics() -> Response:
     """Prometheus text exposition."""
     return Response(components().metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
+
+
+@bp.get("/memory")
+def memory() -> Response:
+    """Memory now: RSS/USS, thresholds, status, the last cleanup, cleanups by reason."""
+    return jsonify(components().memory.report())
+
+
+@bp.post("/cleanup")
+def cleanup() -> Response:
+    """Run a cleanup now (reason ``manual``); 409 while one runs; Bearer token when one is configured."""
+    parts = components()
+    _require_admin(parts.settings.admin_token)
+    return jsonify(parts.memory.cleanup("manual").to_dict())
+
+
+def _require_admin(token: str | None) -> None:
+    if token is None:
+        return
+    supplied = request.headers.get("Authorization", "")
+    scheme, _, value = supplied.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        raise Unauthorized("this route needs the admin token: Authorization: Bearer <EMBEDDING_ADMIN_TOKEN>")

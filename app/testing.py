@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from app.backend import EmbeddingBackend, ModelInfo, ModelLoadError, Prepared
+from app.memory import MemorySample, MemorySampler
 
 
 class FakeBackend(EmbeddingBackend):
@@ -68,3 +69,33 @@ class FakeBackend(EmbeddingBackend):
         """The (unnormalised) vector this backend gives ``text``."""
         seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
         return np.random.default_rng(seed).standard_normal(self.dimensions).astype(np.float32)
+
+
+class FakeSampler(MemorySampler):
+    """Memory readings the test decides: each ``rss()`` takes the next value, the last one repeats."""
+
+    def __init__(self, *values: int) -> None:
+        self.values = list(values) or [100_000_000]
+
+    def set(self, *values: int) -> None:
+        """Replace the readings to come."""
+        self.values = list(values)
+
+    def rss(self) -> int:
+        return self.values.pop(0) if len(self.values) > 1 else self.values[0]
+
+    def full(self) -> MemorySample:
+        return MemorySample(self.rss(), uss_bytes=None)
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told to."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +121,14 @@ class ServiceProcess:
                 if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                     return float(sample.value)
         return None
+
+
+@contextmanager
+def running_service(log_path: Path, env: dict[str, str] | None = None) -> Iterator[ServiceProcess]:
+    """A ready service for the ``with`` block, stopped with SIGTERM after it."""
+    service = ServiceProcess(log_path, env).start()
+    try:
+        service.wait_ready()
+        yield service
+    finally:
+        service.terminate()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.service import ServiceProcess
+from loadtest.service import ServiceProcess, running_service
 
 # Small limits so that the limit tests send small bodies; everything else is the default.
 SERVICE_ENV = {
@@ -20,12 +20,8 @@ SERVICE_ENV = {
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """One running service for the whole session."""
-    proc = ServiceProcess(tmp_path_factory.mktemp("service") / "service.log", SERVICE_ENV).start()
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.terminate()
+    with running_service(tmp_path_factory.mktemp("service") / "service.log", SERVICE_ENV) as service:
+        yield service
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,148 @@
+"""The memory manager in the real service: cleanup gives memory back, triggers fire, load is shed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from loadtest.corpus import build_corpus, sample
+from loadtest.service import ServiceProcess, running_service
+
+MB = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def documents() -> list[str]:
+    return [d.text for d in sample(build_corpus(), 640, seed=7)]
+
+
+@pytest.fixture(scope="module")
+def unmanaged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """No automatic cleanup and no per-batch trim, so the heap keeps what the load left; admin token set."""
+    env = {"EMBEDDING_MEMORY_POLICY": "off", "EMBEDDING_ADMIN_TOKEN": "let-me-in"}
+    with running_service(tmp_path_factory.mktemp("unmanaged") / "service.log", env) as service:
+        yield service
+
+
+def index(service: ServiceProcess, documents: list[str], requests_: int = 40, size: int = 16) -> None:
+    """Concurrent indexers sending mixed-length batches."""
+
+    def send(i: int) -> int:
+        batch = documents[(i * size) % len(documents) :][:size]
+        return requests.post(f"{service.url}/embed", json={"inputs": batch}, timeout=120).status_code
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert set(pool.map(send, range(requests_))) == {200}
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def admin(token: str = "let-me-in") -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_manual_cleanup_gives_memory_back_to_the_operating_system(
+    unmanaged: ServiceProcess, documents: list[str]
+) -> None:
+    index(unmanaged, documents)
+    response = requests.post(f"{unmanaged.url}/cleanup", headers=admin(), timeout=60)
+    assert response.status_code == 200
+    record = response.json()
+    assert record["reason"] == "manual"
+    assert record["freed_bytes"] > 0
+    assert record["rss_after_bytes"] < record["rss_before_bytes"]
+    assert record["trimmed"] is True
+    assert record["effective"] is True
+    print(f"\ncleanup: {record['rss_before_bytes'] / MB:.0f} MB -> {record['rss_after_bytes'] / MB:.0f} MB")
+
+    logged = unmanaged.events("memory.cleanup")[-1]
+    assert logged["reason"] == "manual"
+    assert {"rss_before_bytes", "rss_after_bytes", "freed_bytes", "freed_objects", "duration_s"} <= set(logged)
+    assert unmanaged.metric("embedding_cleanups_total", reason="manual") == 1
+    assert unmanaged.metric("embedding_cleanup_freed_bytes_sum") == record["freed_bytes"]
+    assert unmanaged.metric("embedding_cleanup_duration_seconds_count") == 1
+    assert (unmanaged.metric("embedding_last_cleanup_timestamp_seconds") or 0) > time.time() - 60
+
+    memory = requests.get(f"{unmanaged.url}/memory", timeout=10).json()
+    assert memory["status"] == "normal"
+    assert memory["policy"] == "off"
+    assert memory["cleanups"] == {"manual": 1}
+    assert memory["last_cleanup"]["freed_bytes"] == record["freed_bytes"]
+    assert memory["uss_bytes"] > 0
+    assert memory["thresholds"]["high_bytes"] == 2_500_000_000
+    assert memory["requests_since_cleanup"] == 0
+
+
+def test_cleanup_needs_the_admin_token_when_one_is_set(unmanaged: ServiceProcess) -> None:
+    missing = requests.post(f"{unmanaged.url}/cleanup", timeout=30)
+    wrong = requests.post(f"{unmanaged.url}/cleanup", headers=admin("guess"), timeout=30)
+    assert missing.status_code == wrong.status_code == 401
+    assert missing.headers["WWW-Authenticate"] == "Bearer"
+    assert "admin token" in missing.json()["error"]["message"]
+    assert requests.post(f"{unmanaged.url}/cleanup", headers=admin(), timeout=30).status_code == 200
+
+
+def test_batches_report_their_memory_delta(unmanaged: ServiceProcess, documents: list[str]) -> None:
+    index(unmanaged, documents, requests_=4)
+    assert (unmanaged.metric("embedding_batch_memory_delta_bytes_count") or 0) >= 4
+    assert unmanaged.metric("embedding_batch_memory_delta_bytes_bucket", le="+Inf") is not None
+    assert unmanaged.metric("embedding_memory_rss_bytes") == pytest.approx(
+        unmanaged.metric("process_resident_memory_bytes"), rel=0.1
+    )
+
+
+def test_periodic_and_request_count_triggers_fire(tmp_path: Path, documents: list[str]) -> None:
+    env = {"EMBEDDING_CLEANUP_INTERVAL_S": "2", "EMBEDDING_CLEANUP_EVERY_REQUESTS": "5"}
+    with running_service(tmp_path / "service.log", env) as service:
+        wait_until(lambda: (service.metric("embedding_cleanups_total", reason="periodic") or 0) >= 1)
+        index(service, documents, requests_=5, size=2)
+        wait_until(lambda: (service.metric("embedding_cleanups_total", reason="request_count") or 0) >= 1)
+        reasons = {e["reason"] for e in service.events("memory.cleanup")}
+        assert {"periodic", "request_count"} <= reasons
+        assert service.events("memory.gc_frozen")[0]["objects"] > 10_000
+        assert (service.metric("embedding_memory_trims_total") or 0) >= 1
+
+
+def test_high_memory_cleans_up_once_per_cooldown_not_on_every_request(tmp_path: Path, documents: list[str]) -> None:
+    env = {
+        "EMBEDDING_MEMORY_ELEVATED_BYTES": "100MB",
+        "EMBEDDING_MEMORY_HIGH_BYTES": "200MB",  # below the loaded model: always "high"
+        "EMBEDDING_MONITOR_INTERVAL_S": "0.2",
+        "EMBEDDING_CLEANUP_COOLDOWN_S": "60",
+    }
+    with running_service(tmp_path / "service.log", env) as service:
+        index(service, documents, requests_=30, size=4)
+        time.sleep(1)
+        assert requests.get(f"{service.url}/memory", timeout=10).json()["status"] == "high"
+        assert service.metric("embedding_memory_status", status="high") == 1
+        assert service.metric("embedding_cleanups_total", reason="threshold") == 1
+        # Memory is still above the threshold: the cleanup could not fix it, and says so.
+        assert service.metric("embedding_cleanups_ineffective_total", reason="threshold") == 1
+        assert service.events("memory.cleanup")[0]["effective"] is False
+
+
+def test_above_the_hard_limit_new_requests_get_503_and_the_service_stays_up(tmp_path: Path) -> None:
+    env = {"EMBEDDING_MEMORY_LIMIT_BYTES": "100MB", "EMBEDDING_CLEANUP_COOLDOWN_S": "60"}
+    with running_service(tmp_path / "service.log", env) as service:
+        responses = [requests.post(f"{service.url}/embed", json={"inputs": "x"}, timeout=30) for _ in range(3)]
+        assert [r.status_code for r in responses] == [503] * 3
+        assert all(r.headers["Retry-After"] == "5" for r in responses)
+        assert "above the service's limit" in responses[0].json()["error"]["message"]
+        assert service.metric("embedding_rejected_total", reason="memory") == 3
+        assert service.metric("embedding_cleanups_total", reason="limit") == 1  # tried once, then the cooldown
+        assert service.metric("embedding_memory_threshold_bytes", level="limit") == 100 * MB
+        memory = requests.get(f"{service.url}/memory", timeout=10).json()
+        assert memory["shedding"] is True
+        assert memory["thresholds"]["limit_source"] == "config"
+        assert requests.get(f"{service.url}/health", timeout=5).status_code == 200
+        assert service.events("memory.shedding_started")

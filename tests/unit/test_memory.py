@@ -1,0 +1,265 @@
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from app.config import Settings
+from app.engine import Engine
+from app.errors import Unavailable
+from app.memory import (
+    LEGACY_THRESHOLD_BYTES,
+    CleanupInProgress,
+    MemoryManager,
+    cgroup_memory_limit,
+    collect_garbage,
+)
+from app.metrics import Metrics
+from app.testing import FakeBackend, FakeClock, FakeSampler
+
+GB = 1_000_000_000
+SETTINGS = Settings(
+    model="fake",
+    memory_elevated_bytes=2 * GB,
+    memory_high_bytes=int(2.5 * GB),
+    cleanup_interval_s=300,
+    cleanup_every_requests=50,
+    cleanup_cooldown_s=30,
+)
+
+
+class Setup:
+    def __init__(self, settings: Settings = SETTINGS, rss: int = GB) -> None:
+        self.clock = FakeClock()
+        self.sampler = FakeSampler(rss)
+        self.metrics = Metrics()
+        self.backend = FakeBackend()
+        self.engine = Engine(self.backend, batch_size=4, queue_size=64, metrics=self.metrics, rss_sampler=lambda: 0)
+        self.manager = MemoryManager(
+            settings,
+            metrics=self.metrics,
+            engine=self.engine,
+            sampler=self.sampler,
+            clock=self.clock,
+            cgroup_limit=lambda: None,
+        )
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.metrics.registry.get_sample_value(name, labels)
+
+
+@pytest.fixture
+def setup() -> Setup:
+    return Setup()
+
+
+def test_nothing_is_due_on_a_quiet_service(setup: Setup) -> None:
+    assert setup.manager.tick() is None
+    assert setup.value("embedding_cleanups_total", reason="periodic") == 0
+
+
+def test_threshold_trigger_respects_a_cooldown(setup: Setup) -> None:
+    setup.sampler.set(int(2.6 * GB))  # stays above the high threshold: the cleanup frees nothing
+    with capture_logs() as logs:
+        assert setup.manager.tick() == "threshold"
+        setup.clock.advance(10)
+        assert setup.manager.tick() is None  # still high, but inside the cooldown
+        setup.clock.advance(25)
+        assert setup.manager.tick() == "threshold"
+    assert setup.value("embedding_cleanups_total", reason="threshold") == 2
+    assert setup.value("embedding_cleanups_ineffective_total", reason="threshold") == 2
+    cleanups = [e for e in logs if e["event"] == "memory.cleanup"]
+    assert [(e["reason"], e["effective"], e["log_level"]) for e in cleanups] == [("threshold", False, "warning")] * 2
+
+
+def test_periodic_trigger_fires_after_the_interval(setup: Setup) -> None:
+    setup.clock.advance(299)
+    assert setup.manager.tick() is None
+    setup.clock.advance(2)
+    assert setup.manager.tick() == "periodic"
+    assert setup.manager.tick() is None  # the interval restarts at the cleanup
+    assert setup.value("embedding_last_cleanup_timestamp_seconds") is not None
+
+
+def test_request_count_trigger_after_n_requests_then_resets(setup: Setup) -> None:
+    for _ in range(49):
+        setup.manager.admit()
+    assert setup.manager.tick() is None
+    setup.manager.admit()
+    assert setup.manager.tick() == "request_count"
+    assert setup.manager.report()["requests_since_cleanup"] == 0
+    assert setup.manager.tick() is None
+
+
+def test_a_cleanup_records_what_it_freed(setup: Setup) -> None:
+    setup.sampler.set(1_500_000_000, 900_000_000)  # before, after
+    gc.disable()  # keep the automatic collector away from the cycles below
+    try:
+        garbage: list[list[object]] = [[] for _ in range(100)]
+        for item in garbage:
+            item.append(item)  # reference cycles only the collector can free
+        del garbage, item
+        record = setup.manager.cleanup("manual")
+    finally:
+        gc.enable()
+    assert record.reason == "manual"
+    assert record.freed_bytes == 600_000_000
+    assert record.freed_objects >= 100
+    assert record.effective
+    assert setup.backend.released == 1  # torch caches released, grads zeroed, eval mode
+    report = setup.manager.report()
+    assert report["last_cleanup"]["freed_bytes"] == 600_000_000
+    assert report["cleanups"] == {"manual": 1}
+    assert setup.value("embedding_cleanup_freed_bytes_sum") == 600_000_000
+    assert (setup.value("embedding_cleanup_freed_objects_sum") or 0) >= 100
+
+
+def test_status_follows_the_thresholds_and_logs_each_change(setup: Setup) -> None:
+    with capture_logs() as logs:
+        for rss in (GB, int(2.1 * GB), int(2.6 * GB), int(2.6 * GB), GB):
+            setup.sampler.set(rss)
+            setup.manager.tick()
+            setup.clock.advance(31)
+    changes = [(e["previous"], e["status"]) for e in logs if e["event"] == "memory.status_changed"]
+    assert ("normal", "elevated") in changes
+    assert ("elevated", "high") in changes
+    assert changes[-1][1] == "normal"
+    assert setup.value("embedding_memory_status", status="normal") == 1
+    assert setup.value("embedding_memory_status", status="high") == 0
+
+
+def test_a_cleanup_while_another_runs_is_refused() -> None:
+    setup = Setup()
+    started, results = threading.Event(), []
+    with setup.engine.exclusive():  # a batch is running: the first cleanup waits for it, holding the lock
+
+        def first() -> None:
+            started.set()
+            results.append(setup.manager.cleanup("manual"))
+
+        thread = threading.Thread(target=first)
+        thread.start()
+        started.wait()
+        time.sleep(0.05)
+        with pytest.raises(CleanupInProgress) as caught:
+            setup.manager.cleanup("manual")
+        assert caught.value.status == 409
+    thread.join(5)
+    assert len(results) == 1
+
+
+def test_cleanups_run_between_batches_when_the_engine_is_busy() -> None:
+    setup = Setup()
+    setup.backend.gate.clear()
+    setup.engine.start()
+    deadline = time.monotonic() + 5
+    while setup.engine.state != "ready" and time.monotonic() < deadline:
+        setup.backend.gate.set()
+        time.sleep(0.01)
+    setup.manager.start()
+    setup.backend.gate.clear()
+    job = setup.engine.submit(["a", "b"])
+    while setup.engine.is_idle():
+        time.sleep(0.001)
+    setup.clock.advance(301)
+    assert setup.manager.tick() == "periodic"  # scheduled, not run: a batch is in the model
+    assert setup.value("embedding_cleanups_total", reason="periodic") == 0
+    setup.backend.gate.set()
+    job.wait(5)
+    deadline = time.monotonic() + 5
+    while setup.value("embedding_cleanups_total", reason="periodic") == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    setup.manager.stop()
+    setup.engine.stop(5)
+
+
+def test_legacy_collects_on_every_request_above_1_5_gb_and_nothing_else() -> None:
+    setup = Setup(SETTINGS.replace(memory_policy="legacy"), rss=LEGACY_THRESHOLD_BYTES + 1)
+    for _ in range(3):
+        setup.manager.admit()
+    assert setup.value("embedding_cleanups_total", reason="legacy") == 3
+    setup.clock.advance(10_000)
+    setup.sampler.set(3 * GB)
+    assert setup.manager.tick() is None  # no periodic, threshold or request-count cleanups
+    assert setup.backend.released == 0  # legacy only runs gc.collect()
+
+
+def test_off_never_cleans_up_by_itself() -> None:
+    setup = Setup(SETTINGS.replace(memory_policy="off"), rss=3 * GB)
+    for _ in range(100):
+        setup.manager.admit()
+    setup.clock.advance(10_000)
+    assert setup.manager.tick() is None
+    assert setup.manager.cleanup("manual").reason == "manual"  # an operator can still ask
+
+
+def test_load_shedding_cleans_up_first_then_refuses_until_memory_is_back() -> None:
+    setup = Setup(SETTINGS.replace(memory_limit_bytes=3 * GB), rss=GB)
+    setup.manager.admit()
+    setup.sampler.set(int(3.5 * GB), int(3.5 * GB), int(3.4 * GB), int(3.4 * GB))  # check, before, after, check
+    with pytest.raises(Unavailable) as caught:
+        setup.manager.admit()
+    assert caught.value.status == 503
+    assert caught.value.headers()["Retry-After"] == "5"
+    assert setup.value("embedding_cleanups_total", reason="limit") == 1
+    assert setup.value("embedding_rejected_total", reason="memory") == 1
+    assert setup.manager.report()["shedding"] is True
+    with pytest.raises(Unavailable):
+        setup.manager.admit()  # inside the cooldown: refused without another cleanup
+    assert setup.value("embedding_cleanups_total", reason="limit") == 1
+    setup.sampler.set(int(2.9 * GB))
+    setup.manager.admit()
+    assert setup.manager.report()["shedding"] is False
+    assert setup.value("embedding_memory_threshold_bytes", level="limit") == 3 * GB
+
+
+def test_the_limit_defaults_to_most_of_the_container_limit() -> None:
+    manager = MemoryManager(SETTINGS, metrics=Metrics(), engine=Setup().engine, cgroup_limit=lambda: 4 * GB)
+    assert manager.limit_bytes == int(3.6 * GB)
+    assert manager.report()["thresholds"]["limit_source"] == "cgroup"
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"memory.max": "max\n"}, None),
+        ({"memory.max": "4294967296\n"}, 4294967296),
+        ({"memory/memory.limit_in_bytes": "2147483648\n"}, 2147483648),
+        ({"memory/memory.limit_in_bytes": "9223372036854771712\n"}, None),
+        ({}, None),
+    ],
+)
+def test_cgroup_limit_v2_then_v1(tmp_path: Path, files: dict[str, str], expected: int | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_memory_limit(tmp_path) == expected
+
+
+def test_collect_garbage_restores_the_gc_thresholds() -> None:
+    before = gc.get_threshold()
+    collect_garbage()
+    assert gc.get_threshold() == before
+
+
+@pytest.fixture
+def monitored() -> Iterator[Setup]:
+    setup = Setup(SETTINGS.replace(monitor_interval_s=0.05, cleanup_every_requests=3))
+    setup.manager.start()
+    yield setup
+    setup.manager.stop()
+
+
+def test_the_monitor_thread_is_woken_by_the_request_count(monitored: Setup) -> None:
+    for _ in range(3):
+        monitored.manager.admit()
+    deadline = time.monotonic() + 5
+    while monitored.value("embedding_cleanups_total", reason="request_count") != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
