@@ -12,6 +12,7 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 
 from app import api, errors, logs, ops
+from app.activity import ActivityTracker
 from app.backend import EmbeddingBackend, SentenceTransformerBackend
 from app.components import Components, components
 from app.config import Settings
@@ -51,7 +52,7 @@ def create_app(
         on_fatal=on_fatal,
     )
     manager = MemoryManager(settings, metrics=metrics, engine=engine, **(memory_options or {}))
-    Components(settings, engine, manager, metrics).init_app(app)
+    Components(settings, engine, manager, metrics, ActivityTracker()).init_app(app)
     logs.init_app(app, metrics)
     errors.init_app(app)
     app.register_blueprint(api.bp)

@@ -95,6 +95,7 @@ def _run(req: EmbeddingRequest, info: ModelInfo) -> EmbeddingResult:
     parts = components()
     g.inputs = len(req.texts)
     parts.memory.admit()
+    parts.activity.record()
     prefix = info.prefix_for(req.input_type)
     texts = [prefix + text for text in req.texts] if prefix else req.texts
     job = parts.engine.submit(texts, truncate=req.truncate, request_id=g.get("request_id"))

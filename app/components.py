@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from flask import Flask, current_app
 
+from app.activity import ActivityTracker
 from app.config import Settings
 from app.engine import Engine
 from app.memory import MemoryManager
@@ -23,6 +24,7 @@ class Components:
     engine: Engine
     memory: MemoryManager
     metrics: Metrics
+    activity: ActivityTracker
 
     @property
     def limits(self) -> Limits:

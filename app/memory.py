@@ -14,6 +14,7 @@ cleanups from overlapping; a second request for one while one runs is refused.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -328,7 +329,9 @@ class MemoryManager:
 
     def tick(self) -> str | None:
         """One monitor pass: sample, update the status, run or schedule a due cleanup."""
-        rss = self._sampler.rss()
+        sample = self._sampler.full()
+        self._metrics.memory_uss.set(sample.uss_bytes or 0)
+        rss = sample.rss_bytes
         self._update_status(rss)
         reason = self.due_reason(rss)
         if reason is None:
@@ -410,7 +413,9 @@ class MemoryManager:
             log.info("memory.cleanup_skipped", reason=reason, why="another cleanup is running")
             raise CleanupInProgress("a cleanup is already running; try again when it has finished")
         try:
-            with self._engine.exclusive():
+            # The old service's gc.collect() ran beside the model; every other cleanup holds the model
+            # between two batches so it never competes with one.
+            with contextlib.nullcontext() if reason == "legacy" else self._engine.exclusive():
                 record = self._run_cleanup(reason)
         finally:
             self._cleanup_lock.release()
@@ -467,8 +472,9 @@ class MemoryManager:
 
     def _update_status(self, rss: int) -> str:
         status = self.classify(rss)
-        if status != self._status:
+        with self._state_lock:
             previous, self._status = self._status, status
+        if status != previous:
             for name in STATUSES:
                 self._metrics.memory_status.labels(status=name).set(1 if name == status else 0)
             if previous is not None:

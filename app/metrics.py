@@ -78,7 +78,9 @@ class Metrics:
         )
         self.memory_rss = Gauge("embedding_memory_rss_bytes", "Resident set size of the service.", registry=r)
         self.memory_uss = Gauge(
-            "embedding_memory_uss_bytes", "Unique set size at the last GET /memory (0 where unknown).", registry=r
+            "embedding_memory_uss_bytes",
+            "Unique set size at the last monitor pass or GET /memory (0 where unknown).",
+            registry=r,
         )
         self.memory_threshold = Gauge(
             "embedding_memory_threshold_bytes",

@@ -160,6 +160,13 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "responses": {"200": _json(status), "503": _json(status, "Not ready.")},
                 }
             },
+            "/activity": {
+                "get": {
+                    "summary": "Embedding requests in the last ?minutes=N (default 5, up to 1440), queue depth.",
+                    "parameters": [{"name": "minutes", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
+                    "responses": {"200": _json(_OBJECT), "400": _json(_ERROR_REF, "Bad minutes value.")},
+                }
+            },
             "/memory": {
                 "get": {
                     "summary": "RSS/USS, thresholds, status (normal/elevated/high), last cleanup, cleanups by reason.",

@@ -1,4 +1,4 @@
-"""Operational routes: ``/health``, ``/ready``, ``/memory``, ``/cleanup``, ``/metrics``."""
+"""Operational routes: ``/health``, ``/ready``, ``/activity``, ``/memory``, ``/cleanup``, ``/metrics``."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import hmac
 from flask import Blueprint, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from app.activity import WINDOW_MINUTES
 from app.components import components
-from app.errors import Unauthorized, Unavailable
+from app.errors import BadRequest, Unauthorized, Unavailable
 
 bp = Blueprint("ops", __name__)
 
@@ -35,6 +36,22 @@ def ready() -> tuple[Response, int]:
 def metrics() -> Response:
     """Prometheus text exposition."""
     return Response(components().metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
+
+
+@bp.get("/activity")
+def activity() -> Response:
+    """Embedding requests in the last ``minutes`` (default 5) and the queue depth: is anyone indexing?"""
+    raw = request.args.get("minutes", "5")
+    if not raw.isdigit() or not 1 <= int(raw) <= WINDOW_MINUTES:
+        raise BadRequest(f"'minutes' must be a whole number from 1 to {WINDOW_MINUTES}, got {raw!r}", param="minutes")
+    parts = components()
+    minutes = int(raw)
+    return jsonify(
+        minutes=minutes,
+        requests=parts.activity.requests_within(minutes),
+        queue_depth=parts.engine.queue_depth,
+        last_request_at=parts.activity.last_request_at,
+    )
 
 
 @bp.get("/memory")

@@ -85,7 +85,7 @@ class FakeSampler(MemorySampler):
         return self.values.pop(0) if len(self.values) > 1 else self.values[0]
 
     def full(self) -> MemorySample:
-        return MemorySample(self.rss(), uss_bytes=None)
+        return MemorySample(self.values[0], uss_bytes=None)  # does not consume a reading
 
 
 class FakeClock:

@@ -103,3 +103,20 @@ def test_the_openapi_document_describes_every_route(client: FlaskClient, app: Fl
     assert document["openapi"].startswith("3.1")
     served = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
     assert set(document["paths"]) == served
+
+
+def test_activity_reports_recent_embedding_requests(client: FlaskClient) -> None:
+    assert client.get("/activity").get_json() == {
+        "minutes": 5,
+        "requests": 0,
+        "queue_depth": 0,
+        "last_request_at": None,
+    }
+    client.post("/embed", json={"inputs": "x"})
+    client.post("/v1/embeddings", json={"input": "y"})
+    client.get("/health")
+    body = client.get("/activity?minutes=15").get_json()
+    assert body["requests"] == 2
+    assert body["last_request_at"] is not None
+    assert client.get("/activity?minutes=0").status_code == 400
+    assert client.get("/activity?minutes=soon").status_code == 400
