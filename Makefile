@@ -10,8 +10,12 @@ STAMP := $(VENV)/.installed
 PORT ?= 5000
 # The bundled offline model; the production default (intfloat/multilingual-e5-small) needs the hub or a local copy.
 RUN_MODEL ?= all-minilm-l6-v2
+# make loadtest: LOAD_DURATION_S=300 make loadtest for a shorter run; LOAD_USERS, LOAD_RAMP_S, LOAD_SOAK_S too.
+LOAD_DURATION_S ?= 1200
+LOAD_USERS ?= 6
 
-.PHONY: help install run lint typecheck hadolint unit integration test bench clean
+.PHONY: help install system-deps run lint typecheck hadolint alerts unit integration e2e test bench loadtest \
+	loadtest-compare dashboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,18 +23,27 @@ help:  ## list the targets
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) -e '.[bundled,test]'
+	$(PIP) -e '.[bundled,test,loadtest]'
 	touch $@
 
 install: $(STAMP)  ## create the virtual environment and install the service with test tools
+
+system-deps:  ## Debian packages the tests need: prometheus (and promtool)
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+		sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	fi
+	@promtool --version | head -1
 
 run: $(STAMP)  ## serve the bundled model on port 5000 (no network needed)
 	HF_HUB_OFFLINE=1 EMBEDDING_MODEL=$${EMBEDDING_MODEL:-$(RUN_MODEL)} EMBEDDING_PORT=$(PORT) \
 		$(BIN)/gunicorn -c python:app.gunicorn_conf app.wsgi:app
 
-lint: $(STAMP)  ## ruff (lint + format check)
+lint: $(STAMP)  ## ruff (lint + format check), shellcheck on the ops scripts
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/shellcheck -x ops/*.sh .ci/run
 
 typecheck: $(STAMP)  ## mypy on app/
 	$(BIN)/mypy
@@ -38,17 +51,34 @@ typecheck: $(STAMP)  ## mypy on app/
 hadolint: $(STAMP)  ## lint the Dockerfile
 	$(BIN)/hadolint Dockerfile
 
+alerts: system-deps  ## promtool: check and unit-test the alert rules, check the Prometheus config
+	promtool check rules alerts/embedding-service.rules.yml
+	promtool test rules alerts/tests/embedding-service.test.yml
+	promtool check config ops/prometheus.yml
+
+dashboard: $(STAMP)  ## regenerate dashboards/embedding-service.json from dashboards/generate.py
+	$(BIN)/python dashboards/generate.py
+
 unit: $(STAMP)  ## fast tests with fakes
 	$(BIN)/pytest tests/unit
 
 integration: $(STAMP)  ## the real server and the real model on loopback
 	HF_HUB_OFFLINE=1 $(BIN)/pytest tests/integration
 
-test: lint typecheck hadolint  ## everything CI runs: lint, types, Dockerfile, all tests
+e2e: $(STAMP) system-deps  ## end-to-end: real Prometheus with the rules and dashboard queries; a short Locust run
+	HF_HUB_OFFLINE=1 $(BIN)/pytest tests/e2e
+
+test: lint typecheck hadolint alerts  ## everything CI runs: lint, types, Dockerfile, rules, all tests
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
 
 bench: $(STAMP)  ## throughput in-process vs through the service (prints texts/s)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.bench
+
+loadtest: $(STAMP)  ## Locust indexing load (20 min), RSS sampled, verdict + plot in reports/loadtest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.run --duration $(LOAD_DURATION_S) --users $(LOAD_USERS) --out reports/loadtest
+
+loadtest-compare: $(STAMP)  ## the same load under policies off, legacy, smart; one figure in reports/compare
+	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.compare --duration $(LOAD_DURATION_S) --users $(LOAD_USERS) --out reports/compare
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache reports

@@ -105,13 +105,26 @@ def build_corpus(root: Path | None = None) -> list[Document]:
     return corpus
 
 
+INDEXING_MIX = {"title": 0.15, "sentence": 0.35, "passage": 0.5}
+"""What an indexing pipeline sends: mostly passages (document chunks), with titles and single sentences."""
+
+
+class Sampler:
+    """Draws documents with a given share of each kind; indexes the corpus once."""
+
+    def __init__(self, corpus: list[Document], seed: int = 0) -> None:
+        self._by_kind = {kind: [d for d in corpus if d.kind == kind] for kind in KINDS}
+        self._rng = random.Random(seed)
+
+    def draw(self, n: int, mix: dict[str, float] | None = None) -> list[Document]:
+        shares = mix or INDEXING_MIX
+        kinds = self._rng.choices(list(shares), weights=list(shares.values()), k=n)
+        return [self._rng.choice(self._by_kind[kind]) for kind in kinds]
+
+
 def sample(corpus: list[Document], n: int, *, seed: int = 0, mix: dict[str, float] | None = None) -> list[Document]:
     """``n`` documents drawn reproducibly with the given share of each kind (default: indexing mix)."""
-    shares = mix or {"title": 0.15, "sentence": 0.35, "passage": 0.5}
-    rng = random.Random(seed)
-    by_kind = {kind: [d for d in corpus if d.kind == kind] for kind in KINDS}
-    kinds = rng.choices(list(shares), weights=list(shares.values()), k=n)
-    return [rng.choice(by_kind[kind]) for kind in kinds]
+    return Sampler(corpus, seed).draw(n, mix)
 
 
 def main() -> None:

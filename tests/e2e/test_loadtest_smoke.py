@@ -1,0 +1,42 @@
+"""The Locust suite end to end, briefly: service, Locust, RSS samples, verdict, plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest.sampler import read_csv
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_a_short_load_run_produces_samples_a_verdict_and_a_plot(tmp_path: Path) -> None:
+    out = tmp_path / "loadtest"
+    command = [sys.executable, "-m", "loadtest.run", "--duration", "75", "--ramp", "10", "--users", "3"]
+    result = subprocess.run(
+        [*command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+    )
+    print(result.stdout)
+    assert result.returncode in (0, 1), result.stderr[-3000:]
+
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["passed"] is (result.returncode == 0)
+    assert verdict["locust_exit"] == 0
+    assert verdict["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert {c["name"] for c in verdict["checks"]} == {"slope_per_min", "steady", "peak"}
+    assert verdict["texts_per_s"] > 0
+    assert verdict["peak_bytes"] >= verdict["baseline_bytes"] > 100e6
+    assert verdict["latency_ms"]["/embed [index]"]["count"] > 0
+    assert verdict["latency_ms"]["/embed [index]"]["failures"] == 0
+    assert verdict["latency_ms"]["/v1/embeddings [search]"]["count"] > 0
+
+    samples = read_csv(out / "samples.csv")
+    assert len(samples) >= 25  # one every 2 s
+    assert samples[-1].inputs > samples[0].inputs
+    assert (out / "rss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "PASS" in result.stdout or "FAIL" in result.stdout
