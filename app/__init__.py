@@ -46,6 +46,7 @@ def create_app(
     engine = Engine(
         backend or SentenceTransformerBackend(settings.model, settings.device, settings.torch_threads),
         batch_size=settings.batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
         queue_size=settings.queue_size,
         metrics=metrics,
         rss_sampler=rss_bytes,

@@ -66,6 +66,7 @@ def info() -> Response:
         device=model.device if model else settings.device,
         input_types=sorted(model.prompts) if model else [],
         batch_size=settings.batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
         limits={
             "max_inputs": settings.max_inputs,
             "max_input_chars": settings.max_input_chars,

@@ -70,6 +70,7 @@ class Settings:
     device: str = "auto"
     port: int = 5000
     batch_size: int = 32
+    max_batch_tokens: int = 2048
     max_inputs: int = 512
     max_input_chars: int = 32_768
     max_body_bytes: int = 16 * 1024**2
@@ -93,6 +94,7 @@ class Settings:
         _check(self.device in DEVICES, "DEVICE", f"one of {', '.join(DEVICES)}")
         _check(1 <= self.port <= 65535, "PORT", "a port number from 1 to 65535")
         _check(1 <= self.batch_size <= 4096, "BATCH_SIZE", "a whole number from 1 to 4096")
+        _check(self.max_batch_tokens >= 1, "MAX_BATCH_TOKENS", "a whole number of at least 1")
         _check(self.max_inputs >= 1, "MAX_INPUTS", "a whole number of at least 1")
         _check(self.max_input_chars >= 1, "MAX_INPUT_CHARS", "a whole number of at least 1")
         _check(self.max_body_bytes >= 1024, "MAX_BODY_BYTES", "a byte size of at least 1KiB")
@@ -133,6 +135,7 @@ class Settings:
             "device": reader.get("DEVICE", _lower),
             "port": reader.get("PORT", _parse_int, "a whole number"),
             "batch_size": reader.get("BATCH_SIZE", _parse_int, "a whole number"),
+            "max_batch_tokens": reader.get("MAX_BATCH_TOKENS", _parse_int, "a whole number"),
             "max_inputs": reader.get("MAX_INPUTS", _parse_int, "a whole number"),
             "max_input_chars": reader.get("MAX_INPUT_CHARS", _parse_int, "a whole number"),
             "max_body_bytes": reader.get("MAX_BODY_BYTES", parse_bytes, "a byte size such as 16MiB"),

@@ -3,7 +3,9 @@
 Texts from concurrent requests wait in one bounded FIFO. The inference thread
 takes a window of them (a few batches' worth, oldest first), sorts the window by
 token count and cuts it into batches of at most ``batch_size`` texts of similar
-length (:func:`plan_batches`), so little compute and memory goes to padding.
+length (:func:`plan_batches`), so little compute and memory goes to padding; a
+budget of padded tokens a batch (``max_batch_tokens``) bounds the activation memory
+of batches of long texts.
 Between batches it runs the hooks the memory manager registers.
 A failing batch is retried text by text, so one bad input fails only its own
 request.
@@ -44,18 +46,22 @@ padded token slot (batch size x longest text), so one extra batch is worth about
 """
 
 
-def plan_batches(lengths: list[int], max_size: int, overhead: int) -> list[slice]:
+def plan_batches(lengths: list[int], max_size: int, overhead: int, max_tokens: int | None = None) -> list[slice]:
     """Cut texts sorted by length (longest first) into batches that waste the least padding.
 
     Minimises the sum over batches of ``overhead + size * longest`` with at most
     ``max_size`` texts a batch: a window of mixed titles and passages becomes a
     few batches of similar length instead of every text padded to the longest.
+    With ``max_tokens``, no batch holds more than that many padded token slots
+    (a single text always fits): it bounds the activation memory of one batch.
     """
     count = len(lengths)
     best = [0.0] + [float("inf")] * count  # best[j]: cheapest plan for the first j texts
     cut = [0] * (count + 1)
     for end in range(1, count + 1):
         for start in range(max(0, end - max_size), end):
+            if max_tokens is not None and end - start > 1 and (end - start) * lengths[start] > max_tokens:
+                continue
             cost = best[start] + overhead + (end - start) * lengths[start]
             if cost <= best[end]:  # on a tie, the later cut: full batches first
                 best[end], cut[end] = cost, start
@@ -151,6 +157,7 @@ class Engine:
         backend: EmbeddingBackend,
         *,
         batch_size: int,
+        max_batch_tokens: int | None = None,
         queue_size: int,
         metrics: Metrics,
         rss_sampler: Callable[[], int],
@@ -158,6 +165,7 @@ class Engine:
     ) -> None:
         self._backend = backend
         self._batch_size = batch_size
+        self._max_batch_tokens = max_batch_tokens
         self._queue_size = queue_size
         self._metrics = metrics
         self._rss = rss_sampler
@@ -355,7 +363,9 @@ class Engine:
         lengths = self._token_lengths(window)
         items = [(job, i, n) for (job, i), n in zip(window, lengths, strict=True) if not job.finished]
         items.sort(key=lambda item: item[2], reverse=True)
-        for span in plan_batches([n for _, _, n in items], self._batch_size, BATCH_OVERHEAD_TOKENS):
+        for span in plan_batches(
+            [n for _, _, n in items], self._batch_size, BATCH_OVERHEAD_TOKENS, self._max_batch_tokens
+        ):
             batch = [(job, i) for job, i, _ in items[span] if not job.finished]
             if batch:
                 self._run_batch(batch)

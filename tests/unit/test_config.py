@@ -55,6 +55,7 @@ def test_byte_sizes_accept_suffixes(text: str, expected: int) -> None:
     [
         ({"EMBEDDING_BATCH_SIZE": "lots"}, ("EMBEDDING_BATCH_SIZE", "whole number")),
         ({"EMBEDDING_BATCH_SIZE": "0"}, ("EMBEDDING_BATCH_SIZE", "1 to 4096")),
+        ({"EMBEDDING_MAX_BATCH_TOKENS": "0"}, ("EMBEDDING_MAX_BATCH_TOKENS", "at least 1")),
         ({"EMBEDDING_PORT": "70000"}, ("EMBEDDING_PORT", "port number")),
         ({"EMBEDDING_MEMORY_HIGH_BYTES": "2.5 gigs"}, ("EMBEDDING_MEMORY_HIGH_BYTES", "byte size")),
         ({"EMBEDDING_MEMORY_HIGH_BYTES": "1GB"}, ("EMBEDDING_MEMORY_HIGH_BYTES", "ELEVATED")),

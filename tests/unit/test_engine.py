@@ -13,9 +13,18 @@ from app.metrics import Metrics
 from app.testing import FakeBackend
 
 
-def make_engine(backend: FakeBackend, *, batch_size: int = 4, queue_size: int = 64) -> tuple[Engine, Metrics]:
+def make_engine(
+    backend: FakeBackend, *, batch_size: int = 4, queue_size: int = 64, max_batch_tokens: int | None = None
+) -> tuple[Engine, Metrics]:
     metrics = Metrics()
-    engine = Engine(backend, batch_size=batch_size, queue_size=queue_size, metrics=metrics, rss_sampler=lambda: 1000)
+    engine = Engine(
+        backend,
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+        queue_size=queue_size,
+        metrics=metrics,
+        rss_sampler=lambda: 1000,
+    )
     return engine, metrics
 
 
@@ -92,6 +101,41 @@ def test_plan_batches_groups_by_length_within_the_size_limit(
     spans = plan_batches(lengths, max_size, overhead=32)
     assert [s.stop - s.start for s in spans] == expected
     assert [i for s in spans for i in range(s.start, s.stop)] == list(range(len(lengths)))
+
+
+@pytest.mark.parametrize(
+    ("lengths", "max_tokens", "expected"),
+    [
+        ([256] * 8 + [8] * 8, 1024, [4, 4, 8]),  # long texts 4 at a time, short ones still together
+        ([300, 10], 256, [1, 1]),  # a text over the budget goes alone, it is never dropped
+        ([64] * 32, None, [32]),
+    ],
+)
+def test_plan_batches_keeps_each_batch_within_the_token_budget(
+    lengths: list[int], max_tokens: int | None, expected: list[int]
+) -> None:
+    spans = plan_batches(lengths, 32, overhead=32, max_tokens=max_tokens)
+    assert [s.stop - s.start for s in spans] == expected
+    assert [i for s in spans for i in range(s.start, s.stop)] == list(range(len(lengths)))
+
+
+def test_long_texts_are_split_into_smaller_batches_by_the_token_budget() -> None:
+    backend = FakeBackend(max_seq_length=128)
+    engine, _ = make_engine(backend, batch_size=8, max_batch_tokens=256)
+    engine.start()
+    wait_for(lambda: engine.ready)
+    backend.gate.clear()
+    blocker = engine.submit(["blocker"])
+    wait_for(lambda: engine.queue_depth == 0)
+    long_job = engine.submit([" ".join(["w"] * 100)] * 6)  # 102 tokens each: two fit in 256
+    short_job = engine.submit(["short text"] * 8)
+    backend.gate.set()
+    blocker.wait(5)
+    long_result, short_result = long_job.wait(5), short_job.wait(5)
+    engine.stop(5)
+    sizes = [len(batch) for batch in backend.batches[2:]]
+    assert sizes == [2, 2, 2, 8]
+    assert long_result.embeddings.shape[0] == 6 and short_result.embeddings.shape[0] == 8
 
 
 def test_a_full_queue_is_refused_with_retry_after(backend: FakeBackend) -> None:
