@@ -243,6 +243,8 @@ class MemoryManager:
         m.memory_threshold.labels(level="high").set(self._settings.memory_high_bytes)
         if self.limit_bytes is not None:
             m.memory_threshold.labels(level="limit").set(self.limit_bytes)
+        if self.cgroup_limit_bytes is not None:
+            m.memory_threshold.labels(level="container").set(self.cgroup_limit_bytes)
         for reason in ("threshold", "periodic", "request_count", "manual"):
             m.cleanups.labels(reason=reason)  # export zeros so rates and alerts have series from the start
             m.cleanups_ineffective.labels(reason=reason)

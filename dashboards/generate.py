@@ -115,7 +115,10 @@ def ratio(metric: str) -> str:
 
 def build() -> dict[str, Any]:
     lay = Layout()
-    thresholds_query = (f'embedding_memory_threshold_bytes{{{INSTANCE},level=~"elevated|high|limit"}}', "{{level}}")
+    thresholds_query = (
+        f'embedding_memory_threshold_bytes{{{INSTANCE},level=~"elevated|high|limit|container"}}',
+        "{{level}}",
+    )
 
     lay.row("Overview")
     lay.add(

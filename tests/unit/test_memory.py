@@ -220,9 +220,13 @@ def test_load_shedding_cleans_up_first_then_refuses_until_memory_is_back() -> No
 
 
 def test_the_limit_defaults_to_most_of_the_container_limit() -> None:
-    manager = MemoryManager(SETTINGS, metrics=Metrics(), engine=Setup().engine, cgroup_limit=lambda: 4 * GB)
+    metrics = Metrics()
+    manager = MemoryManager(SETTINGS, metrics=metrics, engine=Setup().engine, cgroup_limit=lambda: 4 * GB)
     assert manager.limit_bytes == int(3.6 * GB)
     assert manager.report()["thresholds"]["limit_source"] == "cgroup"
+    threshold = "embedding_memory_threshold_bytes"
+    assert metrics.registry.get_sample_value(threshold, {"level": "limit"}) == int(3.6 * GB)
+    assert metrics.registry.get_sample_value(threshold, {"level": "container"}) == 4 * GB
 
 
 @pytest.mark.parametrize(
