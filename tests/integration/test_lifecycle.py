@@ -39,7 +39,13 @@ def test_sigterm_finishes_queued_work_and_exits_zero(tmp_path: Path) -> None:
     with ThreadPoolExecutor(max_workers=16) as pool:
         futures = [pool.submit(index_batch, i) for i in range(16)]
         started.wait()
-        time.sleep(0.3)  # the requests are queued or in the model
+        # SIGTERM only once every request has reached the service: a connection still in the
+        # listen backlog when the worker stops accepting is reset, and that is not what this tests.
+        deadline = time.monotonic() + 30
+        while requests.get(f"{service.url}/activity", timeout=5).json()["requests"] < 16:
+            assert time.monotonic() < deadline, "the 16 requests never reached the service"
+            time.sleep(0.05)
+        time.sleep(0.1)  # from the handler into the engine's queue
         assert (service.metric("embedding_queue_depth") or 0) > 0
         code = service.terminate()
         statuses = [f.result() for f in futures]
