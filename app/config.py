@@ -70,7 +70,7 @@ class Settings:
     device: str = "auto"
     port: int = 5000
     batch_size: int = 32
-    max_batch_tokens: int = 2048
+    max_batch_tokens: int = 4096
     max_inputs: int = 512
     max_input_chars: int = 32_768
     max_body_bytes: int = 16 * 1024**2
