@@ -162,10 +162,10 @@ def plot_run(samples: list[Sample], verdict: Verdict, path: Path, thresholds: di
     ax.axhline(base, color="grey", ls=":", lw=1, label=f"baseline {base:.0f} MB")
     ax.axhline(base * STEADY_FACTOR, color="tab:green", ls="--", lw=1, label=f"steady bound {STEADY_FACTOR}x")
     ax.axhline(base * PEAK_FACTOR, color="tab:orange", ls="--", lw=1, label=f"peak bound {PEAK_FACTOR}x")
-    top = max(verdict.peak_bytes / MB, base * PEAK_FACTOR)
+    y_top = 1.25 * max(verdict.peak_bytes / MB, base * PEAK_FACTOR)  # room above the peak for the legend
     off_scale = []
     for name, value in thresholds.items():
-        if value / MB <= top * 1.25:  # inside the y-range set below
+        if value / MB <= y_top:
             ax.axhline(value / MB, color="tab:red", ls="-.", lw=1, label=f"{name} {value / MB:.0f} MB")
         else:
             off_scale.append(f"{name} {value / MB:.0f} MB")
@@ -190,7 +190,7 @@ def plot_run(samples: list[Sample], verdict: Verdict, path: Path, thresholds: di
             )
     ax.set_xlabel("minutes")
     ax.set_ylabel("RSS (MB)")
-    ax.set_ylim(0, top * 1.25)
+    ax.set_ylim(0, y_top)
     rate_ax = ax.twinx()
     times, rates = _rate(samples)
     rate_ax.plot(times, rates, color="tab:grey", alpha=0.35, lw=0.8, label="texts/s")

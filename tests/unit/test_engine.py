@@ -86,35 +86,21 @@ def test_concurrent_requests_share_batches_of_similar_length() -> None:
 
 
 @pytest.mark.parametrize(
-    ("lengths", "max_size", "expected"),
+    ("lengths", "max_size", "max_tokens", "expected"),
     [
-        ([], 4, []),
-        ([10, 10, 10, 10, 10], 4, [4, 1]),
-        ([256, 250, 20, 18, 17, 9], 32, [2, 4]),
-        ([100] * 3 + [90] * 3, 32, [6]),  # close lengths: one batch beats two
-        ([256] + [8] * 40, 32, [1, 32, 8]),
+        ([], 4, None, []),
+        ([10, 10, 10, 10, 10], 4, None, [4, 1]),
+        ([256, 250, 20, 18, 17, 9], 32, None, [2, 4]),
+        ([100] * 3 + [90] * 3, 32, None, [6]),  # close lengths: one batch beats two
+        ([256] + [8] * 40, 32, None, [1, 32, 8]),
+        ([256] * 8 + [8] * 8, 32, 1024, [4, 4, 8]),  # token budget: long texts 4 at a time, short ones together
+        ([300, 10], 32, 256, [1, 1]),  # a text over the budget goes alone, it is never dropped
     ],
 )
-def test_plan_batches_groups_by_length_within_the_size_limit(
-    lengths: list[int], max_size: int, expected: list[int]
+def test_plan_batches_groups_by_length_within_the_size_and_token_limits(
+    lengths: list[int], max_size: int, max_tokens: int | None, expected: list[int]
 ) -> None:
-    spans = plan_batches(lengths, max_size, overhead=32)
-    assert [s.stop - s.start for s in spans] == expected
-    assert [i for s in spans for i in range(s.start, s.stop)] == list(range(len(lengths)))
-
-
-@pytest.mark.parametrize(
-    ("lengths", "max_tokens", "expected"),
-    [
-        ([256] * 8 + [8] * 8, 1024, [4, 4, 8]),  # long texts 4 at a time, short ones still together
-        ([300, 10], 256, [1, 1]),  # a text over the budget goes alone, it is never dropped
-        ([64] * 32, None, [32]),
-    ],
-)
-def test_plan_batches_keeps_each_batch_within_the_token_budget(
-    lengths: list[int], max_tokens: int | None, expected: list[int]
-) -> None:
-    spans = plan_batches(lengths, 32, overhead=32, max_tokens=max_tokens)
+    spans = plan_batches(lengths, max_size, overhead=32, max_tokens=max_tokens)
     assert [s.stop - s.start for s in spans] == expected
     assert [i for s in spans for i in range(s.start, s.stop)] == list(range(len(lengths)))
 
