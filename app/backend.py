@@ -9,6 +9,7 @@ the real model is tested on its own.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -115,6 +116,28 @@ def usable_cpus() -> int:
     return count
 
 
+def make_resident(model: Any) -> int:
+    """Read every CPU weight once, so a memory-mapped checkpoint is in memory before serving; bytes read.
+
+    safetensors checkpoints are mapped, not copied, and their pages come in on
+    first touch. The token-embedding matrix is touched one row per token id, so
+    without this the process grows for minutes under varied text (measured:
+    +42 MB of all-MiniLM-L6-v2's 90 MB after three minutes of load). That looks
+    like a leak on every memory graph, and the baseline at ``/ready`` would not
+    be the model's real footprint. The pages stay file-backed (shared, and
+    reclaimable by the kernel under pressure).
+    """
+    import torch
+
+    touched = 0
+    with torch.inference_mode():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if tensor.device.type == "cpu" and tensor.numel() > 0:
+                tensor.sum()
+                touched += tensor.numel() * tensor.element_size()
+    return touched
+
+
 class EmbeddingBackend(ABC):
     """One embedding model, used only from the engine's inference thread."""
 
@@ -167,6 +190,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
             raise ModelLoadError(f"cannot load model {self._name!r} from {source.location!r}: {exc}") from exc
         model.eval()
         model.requires_grad_(False)
+        make_resident(model)
         self._model = model
         dimensions: int | None = model.get_embedding_dimension()
         if dimensions is None or dimensions < 1:

@@ -87,6 +87,7 @@ class Settings:
     monitor_interval_s: float = 60.0
     memory_policy: str = "smart"
     trim_after_batch: bool = True
+    malloc_arenas: int = 2
     admin_token: str | None = None
     log_level: str = "info"
 
@@ -121,6 +122,7 @@ class Settings:
         _check(self.cleanup_every_requests >= 1, "CLEANUP_EVERY_REQUESTS", "a whole number of at least 1")
         _check(self.cleanup_cooldown_s >= 0, "CLEANUP_COOLDOWN_S", "a number of seconds, 0 or more")
         _check(self.monitor_interval_s > 0, "MONITOR_INTERVAL_S", "a number of seconds above 0")
+        _check(self.malloc_arenas >= 0, "MALLOC_ARENAS", "0 (the C library's default) or more")
         _check(self.memory_policy in MEMORY_POLICIES, "MEMORY_POLICY", f"one of {', '.join(MEMORY_POLICIES)}")
         _check(self.log_level in LOG_LEVELS, "LOG_LEVEL", f"one of {', '.join(LOG_LEVELS)}")
         _check(bool(self.model.strip()), "MODEL", "a hub model id, a local directory or a bundled model name")
@@ -152,6 +154,7 @@ class Settings:
             "monitor_interval_s": reader.get("MONITOR_INTERVAL_S", _parse_float, "a number of seconds"),
             "memory_policy": reader.get("MEMORY_POLICY", _lower),
             "trim_after_batch": reader.get("TRIM_AFTER_BATCH", _parse_bool, "true or false"),
+            "malloc_arenas": reader.get("MALLOC_ARENAS", _parse_int, "a whole number"),
             "admin_token": reader.get("ADMIN_TOKEN", str),
             "log_level": reader.get("LOG_LEVEL", _lower),
         }

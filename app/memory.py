@@ -147,6 +147,23 @@ def malloc_trim() -> bool:
     return True
 
 
+_M_ARENA_MAX = -8  # glibc <malloc.h>
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Let at most ``arenas`` glibc malloc arenas serve all threads; False where it cannot (no glibc, 0).
+
+    glibc gives threads their own arenas, up to eight per core, and each keeps its
+    own free memory. Request threads, the inference thread and the tokenizer's
+    threads then hold free memory in many heaps. Call it before threads start;
+    arenas that already exist stay.
+    """
+    libc = _libc()
+    if libc is None or arenas <= 0:
+        return False
+    return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+
+
 def collect_garbage(passes: int = _GC_PASSES) -> int:
     """Full collections under aggressive thresholds (restored after); the number of objects freed."""
     thresholds = gc.get_threshold()

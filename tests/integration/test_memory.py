@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -99,6 +100,16 @@ def test_batches_report_their_memory_delta(unmanaged: ServiceProcess, documents:
     assert unmanaged.metric("embedding_memory_rss_bytes") == pytest.approx(
         unmanaged.metric("process_resident_memory_bytes"), rel=0.1
     )
+
+
+def test_the_whole_model_is_in_memory_once_the_service_is_ready(service: ServiceProcess, model_dir: Path) -> None:
+    # The checkpoint is memory-mapped; untouched, its token-embedding rows would page in one by one
+    # under load and the RSS would creep up for minutes after /ready.
+    assert service.proc is not None
+    worker = psutil.Process(service.proc.pid).children()[0]
+    weights = (model_dir / "model.safetensors").resolve()
+    resident = sum(m.rss for m in worker.memory_maps(grouped=True) if Path(m.path) == weights)
+    assert resident >= 0.95 * weights.stat().st_size
 
 
 def test_periodic_and_request_count_triggers_fire(tmp_path: Path, documents: list[str]) -> None:

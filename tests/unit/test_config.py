@@ -29,6 +29,7 @@ def test_values_are_read_from_embedding_variables() -> None:
             "EMBEDDING_MEMORY_POLICY": "Legacy",
             "EMBEDDING_CLEANUP_INTERVAL_S": "0.5",
             "EMBEDDING_ADMIN_TOKEN": "s3cret",
+            "EMBEDDING_MALLOC_ARENAS": "0",
             "EMBEDDING_PORT": "",  # empty means default
         }
     )
@@ -39,6 +40,7 @@ def test_values_are_read_from_embedding_variables() -> None:
     assert settings.memory_policy == "legacy"
     assert settings.cleanup_interval_s == 0.5
     assert settings.admin_token == "s3cret"
+    assert settings.malloc_arenas == 0
     assert settings.port == 5000
 
 
@@ -63,6 +65,7 @@ def test_byte_sizes_accept_suffixes(text: str, expected: int) -> None:
         ({"EMBEDDING_DEVICE": "tpu"}, ("EMBEDDING_DEVICE", "auto")),
         ({"EMBEDDING_CLEANUP_INTERVAL_S": "nan"}, ("EMBEDDING_CLEANUP_INTERVAL_S", "seconds")),
         ({"EMBEDDING_MAX_INPUTS": "100", "EMBEDDING_QUEUE_SIZE": "10"}, ("EMBEDDING_QUEUE_SIZE", "MAX_INPUTS")),
+        ({"EMBEDDING_MALLOC_ARENAS": "-1"}, ("EMBEDDING_MALLOC_ARENAS", "0 (the C library's default)")),
         ({"EMBEDDING_LOG_LEVEL": "loud"}, ("EMBEDDING_LOG_LEVEL", "debug")),
     ],
 )
