@@ -15,7 +15,7 @@ LOAD_DURATION_S ?= 1200
 LOAD_USERS ?= 6
 
 .PHONY: help install system-deps run lint typecheck hadolint alerts unit integration e2e test bench loadtest \
-	loadtest-compare dashboard clean
+	loadtest-compare throughput dashboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -79,6 +79,9 @@ loadtest: $(STAMP)  ## Locust indexing load (20 min), RSS sampled, verdict + plo
 
 loadtest-compare: $(STAMP)  ## the same load under policies off, legacy, smart; one figure in reports/compare
 	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.compare --duration $(LOAD_DURATION_S) --users $(LOAD_USERS) --out reports/compare
+
+throughput: $(STAMP)  ## texts/s of policies off and smart, side by side in interleaved rounds
+	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.throughput --policies off,smart
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache reports
