@@ -116,8 +116,8 @@ def usable_cpus() -> int:
     return count
 
 
-def make_resident(model: Any) -> int:
-    """Read every CPU weight once, so a memory-mapped checkpoint is in memory before serving; bytes read.
+def make_resident(model: Any) -> None:
+    """Read every CPU weight once, so a memory-mapped checkpoint is in memory before serving.
 
     safetensors checkpoints are mapped, not copied, and their pages come in on
     first touch. The token-embedding matrix is touched one row per token id, so
@@ -129,13 +129,10 @@ def make_resident(model: Any) -> int:
     """
     import torch
 
-    touched = 0
     with torch.inference_mode():
         for tensor in itertools.chain(model.parameters(), model.buffers()):
             if tensor.device.type == "cpu" and tensor.numel() > 0:
                 tensor.sum()
-                touched += tensor.numel() * tensor.element_size()
-    return touched
 
 
 class EmbeddingBackend(ABC):

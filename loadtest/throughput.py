@@ -26,8 +26,7 @@ from typing import Any
 from loadtest.bench import chunks, through_service
 from loadtest.corpus import build_corpus, sample
 from loadtest.service import running_service
-
-MB = 1_000_000
+from loadtest.verdict import MB
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
