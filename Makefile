@@ -28,13 +28,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)  ## create the virtual environment and install the service with test tools
 
-system-deps:  ## Debian packages the tests need: prometheus (and promtool)
-	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+system-deps:  ## Debian packages: prometheus (and promtool) for the tests, jemalloc for the service
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || \
+			! /sbin/ldconfig -p | grep -q 'libjemalloc\.so\.2 '; then \
 		sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$sudo apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends \
+			prometheus libjemalloc2 >/dev/null; \
 	fi
 	@promtool --version | head -1
+	@/sbin/ldconfig -p | grep 'libjemalloc\.so\.2 '
 
 run: $(STAMP)  ## serve the bundled model on port 5000 (no network needed)
 	HF_HUB_OFFLINE=1 EMBEDDING_MODEL=$${EMBEDDING_MODEL:-$(RUN_MODEL)} EMBEDDING_PORT=$(PORT) \
@@ -59,10 +62,10 @@ alerts: system-deps  ## promtool: check and unit-test the alert rules, check the
 dashboard: $(STAMP)  ## regenerate dashboards/embedding-service.json from dashboards/generate.py
 	$(BIN)/python dashboards/generate.py
 
-unit: $(STAMP)  ## fast tests with fakes
+unit: $(STAMP) system-deps  ## fast tests with fakes (and one under jemalloc)
 	$(BIN)/pytest tests/unit
 
-integration: $(STAMP)  ## the real server and the real model on loopback
+integration: $(STAMP) system-deps  ## the real server and the real model on loopback
 	HF_HUB_OFFLINE=1 $(BIN)/pytest tests/integration
 
 e2e: $(STAMP) system-deps  ## end-to-end: real Prometheus with the rules and dashboard queries; a short Locust run

@@ -13,11 +13,12 @@ from prometheus_client import CollectorRegistry
 
 from app import api, errors, logs, ops
 from app.activity import ActivityTracker
+from app.allocator import limit_glibc_arenas
 from app.backend import EmbeddingBackend, SentenceTransformerBackend
 from app.components import Components, components
 from app.config import Settings
 from app.engine import Engine
-from app.memory import MemoryManager, limit_malloc_arenas, rss_bytes
+from app.memory import MemoryManager, rss_bytes
 from app.metrics import Metrics
 from app.version import __version__
 
@@ -59,7 +60,7 @@ def create_app(
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)
     if start:
-        limit_malloc_arenas(settings.malloc_arenas)  # before the engine's and the server's threads exist
+        limit_glibc_arenas(settings.malloc_arenas)  # before the engine's and the server's threads exist
         manager.start()
         engine.start()
         log.info(

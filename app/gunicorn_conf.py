@@ -2,7 +2,10 @@
 
 Used as ``gunicorn -c python:app.gunicorn_conf app.wsgi:app`` by ``make run``,
 the Dockerfile and the tests. The settings are validated here, in the master,
-so a bad ``EMBEDDING_*`` value stops the start with one clear line.
+so a bad ``EMBEDDING_*`` value stops the start with one clear line. Then, with
+``EMBEDDING_ALLOCATOR=jemalloc`` (the default) and jemalloc installed, the master
+runs itself again with jemalloc preloaded, before it binds or forks
+(:mod:`app.allocator`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from app.allocator import exec_under_jemalloc
 from app.config import ConfigError, Settings
 from app.logs import gunicorn_logconfig
 
@@ -18,6 +22,8 @@ try:
 except ConfigError as _error:
     sys.stderr.write(f"embedding service: configuration error: {_error}\n")
     raise SystemExit(2) from None
+
+exec_under_jemalloc(_settings.allocator, _settings.malloc_arenas)
 
 bind = f"0.0.0.0:{_settings.port}"  # override with --bind HOST:PORT
 workers = 1  # one process holds one model; concurrency comes from threads + batching

@@ -2,9 +2,10 @@
 
 What measurement showed (DESIGN section 6, issue 3): after a mixed-length load,
 ``gc.collect()`` frees next to nothing, because the memory is not held by
-Python objects but by glibc's heap, which keeps freed chunks. ``malloc_trim(0)``
-hands them back to the operating system. So the cleanup ends with a trim, and the
-``smart`` policy also trims after every batch on the inference thread.
+Python objects but by the C allocator, which keeps freed pages. So the cleanup
+ends by handing those back to the operating system (:mod:`app.allocator`:
+jemalloc's purge, or glibc's ``malloc_trim(0)``). Under glibc, whose heaps
+fragment, the ``smart`` policy also trims after every batch on the inference thread.
 
 Threads: request threads only count (and, above the hard limit, shed load); the
 monitor thread samples and decides; a cleanup runs on the monitor thread when
@@ -15,12 +16,9 @@ cleanups from overlapping; a second request for one while one runs is refused.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import functools
 import gc
 import os
-import platform
 import sys
 import threading
 import time
@@ -33,6 +31,8 @@ from typing import Any
 import psutil
 import structlog
 
+from app import allocator
+from app.allocator import release_free_memory
 from app.config import Settings
 from app.errors import Conflict, Unavailable
 from app.metrics import Metrics
@@ -126,44 +126,6 @@ def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
 # --- the cleanup ------------------------------------------------------------------
 
 
-@functools.cache
-def _libc() -> Any:
-    if platform.libc_ver()[0] != "glibc":
-        return None
-    name = ctypes.util.find_library("c") or "libc.so.6"
-    try:
-        libc = ctypes.CDLL(name)
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None
-
-
-def malloc_trim() -> bool:
-    """Return free heap memory to the OS (glibc ``malloc_trim(0)``); False where there is no glibc."""
-    libc = _libc()
-    if libc is None:
-        return False
-    libc.malloc_trim(0)
-    return True
-
-
-_M_ARENA_MAX = -8  # glibc <malloc.h>
-
-
-def limit_malloc_arenas(arenas: int) -> bool:
-    """Let at most ``arenas`` glibc malloc arenas serve all threads; False where it cannot (no glibc, 0).
-
-    glibc gives threads their own arenas, up to eight per core, and each keeps its
-    own free memory. Request threads, the inference thread and the tokenizer's
-    threads then hold free memory in many heaps. Call it before threads start;
-    arenas that already exist stay.
-    """
-    libc = _libc()
-    if libc is None or arenas <= 0:
-        return False
-    return bool(libc.mallopt(_M_ARENA_MAX, arenas))
-
-
 def collect_garbage(passes: int = _GC_PASSES) -> int:
     """Full collections under aggressive thresholds (restored after); the number of objects freed."""
     thresholds = gc.get_threshold()
@@ -231,6 +193,10 @@ class MemoryManager:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.allocator = allocator.active()
+        trim = settings.trim_after_batch
+        # Only glibc's heaps fragment enough to need it (see app.allocator); unset means "where needed".
+        self.trim_after_batch = self.policy == "smart" and (self.allocator == "glibc" if trim is None else trim)
         self._next_trim_at = 0.0
         self._requests_since = 0
         self._last_cleanup_at = clock()
@@ -271,6 +237,7 @@ class MemoryManager:
 
     def start(self) -> None:
         """Hook into the engine and start the monitor thread."""
+        self._log_allocator()
         if self.policy == "smart":
             self._engine.add_ready_hook(self.freeze_startup_objects)
         self._engine.add_between_batches_hook(self.between_batches)
@@ -279,6 +246,14 @@ class MemoryManager:
         self._update_status(self._sampler.rss())
         self._thread = threading.Thread(target=self._monitor, name="memory-monitor", daemon=True)
         self._thread.start()
+
+    def _log_allocator(self) -> None:
+        requested = self._settings.allocator
+        fields = {"allocator": self.allocator, "requested": requested, "trim_after_batch": self.trim_after_batch}
+        if requested == "jemalloc" and self.allocator != "jemalloc":
+            log.warning("memory.allocator", **fields, hint="jemalloc not found (Debian: libjemalloc2)")
+        else:
+            log.info("memory.allocator", **fields)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the monitor thread."""
@@ -387,7 +362,7 @@ class MemoryManager:
         """After each batch: run a pending cleanup, or else (``smart``) trim the heap."""
         if self._pending is not None:
             self.run_pending()
-        elif self.policy == "smart" and self._settings.trim_after_batch:
+        elif self.trim_after_batch:
             self._trim_after_batch()
 
     def run_pending(self) -> None:
@@ -397,14 +372,18 @@ class MemoryManager:
             self._try_cleanup(reason)
 
     def freeze_startup_objects(self) -> None:
-        """Move the loaded model's objects out of the collector's reach (``gc.freeze``).
+        """Move the loaded model's objects out of the collector's reach (``gc.freeze``), give back load garbage.
 
         They live as long as the process, yet every full collection walked all of
         them: 660 ms per cleanup with all-MiniLM-L6-v2, about 1 ms once frozen.
+        What loading allocated and freed is handed back too, so serving starts
+        from the model's real footprint (under jemalloc, which keeps free pages
+        until asked, it is 100-170 MB).
         """
         collect_garbage()
         gc.freeze()
-        log.info("memory.gc_frozen", objects=gc.get_freeze_count())
+        release_free_memory()
+        log.info("memory.gc_frozen", objects=gc.get_freeze_count(), rss_bytes=self._sampler.rss())
 
     def observe_batch(self, stats: Any) -> None:
         """Record the RSS change of one batch."""
@@ -415,8 +394,8 @@ class MemoryManager:
         if started < self._next_trim_at:
             return  # keeps trimming under TRIM_MAX_SHARE of the time, however small the batches
         before = self._sampler.rss()
-        if not malloc_trim():
-            self._next_trim_at = float("inf")  # no glibc: nothing to trim, ever
+        if not release_free_memory():
+            self._next_trim_at = float("inf")  # no allocator to ask: nothing to trim, ever
             return
         after = self._sampler.rss()
         took = time.perf_counter() - started
@@ -455,7 +434,7 @@ class MemoryManager:
         else:
             self._engine.release_model_caches()
             freed_objects = collect_garbage()
-            trimmed = malloc_trim()
+            trimmed = release_free_memory()
         after = self._sampler.rss()
         return CleanupRecord(reason, started_at, time.perf_counter() - started, before, after, freed_objects, trimmed)
 
@@ -515,6 +494,7 @@ class MemoryManager:
         return {
             "status": status,
             "policy": self.policy,
+            "allocator": self.allocator,
             "rss_bytes": sample.rss_bytes,
             "uss_bytes": sample.uss_bytes,
             "cuda": cuda,
@@ -536,6 +516,6 @@ class MemoryManager:
                 "every_requests": self._settings.cleanup_every_requests,
                 "cooldown_s": self._settings.cleanup_cooldown_s,
                 "monitor_interval_s": self._settings.monitor_interval_s,
-                "trim_after_batch": self.policy == "smart" and self._settings.trim_after_batch,
+                "trim_after_batch": self.trim_after_batch,
             },
         }

@@ -121,7 +121,6 @@ def test_periodic_and_request_count_triggers_fire(tmp_path: Path, documents: lis
         reasons = {e["reason"] for e in service.events("memory.cleanup")}
         assert {"periodic", "request_count"} <= reasons
         assert service.events("memory.gc_frozen")[0]["objects"] > 10_000
-        assert (service.metric("embedding_memory_trims_total") or 0) >= 1
 
 
 def test_high_memory_cleans_up_once_per_cooldown_not_on_every_request(tmp_path: Path, documents: list[str]) -> None:

@@ -252,9 +252,9 @@ def test_cgroup_limit_v2_then_v1(tmp_path: Path, files: dict[str, str], expected
 # outside the main heap lives in a 64 MiB-aligned heap of its arena).
 _ARENAS_SCRIPT = """
 import ctypes, sys, threading
-from app.memory import limit_malloc_arenas
+from app.allocator import limit_glibc_arenas
 if int(sys.argv[1]):
-    assert limit_malloc_arenas(int(sys.argv[1]))
+    assert limit_glibc_arenas(int(sys.argv[1]))
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.sbrk.restype = ctypes.c_void_p
