@@ -27,6 +27,11 @@ RUN python -c "import os; from sentence_transformers import SentenceTransformer;
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG EMBEDDING_MODEL=intfloat/multilingual-e5-small
+# jemalloc: gunicorn's master preloads it into the service itself (app/allocator.py), as `make run` does.
+# The same Debian package `make system-deps` installs for CI.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libjemalloc2=5.3.0-1 \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin embedding
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=model /opt/models /opt/models

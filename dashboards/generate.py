@@ -221,7 +221,8 @@ def build() -> dict[str, Any]:
     lay.add(
         timeseries(
             "Heap given back after batches",
-            "Memory returned to the OS per second by the smart policy's malloc_trim after batches.",
+            "Memory returned to the OS per second by the smart policy's trims after batches"
+            " (glibc only: under jemalloc, cleanups return it).",
             "Bps",
             (rate("embedding_memory_trimmed_bytes_total"), "trimmed bytes/s"),
         ),

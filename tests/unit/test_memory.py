@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -246,48 +244,6 @@ def test_cgroup_limit_v2_then_v1(tmp_path: Path, files: dict[str, str], expected
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert cgroup_memory_limit(tmp_path) == expected
-
-
-# Eight threads malloc at once; each reports the arena its block came from (glibc: a block
-# outside the main heap lives in a 64 MiB-aligned heap of its arena).
-_ARENAS_SCRIPT = """
-import ctypes, sys, threading
-from app.allocator import limit_glibc_arenas
-if int(sys.argv[1]):
-    assert limit_glibc_arenas(int(sys.argv[1]))
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.sbrk.restype = ctypes.c_void_p
-brk = libc.sbrk(0)
-arenas, lock, ready = set(), threading.Lock(), threading.Barrier(8)
-def work():
-    ready.wait()
-    block = libc.malloc(4096)
-    with lock:
-        arenas.add("main" if abs(block - brk) < (1 << 30) else block & ~((64 << 20) - 1))
-    ready.wait()  # every thread stays alive until all have allocated
-threads = [threading.Thread(target=work) for _ in range(8)]
-for t in threads: t.start()
-for t in threads: t.join()
-print(len(arenas))
-"""
-
-
-def arenas_used(cap: int) -> int:
-    done = subprocess.run(
-        [sys.executable, "-c", _ARENAS_SCRIPT, str(cap)],
-        cwd=Path(__file__).resolve().parents[2],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(done.stdout)
-
-
-def test_threads_share_the_capped_malloc_arenas() -> None:
-    assert arenas_used(0) > 2  # glibc's default: each thread gets an arena of its own
-    assert arenas_used(2) <= 2
-    assert arenas_used(1) == 1
 
 
 def test_collect_garbage_restores_the_gc_thresholds() -> None:

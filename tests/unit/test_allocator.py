@@ -1,0 +1,127 @@
+"""The C allocator: jemalloc preloaded by re-executing the program, purging on request, glibc's arena cap.
+
+Each check runs in a subprocess, because the allocator of a process is fixed when it starts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app import allocator
+from app.allocator import REEXEC_MARK, jemalloc_conf, jemalloc_library
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_python(script: str, *args: str, env: dict[str, str] | None = None) -> list[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", REEXEC_MARK)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=ROOT,
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.split()
+
+
+@pytest.fixture(scope="module")
+def jemalloc() -> str:
+    library = jemalloc_library()
+    assert library is not None, "jemalloc is not installed: run `make system-deps` (Debian package libjemalloc2)"
+    return library
+
+
+# Prints the allocator and MALLOC_CONF, then asks for jemalloc: a re-executed program prints again.
+_EXEC_SCRIPT = """
+import os, sys
+from app.allocator import active, exec_under_jemalloc
+print(active(), os.environ.get("MALLOC_CONF", "-"))
+exec_under_jemalloc(sys.argv[1], 2)
+"""
+
+
+def test_asking_for_jemalloc_runs_the_program_again_under_jemalloc(jemalloc: str) -> None:
+    assert run_python(_EXEC_SCRIPT, "jemalloc") == ["glibc", "-", "jemalloc", jemalloc_conf(2)]
+    assert jemalloc_conf(2) == "narenas:2,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+
+
+def test_a_malloc_conf_of_the_operator_is_kept(jemalloc: str) -> None:
+    lines = run_python(_EXEC_SCRIPT, "jemalloc", env={"MALLOC_CONF": "narenas:4"})
+    assert lines == ["glibc", "narenas:4", "jemalloc", "narenas:4"]
+
+
+def test_glibc_runs_when_it_is_asked_for(jemalloc: str) -> None:
+    assert run_python(_EXEC_SCRIPT, "glibc") == ["glibc", "-"]
+
+
+def test_without_the_library_the_program_goes_on_under_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allocator, "jemalloc_library", lambda: None)
+    monkeypatch.delenv(REEXEC_MARK, raising=False)
+    allocator.exec_under_jemalloc("jemalloc", 2)  # returns instead of replacing the test process
+    assert allocator.active() == "glibc"
+
+
+# Fills 256 MB in 4 MB blocks, frees them, and reports RSS after the free and after a release.
+_PURGE_SCRIPT = """
+import ctypes, psutil
+from app.allocator import active, release_free_memory
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = [libc.malloc(4 << 20) for _ in range(64)]
+for block in blocks:
+    ctypes.memset(block, 1, 4 << 20)
+for block in blocks:
+    libc.free(block)
+rss = psutil.Process().memory_info().rss
+assert release_free_memory()
+print(active(), rss >> 20, psutil.Process().memory_info().rss >> 20)
+"""
+
+
+def test_jemalloc_keeps_freed_memory_until_the_release_purges_it(jemalloc: str) -> None:
+    name, freed, released = run_python(_PURGE_SCRIPT, env={"LD_PRELOAD": jemalloc, "MALLOC_CONF": jemalloc_conf(2)})
+    assert name == "jemalloc"
+    assert int(freed) - int(released) >= 200  # MB: decay is off, so only the release gave it back
+
+
+# Eight threads malloc at once; each reports the arena its block came from (glibc: a block
+# outside the main heap lives in a 64 MiB-aligned heap of its arena).
+_ARENAS_SCRIPT = """
+import ctypes, sys, threading
+from app.allocator import limit_glibc_arenas
+if int(sys.argv[1]):
+    assert limit_glibc_arenas(int(sys.argv[1]))
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.sbrk.restype = ctypes.c_void_p
+brk = libc.sbrk(0)
+arenas, lock, ready = set(), threading.Lock(), threading.Barrier(8)
+def work():
+    ready.wait()
+    block = libc.malloc(4096)
+    with lock:
+        arenas.add("main" if abs(block - brk) < (1 << 30) else block & ~((64 << 20) - 1))
+    ready.wait()  # every thread stays alive until all have allocated
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(len(arenas))
+"""
+
+
+def arenas_used(cap: int) -> int:
+    return int(run_python(_ARENAS_SCRIPT, str(cap))[0])
+
+
+def test_threads_share_the_capped_malloc_arenas() -> None:
+    assert arenas_used(0) > 2  # glibc's default: each thread gets an arena of its own
+    assert arenas_used(2) <= 2
+    assert arenas_used(1) == 1
