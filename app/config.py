@@ -88,7 +88,8 @@ class Settings:
     cleanup_cooldown_s: float = 30.0
     monitor_interval_s: float = 60.0
     memory_policy: str = "smart"
-    trim_after_batch: bool | None = None  # None: only where the allocator needs it (glibc)
+    trim_after_batch: bool = True
+    trim_interval_s: float = 2.0
     allocator: str = "jemalloc"
     malloc_arenas: int = 2
     admin_token: str | None = None
@@ -125,6 +126,7 @@ class Settings:
         _check(self.cleanup_every_requests >= 1, "CLEANUP_EVERY_REQUESTS", "a whole number of at least 1")
         _check(self.cleanup_cooldown_s >= 0, "CLEANUP_COOLDOWN_S", "a number of seconds, 0 or more")
         _check(self.monitor_interval_s > 0, "MONITOR_INTERVAL_S", "a number of seconds above 0")
+        _check(self.trim_interval_s >= 0, "TRIM_INTERVAL_S", "a number of seconds, 0 or more")
         _check(self.allocator in ALLOCATORS, "ALLOCATOR", f"one of {', '.join(ALLOCATORS)}")
         _check(self.malloc_arenas >= 0, "MALLOC_ARENAS", "0 (the C library's default) or more")
         _check(self.memory_policy in MEMORY_POLICIES, "MEMORY_POLICY", f"one of {', '.join(MEMORY_POLICIES)}")
@@ -158,6 +160,7 @@ class Settings:
             "monitor_interval_s": reader.get("MONITOR_INTERVAL_S", _parse_float, "a number of seconds"),
             "memory_policy": reader.get("MEMORY_POLICY", _lower),
             "trim_after_batch": reader.get("TRIM_AFTER_BATCH", _parse_bool, "true or false"),
+            "trim_interval_s": reader.get("TRIM_INTERVAL_S", _parse_float, "a number of seconds"),
             "allocator": reader.get("ALLOCATOR", _lower),
             "malloc_arenas": reader.get("MALLOC_ARENAS", _parse_int, "a whole number"),
             "admin_token": reader.get("ADMIN_TOKEN", str),

@@ -5,7 +5,9 @@ What measurement showed (DESIGN section 6, issue 3): after a mixed-length load,
 Python objects but by the C allocator, which keeps freed pages. So the cleanup
 ends by handing those back to the operating system (:mod:`app.allocator`:
 jemalloc's purge, or glibc's ``malloc_trim(0)``). Under glibc, whose heaps
-fragment, the ``smart`` policy also trims after every batch on the inference thread.
+fragment more, and under jemalloc, whose free pages wait for a purge, the ``smart``
+policy also trims between batches on the inference thread, at most every
+``EMBEDDING_TRIM_INTERVAL_S``.
 
 Threads: request threads only count (and, above the hard limit, shed load); the
 monitor thread samples and decides; a cleanup runs on the monitor thread when
@@ -194,9 +196,7 @@ class MemoryManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.allocator = allocator.active()
-        trim = settings.trim_after_batch
-        # Only glibc's heaps fragment enough to need it (see app.allocator); unset means "where needed".
-        self.trim_after_batch = self.policy == "smart" and (self.allocator == "glibc" if trim is None else trim)
+        self.trim_after_batch = self.policy == "smart" and settings.trim_after_batch
         self._next_trim_at = 0.0
         self._requests_since = 0
         self._last_cleanup_at = clock()
@@ -390,16 +390,19 @@ class MemoryManager:
         self._metrics.batch_memory_delta.observe(stats.rss_delta_bytes)
 
     def _trim_after_batch(self) -> None:
+        now = self._clock()
+        if now < self._next_trim_at:
+            return
         started = time.perf_counter()
-        if started < self._next_trim_at:
-            return  # keeps trimming under TRIM_MAX_SHARE of the time, however small the batches
         before = self._sampler.rss()
         if not release_free_memory():
             self._next_trim_at = float("inf")  # no allocator to ask: nothing to trim, ever
             return
         after = self._sampler.rss()
         took = time.perf_counter() - started
-        self._next_trim_at = started + took / TRIM_MAX_SHARE
+        # At most one per interval: what a trim hands back, the next batches fault in again.
+        # And under TRIM_MAX_SHARE of the time, however slow the trim.
+        self._next_trim_at = now + max(self._settings.trim_interval_s, took / TRIM_MAX_SHARE)
         self._metrics.trims.inc()
         self._metrics.trimmed_bytes.inc(max(0, before - after))
 
@@ -517,5 +520,6 @@ class MemoryManager:
                 "cooldown_s": self._settings.cleanup_cooldown_s,
                 "monitor_interval_s": self._settings.monitor_interval_s,
                 "trim_after_batch": self.trim_after_batch,
+                "trim_interval_s": self._settings.trim_interval_s,
             },
         }

@@ -18,7 +18,8 @@ def test_defaults_match_the_design_contract() -> None:
     assert settings.monitor_interval_s == 60
     assert settings.memory_policy == "smart"
     assert settings.allocator == "jemalloc"
-    assert settings.trim_after_batch is None  # decided by the allocator
+    assert settings.trim_after_batch is True
+    assert settings.trim_interval_s == 2
 
 
 def test_values_are_read_from_embedding_variables() -> None:
@@ -68,6 +69,7 @@ def test_byte_sizes_accept_suffixes(text: str, expected: int) -> None:
         ({"EMBEDDING_CLEANUP_INTERVAL_S": "nan"}, ("EMBEDDING_CLEANUP_INTERVAL_S", "seconds")),
         ({"EMBEDDING_MAX_INPUTS": "100", "EMBEDDING_QUEUE_SIZE": "10"}, ("EMBEDDING_QUEUE_SIZE", "MAX_INPUTS")),
         ({"EMBEDDING_MALLOC_ARENAS": "-1"}, ("EMBEDDING_MALLOC_ARENAS", "0 (the C library's default)")),
+        ({"EMBEDDING_TRIM_INTERVAL_S": "-1"}, ("EMBEDDING_TRIM_INTERVAL_S", "seconds")),
         ({"EMBEDDING_ALLOCATOR": "tcmalloc"}, ("EMBEDDING_ALLOCATOR", "jemalloc, glibc")),
         ({"EMBEDDING_LOG_LEVEL": "loud"}, ("EMBEDDING_LOG_LEVEL", "debug")),
     ],

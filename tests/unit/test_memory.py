@@ -246,6 +246,24 @@ def test_cgroup_limit_v2_then_v1(tmp_path: Path, files: dict[str, str], expected
     assert cgroup_memory_limit(tmp_path) == expected
 
 
+def test_trims_between_batches_wait_for_the_trim_interval() -> None:
+    setup = Setup(SETTINGS.replace(trim_interval_s=2.0))
+    trims = []
+    for step in (0.0, 0.5, 1.0, 1.6, 0.5, 2.0):  # at t = 0, 0.5, 1.5, 3.1, 3.6, 5.6
+        setup.clock.advance(step)
+        setup.manager.between_batches()
+        trims.append(setup.value("embedding_memory_trims_total"))
+    assert trims == [1, 1, 1, 2, 2, 3]
+
+
+def test_no_trims_between_batches_when_turned_off() -> None:
+    setup = Setup(SETTINGS.replace(trim_after_batch=False))
+    for _ in range(3):
+        setup.clock.advance(5)
+        setup.manager.between_batches()
+    assert setup.value("embedding_memory_trims_total") == 0
+
+
 def test_collect_garbage_restores_the_gc_thresholds() -> None:
     before = gc.get_threshold()
     collect_garbage()
