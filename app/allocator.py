@@ -36,7 +36,7 @@ ALLOCATORS = ("jemalloc", "glibc")
 REEXEC_MARK = "EMBEDDING_ALLOCATOR_EXEC"
 """Set in the environment of the re-executed program, so a failed preload never loops."""
 
-_MALLCTL_ARENAS_ALL = 4096  # jemalloc 5: "arena.<MALLCTL_ARENAS_ALL>.*" addresses every arena
+_PURGE_ALL_ARENAS = b"arena.4096.purge"  # jemalloc 5: arena 4096 (MALLCTL_ARENAS_ALL) means every arena
 _M_ARENA_MAX = -8  # glibc <malloc.h>
 
 
@@ -72,8 +72,7 @@ def release_free_memory() -> bool:
     """
     allocator = active()
     if allocator == "jemalloc":
-        command = f"arena.{_MALLCTL_ARENAS_ALL}.purge".encode()
-        return int(_process().mallctl(command, None, None, None, ctypes.c_size_t(0))) == 0
+        return int(_process().mallctl(_PURGE_ALL_ARENAS, None, None, None, ctypes.c_size_t(0))) == 0
     if allocator == "glibc":
         _libc().malloc_trim(0)
         return True
@@ -89,10 +88,9 @@ def limit_glibc_arenas(arenas: int) -> bool:
     arenas that already exist stay. Under jemalloc the same cap is its ``narenas``
     (:func:`jemalloc_conf`).
     """
-    libc = _libc()
-    if active() != "glibc" or libc is None or arenas <= 0:
+    if active() != "glibc" or arenas <= 0:
         return False
-    return bool(libc.mallopt(_M_ARENA_MAX, arenas))
+    return bool(_libc().mallopt(_M_ARENA_MAX, arenas))
 
 
 def jemalloc_library() -> str | None:

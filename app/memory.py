@@ -34,7 +34,6 @@ import psutil
 import structlog
 
 from app import allocator
-from app.allocator import release_free_memory
 from app.config import Settings
 from app.errors import Conflict, Unavailable
 from app.metrics import Metrics
@@ -382,7 +381,7 @@ class MemoryManager:
         """
         collect_garbage()
         gc.freeze()
-        release_free_memory()
+        allocator.release_free_memory()
         log.info("memory.gc_frozen", objects=gc.get_freeze_count(), rss_bytes=self._sampler.rss())
 
     def observe_batch(self, stats: Any) -> None:
@@ -395,7 +394,7 @@ class MemoryManager:
             return
         started = time.perf_counter()
         before = self._sampler.rss()
-        if not release_free_memory():
+        if not allocator.release_free_memory():
             self._next_trim_at = float("inf")  # no allocator to ask: nothing to trim, ever
             return
         after = self._sampler.rss()
@@ -437,7 +436,7 @@ class MemoryManager:
         else:
             self._engine.release_model_caches()
             freed_objects = collect_garbage()
-            trimmed = release_free_memory()
+            trimmed = allocator.release_free_memory()
         after = self._sampler.rss()
         return CleanupRecord(reason, started_at, time.perf_counter() - started, before, after, freed_objects, trimmed)
 
