@@ -83,6 +83,7 @@ class BatchStats:
     duration_s: float
     rss_before_bytes: int
     rss_after_bytes: int
+    padded_tokens: int = 0
 
     @property
     def rss_delta_bytes(self) -> int:
@@ -109,6 +110,9 @@ class Job:
     truncate: bool
     dimensions: int
     request_id: str | None = None
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    queue_wait_s: float | None = None
+    """Seconds from :attr:`enqueued_at` to the start of its first batch (or to being dropped unrun)."""
     embeddings: np.ndarray = field(init=False)
     token_counts: list[int] = field(init=False)
     error: ServiceError | None = None
@@ -349,7 +353,9 @@ class Engine:
             while self._jobs and len(window) < limit:
                 job = self._jobs[0]
                 take = min(len(job.texts) - self._cursor, limit - len(window))
-                if not job.finished:
+                if job.finished:
+                    self._leave_queue(job, time.perf_counter())  # it gave up waiting: the wait counts all the same
+                else:
                     window.extend((job, i) for i in range(self._cursor, self._cursor + take))
                 self._cursor += take
                 self._pending -= take
@@ -370,6 +376,15 @@ class Engine:
             if batch:
                 self._run_batch(batch)
             self._run_hooks(self._between_batches)
+        # Jobs that never reached a batch (timed out, or refused at tokenizing) waited until now.
+        for job, _ in window:
+            self._leave_queue(job, time.perf_counter())
+
+    def _leave_queue(self, job: Job, now: float) -> None:
+        """Record how long ``job`` waited for the model, once."""
+        if job.queue_wait_s is None:
+            job.queue_wait_s = now - job.enqueued_at
+            self._metrics.queue_wait.observe(job.queue_wait_s)
 
     def _token_lengths(self, window: list[tuple[Job, int]]) -> list[int]:
         """Tokens each text will take in the model; fails jobs that refused truncation of a longer text."""
@@ -403,6 +418,8 @@ class Engine:
         with self._busy:
             rss_before = self._rss()
             started = time.perf_counter()
+            for job, _ in batch:
+                self._leave_queue(job, started)
             try:
                 vectors, token_counts = self._encode(texts)
             except Exception as exc:  # noqa: BLE001  (isolate the failure to the texts that cause it)
@@ -418,8 +435,9 @@ class Engine:
         for (job, index), vector, tokens in zip(batch, vectors, token_counts, strict=True):
             job.deliver(index, vector, tokens)
         requests = len({id(job) for job, _ in batch})
-        stats = BatchStats(len(batch), sum(token_counts), requests, duration, rss_before, rss_after)
-        self._observe(stats)
+        padded = len(batch) * max(token_counts)
+        stats = BatchStats(len(batch), sum(token_counts), requests, duration, rss_before, rss_after, padded)
+        self._observe(stats, token_counts)
 
     def _retry_one_by_one(self, batch: list[tuple[Job, int]]) -> None:
         if len(batch) == 1:
@@ -435,15 +453,19 @@ class Engine:
         vectors = self._backend.finish(self._backend.encode(prepared))
         return vectors, prepared.token_counts
 
-    def _observe(self, stats: BatchStats) -> None:
+    def _observe(self, stats: BatchStats, token_counts: list[int]) -> None:
         self._metrics.batch_size.observe(stats.size)
         self._metrics.batch_duration.observe(stats.duration_s)
+        self._metrics.batch_padded_tokens.observe(stats.padded_tokens)
         self._metrics.inputs.inc(stats.size)
         self._metrics.tokens.inc(stats.tokens)
+        for tokens in token_counts:
+            self._metrics.input_tokens.observe(tokens)
         log.info(
             "batch.completed",
             size=stats.size,
             tokens=stats.tokens,
+            padded_tokens=stats.padded_tokens,
             requests=stats.requests,
             duration_ms=round(stats.duration_s * 1000, 2),
             rss_bytes=stats.rss_after_bytes,

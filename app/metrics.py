@@ -11,6 +11,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     gc_collector,
     generate_latest,
     platform_collector,
@@ -20,6 +21,10 @@ from prometheus_client import (
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 BATCH_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# 5 s is a bucket bound: EmbeddingQueueWaitHigh alerts on the 95th percentile above it.
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+INPUT_TOKENS_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+PADDED_TOKENS_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 _MIB = 1024 * 1024
 # RSS change per batch: both signs, since a batch can give memory back as well as take it.
 MEMORY_DELTA_BUCKETS = tuple(
@@ -34,6 +39,9 @@ class Metrics:
     """The service's metrics on one registry (a fresh one unless given)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # Counters and histograms would each export a `_created` timestamp series too: one more series per
+        # label set that no panel or alert reads. The switch is process-wide, and every registry here wants it.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # client_python leaves it unannotated
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         process_collector.ProcessCollector(registry=r)
@@ -63,6 +71,24 @@ class Metrics:
             "embedding_batch_duration_seconds",
             "Time to tokenize and encode one model batch.",
             buckets=BATCH_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "embedding_queue_wait_seconds",
+            "Time a request waited from being queued to the start of the first model batch holding its texts.",
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.input_tokens = Histogram(
+            "embedding_input_tokens",
+            "Tokens of each embedded text, as the model saw it (after truncation).",
+            buckets=INPUT_TOKENS_BUCKETS,
+            registry=r,
+        )
+        self.batch_padded_tokens = Histogram(
+            "embedding_batch_padded_tokens",
+            "Padded token slots of one model batch (texts x longest text): the compute and activation memory it took.",
+            buckets=PADDED_TOKENS_BUCKETS,
             registry=r,
         )
         self.model_info = Gauge(

@@ -120,3 +120,10 @@ def test_activity_reports_recent_embedding_requests(client: FlaskClient) -> None
     assert body["last_request_at"] is not None
     assert client.get("/activity?minutes=0").status_code == 400
     assert client.get("/activity?minutes=soon").status_code == 400
+
+
+def test_metrics_export_no_created_series(client: FlaskClient) -> None:
+    client.post("/embed", json={"inputs": ["one"]})
+    text = client.get("/metrics").get_data(as_text=True)
+    assert "embedding_requests_total{" in text
+    assert "_created" not in text

@@ -209,8 +209,8 @@ def test_a_model_that_does_not_load_fails_the_engine_and_reports_it() -> None:
         engine.submit(["x"])
 
 
-def test_a_timed_out_request_is_skipped_by_the_engine(backend: FakeBackend) -> None:
-    engine, _ = make_engine(backend)
+def test_a_timed_out_request_is_skipped_by_the_engine_and_its_wait_counted(backend: FakeBackend) -> None:
+    engine, metrics = make_engine(backend)
     engine.start()
     wait_for(lambda: engine.ready)
     backend.gate.clear()
@@ -223,6 +223,8 @@ def test_a_timed_out_request_is_skipped_by_the_engine(backend: FakeBackend) -> N
     blocker.wait(5)
     engine.stop(5)
     assert ["never needed"] not in backend.batches
+    assert metrics.registry.get_sample_value("embedding_queue_wait_seconds_count") == 2
+    assert late.queue_wait_s is not None and late.queue_wait_s >= 0.05
 
 
 def test_hooks_run_between_batches_and_when_idle(backend: FakeBackend) -> None:
@@ -240,3 +242,39 @@ def test_hooks_run_between_batches_and_when_idle(backend: FakeBackend) -> None:
     assert len(between) == 3
     assert idle.wait(3)
     engine.stop(5)
+
+
+def test_queue_wait_is_measured_once_per_request_up_to_its_first_batch(backend: FakeBackend) -> None:
+    engine, metrics = make_engine(backend, batch_size=2)
+    engine.start()
+    wait_for(lambda: engine.ready)
+    backend.gate.clear()
+    blocker = engine.submit(["blocker"])
+    wait_for(lambda: engine.queue_depth == 0)  # the blocker is in the model, the next request must wait
+    waiting = engine.submit(["a", "b", "c", "d", "e"])  # three batches, one wait
+    time.sleep(0.2)
+    backend.gate.set()
+    blocker.wait(5)
+    waiting.wait(5)
+    engine.stop(5)
+    value = metrics.registry.get_sample_value
+    assert value("embedding_queue_wait_seconds_count") == 2
+    assert blocker.queue_wait_s is not None and blocker.queue_wait_s < 0.2
+    assert waiting.queue_wait_s is not None and waiting.queue_wait_s >= 0.2
+    assert value("embedding_queue_wait_seconds_sum") == pytest.approx(blocker.queue_wait_s + waiting.queue_wait_s)
+
+
+def test_tokens_per_input_and_padded_tokens_per_batch_are_observed(backend: FakeBackend) -> None:
+    engine, metrics = make_engine(backend, batch_size=4)
+    engine.start()
+    wait_for(lambda: engine.ready)
+    before = metrics.registry.get_sample_value("embedding_input_tokens_count") or 0
+    engine.submit(["one", "two words here four"]).wait(5)  # 3 and 6 tokens: one batch of 2 x 6 slots
+    engine.stop(5)
+    value = metrics.registry.get_sample_value
+    assert before == 0  # the warm-up is not counted
+    assert value("embedding_input_tokens_count") == 2
+    assert value("embedding_input_tokens_sum") == 9 == value("embedding_tokens_total")
+    assert value("embedding_input_tokens_bucket", {"le": "4.0"}) == 1
+    assert value("embedding_batch_padded_tokens_count") == 1
+    assert value("embedding_batch_padded_tokens_sum") == 12
