@@ -14,7 +14,7 @@ RUN_MODEL ?= all-minilm-l6-v2
 LOAD_DURATION_S ?= 1200
 LOAD_USERS ?= 6
 
-.PHONY: help install system-deps run lint typecheck hadolint alerts unit integration e2e test bench loadtest \
+.PHONY: help install system-deps run lint typecheck hadolint alerts rules unit integration e2e test bench loadtest \
 	loadtest-compare throughput dashboard clean
 
 help:  ## list the targets
@@ -58,6 +58,9 @@ alerts: system-deps  ## promtool: check and unit-test the alert rules, check the
 	promtool check rules alerts/embedding-service.rules.yml
 	promtool test rules alerts/tests/embedding-service.test.yml
 	promtool check config ops/prometheus.yml
+
+rules: $(STAMP)  ## regenerate alerts/embedding-service.rules.yml from alerts/generate.py
+	$(BIN)/python alerts/generate.py
 
 dashboard: $(STAMP)  ## regenerate dashboards/embedding-service.json from dashboards/generate.py
 	$(BIN)/python dashboards/generate.py

@@ -1,4 +1,4 @@
-"""The shipped dashboard and alert rules use only metrics the service exports, and are well formed."""
+"""The shipped dashboard uses only metrics the service exports, and is well formed (alert rules: test_alert_rules)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from app.config import Settings
 from app.engine import Engine
@@ -19,7 +18,6 @@ from app.testing import FakeBackend
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "dashboards" / "embedding-service.json"
-RULES = ROOT / "alerts" / "embedding-service.rules.yml"
 METRIC = re.compile(r"\b((?:embedding|process|python)_[a-z0-9_]+)\b")
 
 
@@ -79,17 +77,3 @@ def test_panels_use_only_metrics_the_service_exports() -> None:
         "embedding_batch_memory_delta_bytes_bucket",
     ):
         assert needed in used
-
-
-def test_alert_rules_use_only_exported_metrics_and_carry_their_annotations() -> None:
-    exported = exported_names()
-    rules = [r for group in yaml.safe_load(RULES.read_text())["groups"] for r in group["rules"]]
-    runbooks = (ROOT / "ops" / "runbooks.md").read_text()
-    assert len(rules) >= 8
-    for rule in rules:
-        assert set(METRIC.findall(rule["expr"])) <= exported, rule["alert"]
-        assert rule["labels"]["severity"] in ("warning", "critical")
-        assert {"summary", "description", "runbook_url"} <= set(rule["annotations"])
-        anchor = rule["annotations"]["runbook_url"].split("#")[1]
-        assert anchor == rule["alert"].lower()
-        assert f"## {rule['alert']}\n" in runbooks
