@@ -1,18 +1,34 @@
 """Writes dashboards/embedding-service.json: the Grafana dashboard of the embedding service.
 
-    python dashboards/generate.py        # rewrite the JSON after changing a panel here
+    python dashboards/generate.py                        # rewrite the JSON after changing a panel here
+    EMBEDDING_MEMORY_HIGH_BYTES=4GB python dashboards/generate.py --from-env --out my-dashboard.json
 
 The JSON is committed (Grafana provisions it as is); tests/unit/test_dashboards.py
-checks that it equals this script's output, so the two cannot drift apart.
-Every query filters on ``instance=~"$instance"`` and every panel uses the
-``$datasource`` variable. Metric names are those of app/metrics.py (DESIGN section 7).
+checks that it equals this script's output with the default settings, and that
+Grafana's own typed models (grafana-foundation-sdk) know every key of it.
+``--from-env`` reads the memory levels the way the service does (``EMBEDDING_*``),
+so the colours of the stat panels match a deployment's own thresholds (the
+threshold lines of the RSS panel always come from the service's metrics).
+
+Conventions: every query filters on ``instance=~"$instance"`` (the instances that
+export ``embedding_model_info``) and every panel uses the ``$datasource`` variable.
+Each query answers per instance (legend ``{{instance}}``) or as an aggregate that is
+right for any number of instances (a sum, a ratio of sums, a quantile of merged
+histograms). Counts per interval are exact differences of the counter between two
+points (``x - x offset $__interval``), drawn as bars: windows that overlap, like
+``increase(x[$__rate_interval])`` at a shorter step, count each event several times.
+Bytes are SI (``decbytes``), as the service's settings are: 2.5GB is 2.5e9 bytes.
+Metric names are those of app/metrics.py (docs: README "Monitoring").
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+from app.config import Settings
 
 OUT = Path(__file__).with_name("embedding-service.json")
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -20,6 +36,45 @@ INSTANCE = 'instance=~"$instance"'
 EMBED_ROUTES = 'route=~"/embed|/v1/embeddings"'
 RI = "$__rate_interval"
 SERVER_ERRORS = 'code=~"5.."'
+COUNT_INTERVAL = "1m"
+"""Least width of one bar of the per-interval count panels (4 scrapes at the default 15 s)."""
+
+LEVEL_STYLE = {
+    # level -> (colour, line style); the same colour marks that level on the stat panels.
+    "elevated": ("orange", {"fill": "dash", "dash": [10, 10]}),
+    "high": ("red", {"fill": "dash", "dash": [10, 10]}),
+    "limit": ("purple", {"fill": "dash", "dash": [4, 6]}),
+    "container": ("dark-red", {"fill": "dot", "dash": [0, 10]}),
+}
+STATUS_CODES = {"normal": 0, "elevated": 1, "high": 2}
+STATUS_COLOURS = {"normal": "green", "elevated": LEVEL_STYLE["elevated"][0], "high": LEVEL_STYLE["high"][0]}
+
+
+# --- queries -----------------------------------------------------------------------------------
+
+
+def selector(metric: str, extra: str = "") -> str:
+    return f"{metric}{{{','.join(filter(None, [INSTANCE, extra]))}}}"
+
+
+def rate(metric: str, by: str = "", extra: str = "") -> str:
+    grouping = f" by ({by})" if by else ""
+    return f"sum{grouping} (rate({selector(metric, extra)}[{RI}]))"
+
+
+def quantile(q: float, metric: str, by: str = "", extra: str = "") -> str:
+    return f"histogram_quantile({q}, {rate(metric + '_bucket', ','.join(filter(None, ['le', by])), extra)})"
+
+
+def ratio(metric: str) -> str:
+    """The mean of a histogram over the selected instances: the ratio of the summed sum and count."""
+    return f"{rate(metric + '_sum')} / {rate(metric + '_count')}"
+
+
+def per_interval(metric: str, by: str) -> str:
+    """Exact count of a counter's increments in each interval, summed by ``by`` (a reset counts as 0)."""
+    series = selector(metric)
+    return f"clamp_min(sum by ({by}) ({series}) - sum by ({by}) ({series} offset $__interval), 0)"
 
 
 def target(expr: str, legend: str = "", ref: str = "A", **extra: Any) -> dict[str, Any]:
@@ -28,6 +83,90 @@ def target(expr: str, legend: str = "", ref: str = "A", **extra: Any) -> dict[st
 
 def targets(*pairs: tuple[str, str]) -> list[dict[str, Any]]:
     return [target(expr, legend, chr(ord("A") + i)) for i, (expr, legend) in enumerate(pairs)]
+
+
+# --- panels ------------------------------------------------------------------------------------
+
+
+def steps(*levels: tuple[str, float | None]) -> dict[str, Any]:
+    """Explicit thresholds: the first step is the base colour (Grafana's default paints red above 80)."""
+    return {"mode": "absolute", "steps": [{"color": colour, "value": value} for colour, value in levels]}
+
+
+NEUTRAL = steps(("text", None))
+
+
+def stat(
+    title: str,
+    description: str,
+    unit: str,
+    expr: str,
+    thresholds: dict[str, Any],
+    *,
+    legend: str = "",
+    color_mode: str = "value",
+    **field: Any,
+) -> dict[str, Any]:
+    return {
+        "type": "stat",
+        "title": title,
+        "description": description,
+        "targets": [target(expr, legend or title)],
+        "fieldConfig": {
+            "defaults": {"unit": unit, "color": {"mode": "thresholds"}, "thresholds": thresholds, **field},
+            "overrides": [],
+        },
+        "options": {
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": color_mode,
+            "graphMode": "none",
+            "textMode": "auto",
+            "justifyMode": "auto",
+            "orientation": "auto",
+        },
+    }
+
+
+def timeseries(
+    title: str, description: str, unit: str, *queries: tuple[str, str], bars: bool = False, **custom: Any
+) -> dict[str, Any]:
+    style = {"drawStyle": "bars", "fillOpacity": 80, "lineWidth": 1} if bars else {"drawStyle": "line"}
+    panel: dict[str, Any] = {
+        "type": "timeseries",
+        "title": title,
+        "description": description,
+        "targets": targets(*queries),
+        "fieldConfig": {
+            "defaults": {"unit": unit, "min": 0, "custom": {**style, **custom}},
+            "overrides": [],
+        },
+        "options": {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True, "calcs": []},
+            "tooltip": {"mode": "multi", "sort": "none"},
+        },
+    }
+    if bars:
+        panel["interval"] = COUNT_INTERVAL
+        panel["fieldConfig"]["defaults"]["custom"]["stacking"] = {"mode": "normal", "group": "A"}
+        panel["fieldConfig"]["defaults"]["decimals"] = 0
+    return panel
+
+
+def threshold_lines(panel: dict[str, Any]) -> dict[str, Any]:
+    """Draw the series named after a memory level as a line of that level's own colour and dash."""
+    for level, (colour, line_style) in LEVEL_STYLE.items():
+        panel["fieldConfig"]["overrides"].append(
+            {
+                "matcher": {"id": "byName", "options": level},
+                "properties": [
+                    {"id": "color", "value": {"mode": "fixed", "fixedColor": colour}},
+                    {"id": "custom.lineStyle", "value": line_style},
+                    {"id": "custom.lineWidth", "value": 2},
+                    {"id": "custom.fillOpacity", "value": 0},
+                ],
+            }
+        )
+    return panel
 
 
 class Layout:
@@ -62,91 +201,69 @@ class Layout:
         self.x, self.row_height = 0, 0
 
 
-def stat(title: str, description: str, unit: str, expr: str, **field: Any) -> dict[str, Any]:
-    return {
-        "type": "stat",
-        "title": title,
-        "description": description,
-        "targets": [target(expr, title)],
-        "fieldConfig": {"defaults": {"unit": unit, **field}, "overrides": []},
-        "options": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}, "colorMode": "value"},
-    }
+# --- the dashboard -----------------------------------------------------------------------------
 
 
-def timeseries(title: str, description: str, unit: str, *queries: tuple[str, str], **field: Any) -> dict[str, Any]:
-    return {
-        "type": "timeseries",
-        "title": title,
-        "description": description,
-        "targets": targets(*queries),
-        "fieldConfig": {"defaults": {"unit": unit, **field}, "overrides": []},
-        "options": {"legend": {"displayMode": "list", "placement": "bottom"}, "tooltip": {"mode": "multi"}},
-    }
-
-
-def thresholds_as_lines(panel: dict[str, Any]) -> dict[str, Any]:
-    """Draw the configured memory thresholds (series named by level) as dashed red lines."""
-    panel["fieldConfig"]["overrides"].append(
-        {
-            "matcher": {"id": "byRegexp", "options": "^(elevated|high|limit)$"},
-            "properties": [
-                {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
-                {"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}},
-                {"id": "custom.fillOpacity", "value": 0},
-            ],
-        }
-    )
-    return panel
-
-
-def rate(metric: str, by: str = "", extra: str = "") -> str:
-    selector = ",".join(filter(None, [INSTANCE, extra]))
-    grouping = f" by ({by})" if by else ""
-    return f"sum{grouping} (rate({metric}{{{selector}}}[{RI}]))"
-
-
-def quantile(q: float, metric: str, by: str = "", extra: str = "") -> str:
-    return f"histogram_quantile({q}, {rate(metric + '_bucket', ','.join(filter(None, ['le', by])), extra)})"
-
-
-def ratio(metric: str) -> str:
-    return f"{rate(metric + '_sum')} / {rate(metric + '_count')}"
-
-
-def build() -> dict[str, Any]:
-    lay = Layout()
-    thresholds_query = (
-        f'embedding_memory_threshold_bytes{{{INSTANCE},level=~"elevated|high|limit|container"}}',
-        "{{level}}",
-    )
-
+def overview(lay: Layout, settings: Settings) -> None:
     lay.row("Overview")
+    elevated, high = settings.memory_elevated_bytes, settings.memory_high_bytes
     lay.add(
-        stat("RSS", "Resident memory of the service now.", "bytes", f"max(embedding_memory_rss_bytes{{{INSTANCE}}})"),
+        stat(
+            "RSS",
+            "Resident memory of each instance now; orange above the elevated threshold, red above the high one.",
+            "decbytes",
+            selector("embedding_memory_rss_bytes"),
+            steps(("green", None), (STATUS_COLOURS["elevated"], elevated), (STATUS_COLOURS["high"], high)),
+            legend="{{instance}}",
+        ),
         4,
         5,
     )
-    status = stat(
-        "Memory status",
-        "normal below the elevated threshold, elevated up to the high one, high above it.",
-        "none",
-        f'max(embedding_memory_status{{{INSTANCE},status="high"}}) * 2'
-        f' + max(embedding_memory_status{{{INSTANCE},status="elevated"}})',
-        mappings=[
-            {"type": "value", "options": {"0": {"text": "normal", "color": "green"},
-                                          "1": {"text": "elevated", "color": "orange"},
-                                          "2": {"text": "high", "color": "red"}}}
-        ],
-    )  # fmt: skip
-    lay.add(status, 4, 5)
-    requests_per_s = rate("embedding_requests_total", extra=EMBED_ROUTES)
-    lay.add(stat("Requests/s", "Embedding requests answered per second.", "reqps", requests_per_s), 4, 5)
+    # One number per instance (0 normal, 1 elevated, 2 high), from that instance's own status gauge.
+    elevated_now = selector("embedding_memory_status", 'status="elevated"')
+    high_now = selector("embedding_memory_status", 'status="high"')
+    status_code = f"sum by (instance) ({elevated_now}) + 2 * sum by (instance) ({high_now})"
+    lay.add(
+        stat(
+            "Memory status",
+            "Each instance's own status: normal below its elevated threshold, elevated up to its high one, high above.",
+            "none",
+            status_code,
+            steps(*((STATUS_COLOURS[name], None if code == 0 else code) for name, code in STATUS_CODES.items())),
+            legend="{{instance}}",
+            mappings=[
+                {
+                    "type": "value",
+                    "options": {
+                        str(code): {"text": name, "color": STATUS_COLOURS[name], "index": code}
+                        for name, code in STATUS_CODES.items()
+                    },
+                }
+            ],
+        ),
+        4,
+        5,
+    )
+    lay.add(
+        stat(
+            "Requests/s",
+            "Embedding requests answered per second, all selected instances together.",
+            "reqps",
+            rate("embedding_requests_total", extra=EMBED_ROUTES),
+            NEUTRAL,
+            color_mode="none",
+        ),
+        4,
+        5,
+    )
     lay.add(
         stat(
             "p95 latency",
-            "95th percentile time to answer an embedding request.",
+            "95th percentile time to answer an embedding request, all selected instances together "
+            "(it grows with the texts a request carries).",
             "s",
             quantile(0.95, "embedding_request_duration_seconds", extra=EMBED_ROUTES),
+            steps(("green", None), ("orange", 5)),
         ),
         4,
         5,
@@ -154,37 +271,41 @@ def build() -> dict[str, Any]:
     lay.add(
         stat(
             "Error ratio",
-            "Share of requests answered with a 5xx status.",
+            "Share of embedding requests answered with a 5xx status (EmbeddingErrorRate pages above 5%).",
             "percentunit",
-            f"({rate('embedding_requests_total', extra=SERVER_ERRORS)} or vector(0)) / "
-            f"{rate('embedding_requests_total')}",
+            f"({rate('embedding_requests_total', extra=f'{EMBED_ROUTES},{SERVER_ERRORS}')} or vector(0)) / "
+            f"{rate('embedding_requests_total', extra=EMBED_ROUTES)}",
+            steps(("green", None), ("orange", 0.01), ("red", 0.05)),
         ),
         4,
         5,
     )
-    lay.add(
-        stat(
-            "Model",
-            "The loaded model and the device it runs on.",
-            "none",
-            f"max by (model, device, dimensions) (embedding_model_info{{{INSTANCE}}})",
-        ),
-        4,
-        5,
+    model = stat(
+        "Model",
+        "The loaded model and the device it runs on.",
+        "none",
+        f"max by (model, device, dimensions) ({selector('embedding_model_info')})",
+        NEUTRAL,
+        legend="{{model}} on {{device}} ({{dimensions}}d)",
+        color_mode="none",
     )
-    lay.panels[-1]["options"]["textMode"] = "name"
-    lay.panels[-1]["targets"][0]["legendFormat"] = "{{model}} on {{device}} ({{dimensions}}d)"
+    model["options"]["textMode"] = "name"
+    lay.add(model, 4, 5)
 
+
+def memory(lay: Layout) -> None:
     lay.row("Memory")
     lay.add(
-        thresholds_as_lines(
+        threshold_lines(
             timeseries(
                 "RSS and USS against the thresholds",
-                "Resident and unique memory of the service; dashed: configured elevated, high and limit thresholds.",
-                "bytes",
-                (f"embedding_memory_rss_bytes{{{INSTANCE}}}", "RSS {{instance}}"),
-                (f"embedding_memory_uss_bytes{{{INSTANCE}}} > 0", "USS {{instance}}"),
-                thresholds_query,
+                "Resident and unique memory of each instance. Lines: the configured elevated (orange), high (red) "
+                "and shedding-limit (purple) thresholds and the container's limit (dotted), the lowest among the "
+                "selected instances.",
+                "decbytes",
+                (selector("embedding_memory_rss_bytes"), "RSS {{instance}}"),
+                (f"{selector('embedding_memory_uss_bytes')} > 0", "USS {{instance}}"),
+                (f"min by (level) ({selector('embedding_memory_threshold_bytes')})", "{{level}}"),
             )
         ),
         12,
@@ -194,11 +315,12 @@ def build() -> dict[str, Any]:
         {
             "type": "heatmap",
             "title": "RSS change per batch",
-            "description": "How much resident memory each model batch added (or gave back), over time.",
-            "targets": [target(f"sum by (le) (increase(embedding_batch_memory_delta_bytes_bucket{{{INSTANCE}}}[{RI}]))",
-                               "{{le}}", format="heatmap")],
-            "fieldConfig": {"defaults": {"unit": "bytes"}, "overrides": []},
-            "options": {"calculate": False, "yAxis": {"unit": "bytes"}, "cellGap": 1,
+            "description": "How many model batches in each interval added (or gave back) how much resident memory.",
+            "interval": COUNT_INTERVAL,
+            "targets": [target(per_interval("embedding_batch_memory_delta_bytes_bucket", "le"), "{{le}}",
+                               format="heatmap")],
+            "fieldConfig": {"defaults": {"unit": "decbytes"}, "overrides": []},
+            "options": {"calculate": False, "yAxis": {"unit": "decbytes"}, "cellGap": 1,
                         "color": {"mode": "scheme", "scheme": "Oranges"}},
         },
         12,
@@ -209,11 +331,8 @@ def build() -> dict[str, Any]:
             "Garbage collector",
             "Python garbage collections per second by generation, and objects they collected.",
             "ops",
-            (
-                f"sum by (generation) (rate(python_gc_collections_total{{{INSTANCE}}}[{RI}]))",
-                "collections gen {{generation}}",
-            ),
-            (f"sum(rate(python_gc_objects_collected_total{{{INSTANCE}}}[{RI}]))", "objects collected"),
+            (rate("python_gc_collections_total", "generation"), "collections gen {{generation}}"),
+            (rate("python_gc_objects_collected_total"), "objects collected"),
         ),
         12,
         7,
@@ -221,23 +340,29 @@ def build() -> dict[str, Any]:
     lay.add(
         timeseries(
             "Heap given back after batches",
-            "Memory returned to the OS per second by the smart policy's trims after batches"
-            " (glibc only: under jemalloc, cleanups return it).",
+            "Memory the smart policy's trims between batches returned to the operating system, per second "
+            "(at most one trim every EMBEDDING_TRIM_INTERVAL_S), and the trims per second.",
             "Bps",
             (rate("embedding_memory_trimmed_bytes_total"), "trimmed bytes/s"),
+            (rate("embedding_memory_trims_total"), "trims/s"),
         ),
         12,
         7,
     )
+    lay.panels[-1]["fieldConfig"]["overrides"].append(
+        {"matcher": {"id": "byName", "options": "trims/s"}, "properties": [{"id": "unit", "value": "ops"}]}
+    )
 
+
+def cleanup(lay: Layout, settings: Settings) -> None:
     lay.row("Cleanup")
     lay.add(
         timeseries(
             "Cleanups by reason",
             "Memory cleanups in each interval, by trigger.",
             "short",
-            (f"sum by (reason) (increase(embedding_cleanups_total{{{INSTANCE}}}[{RI}]))", "{{reason}}"),
-            drawStyle="bars",
+            (per_interval("embedding_cleanups_total", "reason"), "{{reason}}"),
+            bars=True,
         ),
         8,
         7,
@@ -246,7 +371,7 @@ def build() -> dict[str, Any]:
         timeseries(
             "Freed bytes per cleanup",
             "Average resident memory each cleanup gave back to the operating system.",
-            "bytes",
+            "decbytes",
             (ratio("embedding_cleanup_freed_bytes"), "freed bytes"),
         ),
         8,
@@ -276,9 +401,12 @@ def build() -> dict[str, Any]:
     lay.add(
         stat(
             "Time since last cleanup",
-            "Seconds since the last cleanup finished (empty before the first one).",
+            "Seconds since each instance's last cleanup finished (empty before the first one); orange after two "
+            "periodic intervals without one.",
             "s",
-            f"time() - max(embedding_last_cleanup_timestamp_seconds{{{INSTANCE}}} > 0)",
+            f"time() - max by (instance) ({selector('embedding_last_cleanup_timestamp_seconds')} > 0)",
+            steps(("green", None), ("orange", 2 * settings.cleanup_interval_s)),
+            legend="{{instance}}",
         ),
         8,
         7,
@@ -286,25 +414,28 @@ def build() -> dict[str, Any]:
     lay.add(
         timeseries(
             "Ineffective cleanups",
-            "Cleanups that gave less than 1 MiB back, by reason: memory is live, not garbage.",
+            "Cleanups in each interval that gave less than 1 MiB back, by reason. Periodic and request-count ones "
+            "are normal on an idle service; threshold and limit ones mean the memory is live, not garbage.",
             "short",
-            (f"sum by (reason) (increase(embedding_cleanups_ineffective_total{{{INSTANCE}}}[{RI}]))", "{{reason}}"),
-            drawStyle="bars",
+            (per_interval("embedding_cleanups_ineffective_total", "reason"), "{{reason}}"),
+            bars=True,
         ),
         8,
         7,
     )
 
+
+def throughput(lay: Layout) -> None:
     lay.row("Throughput")
     lay.add(
         timeseries(
             "Texts and tokens per second",
-            "Texts embedded and tokens processed per second.",
+            "Texts embedded and tokens processed per second, all selected instances together.",
             "short",
             (rate("embedding_inputs_total"), "texts/s"),
             (rate("embedding_tokens_total"), "tokens/s"),
         ),
-        12,
+        8,
         7,
     )
     lay.add(
@@ -315,17 +446,40 @@ def build() -> dict[str, Any]:
             (ratio("embedding_batch_size"), "average"),
             (quantile(0.95, "embedding_batch_size"), "p95"),
         ),
-        12,
+        8,
+        7,
+    )
+    lay.add(
+        timeseries(
+            "CPU",
+            "CPU cores each instance uses (1 = one core busy all the time).",
+            "short",
+            (f"rate({selector('process_cpu_seconds_total')}[{RI}])", "{{instance}}"),
+        ),
+        8,
         7,
     )
     lay.add(
         timeseries(
             "Queue depth",
-            "Texts waiting for the inference thread; at EMBEDDING_QUEUE_SIZE new requests get 429.",
+            "Texts waiting for each instance's inference thread; at EMBEDDING_QUEUE_SIZE new requests get 429.",
             "short",
-            (f"max(embedding_queue_depth{{{INSTANCE}}})", "queued texts"),
+            (selector("embedding_queue_depth"), "{{instance}}"),
         ),
-        12,
+        8,
+        7,
+    )
+    lay.add(
+        timeseries(
+            "Queue wait and batch time",
+            "How long requests waited for the model to start on them (EmbeddingQueueWaitHigh pages above 5 s at "
+            "the 95th percentile), and how long one model batch took.",
+            "s",
+            (quantile(0.5, "embedding_queue_wait_seconds"), "queue wait p50"),
+            (quantile(0.95, "embedding_queue_wait_seconds"), "queue wait p95"),
+            (quantile(0.95, "embedding_batch_duration_seconds"), "batch p95"),
+        ),
+        8,
         7,
     )
     lay.add(
@@ -337,15 +491,51 @@ def build() -> dict[str, Any]:
             (quantile(0.95, "embedding_request_duration_seconds", "route", EMBED_ROUTES), "p95 {{route}}"),
             (quantile(0.99, "embedding_request_duration_seconds", "route", EMBED_ROUTES), "p99 {{route}}"),
         ),
+        8,
+        7,
+    )
+    lay.add(
+        timeseries(
+            "Tokens per text",
+            "Median and 95th percentile tokens of one text as the model saw it (after truncation to its maximum).",
+            "short",
+            (quantile(0.5, "embedding_input_tokens"), "p50"),
+            (quantile(0.95, "embedding_input_tokens"), "p95"),
+        ),
         12,
         7,
     )
+    lay.add(
+        timeseries(
+            "Padded tokens per batch",
+            "Token slots one model batch computed (texts x longest text), average and 95th percentile; the share "
+            "of them that were real tokens (the rest is padding) on the right axis.",
+            "short",
+            (ratio("embedding_batch_padded_tokens"), "average"),
+            (quantile(0.95, "embedding_batch_padded_tokens"), "p95"),
+            (f"{rate('embedding_tokens_total')} / {rate('embedding_batch_padded_tokens_sum')}", "real tokens"),
+        ),
+        12,
+        7,
+    )
+    lay.panels[-1]["fieldConfig"]["overrides"].append(
+        {
+            "matcher": {"id": "byName", "options": "real tokens"},
+            "properties": [
+                {"id": "unit", "value": "percentunit"},
+                {"id": "max", "value": 1},
+                {"id": "custom.axisPlacement", "value": "right"},
+            ],
+        }
+    )
 
+
+def errors(lay: Layout) -> None:
     lay.row("Errors and rejections")
     lay.add(
         timeseries(
             "Responses by status code",
-            "Requests answered per second, by status code.",
+            "Requests answered per second by status code, every route (health checks and scrapes included).",
             "reqps",
             (rate("embedding_requests_total", "code"), "{{code}}"),
         ),
@@ -363,6 +553,16 @@ def build() -> dict[str, Any]:
         7,
     )
 
+
+def build(settings: Settings | None = None) -> dict[str, Any]:
+    """The dashboard, its stat colours from ``settings`` (default: the service's defaults)."""
+    settings = settings or Settings()
+    lay = Layout()
+    overview(lay, settings)
+    memory(lay)
+    cleanup(lay, settings)
+    throughput(lay)
+    errors(lay)
     return {
         "uid": "embedding-service",
         "title": "Embedding service",
@@ -389,16 +589,16 @@ def build() -> dict[str, Any]:
                     "refresh": 1,
                 },
                 {
+                    # "All" is the union of the listed instances (no catch-all regex), so the process_* and
+                    # python_* series of other jobs' targets never join the queries.
                     "name": "instance",
                     "label": "Instance",
                     "type": "query",
                     "datasource": DS,
                     "query": {"query": "label_values(embedding_model_info, instance)", "refId": "instance"},
-                    "definition": "label_values(embedding_model_info, instance)",
                     "refresh": 2,
                     "includeAll": True,
                     "multi": True,
-                    "allValue": ".*",
                     "current": {},
                     "hide": 0,
                     "sort": 1,
@@ -409,10 +609,18 @@ def build() -> dict[str, Any]:
     }
 
 
-def render() -> str:
-    return json.dumps(build(), indent=2) + "\n"
+def render(settings: Settings | None = None) -> str:
+    return json.dumps(build(settings), indent=2) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--from-env", action="store_true", help="stat colours from the EMBEDDING_* memory levels")
+    parser.add_argument("--out", type=Path, default=OUT, help="where to write the dashboard")
+    args = parser.parse_args()
+    args.out.write_text(render(Settings.from_env() if args.from_env else None))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    OUT.write_text(render())
-    print(f"wrote {OUT}")
+    main()

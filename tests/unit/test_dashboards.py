@@ -1,57 +1,102 @@
-"""The shipped dashboard uses only metrics the service exports, and is well formed (alert rules: test_alert_rules)."""
+"""The shipped dashboard: generated, valid for Grafana's own typed models, drawing what its titles say, and
+reading only (and every one of) the series the service exports."""
 
 from __future__ import annotations
 
 import json
-import re
 import runpy
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.cog.plugins import register_default_plugins
+from grafana_foundation_sdk.models.dashboard import Dashboard
 
 from app.config import Settings
-from app.engine import Engine
-from app.memory import MemoryManager
-from app.metrics import Metrics
-from app.testing import FakeBackend
+from tests.unit.exported import exported_series, metric_names
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "dashboards" / "embedding-service.json"
-METRIC = re.compile(r"\b((?:embedding|process|python)_[a-z0-9_]+)\b")
+RULES = ROOT / "alerts" / "embedding-service.rules.yml"
+
+NOT_SHOWN: dict[str, str] = {}
+"""Exported ``embedding_`` metrics on no panel and in no alert, each with the reason (none today)."""
 
 
-def exported_names() -> set[str]:
-    """Every sample name the service's registry exposes, after the memory manager registered its series."""
-    metrics = Metrics()
-    engine = Engine(FakeBackend(), batch_size=4, queue_size=8, metrics=metrics, rss_sampler=lambda: 0)
-    MemoryManager(Settings(model="fake"), metrics=metrics, engine=engine, cgroup_limit=lambda: None)
-    names = set()
-    for family in metrics.registry.collect():
-        names.add(family.name)
-        names.update(sample.name for sample in family.samples)
-    # Histograms and counters expose these even before their first observation.
-    names.update(f"{n}{suffix}" for n in list(names) for suffix in ("_bucket", "_sum", "_count", "_total"))
-    return names
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return loaded
 
 
 def panels() -> list[dict[str, Any]]:
-    return [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
+    return [p for p in dashboard()["panels"] if p["type"] != "row"]
+
+
+def panel(title: str) -> dict[str, Any]:
+    (found,) = (p for p in panels() if p["title"] == title)
+    return found
+
+
+def generator() -> dict[str, Any]:
+    return runpy.run_path(str(ROOT / "dashboards" / "generate.py"))
+
+
+def lost_in_round_trip(original: Any, parsed: Any, path: str = "$") -> list[str]:
+    """Every key or value of ``original`` that did not come back from Grafana's models unchanged."""
+    if isinstance(original, dict):
+        if not isinstance(parsed, dict):
+            return [f"{path}: became {type(parsed).__name__}"]
+        lost = [f"{path}.{key}: unknown to the model" for key in original if key not in parsed]
+        for key in original.keys() & parsed.keys():
+            lost += lost_in_round_trip(original[key], parsed[key], f"{path}.{key}")
+        return lost
+    if isinstance(original, list):
+        if not isinstance(parsed, list) or len(original) != len(parsed):
+            return [f"{path}: list changed"]
+        return [
+            m
+            for i, pair in enumerate(zip(original, parsed, strict=True))
+            for m in lost_in_round_trip(*pair, f"{path}[{i}]")
+        ]
+    return [] if original == parsed else [f"{path}: {original!r} became {parsed!r}"]
+
+
+def round_trip(document: dict[str, Any]) -> dict[str, Any]:
+    register_default_plugins()
+    parsed: dict[str, Any] = json.loads(json.dumps(Dashboard.from_json(document), cls=JSONEncoder))
+    return parsed
 
 
 def test_the_committed_dashboard_is_what_the_generator_writes() -> None:
-    generator = runpy.run_path(str(ROOT / "dashboards" / "generate.py"))
-    assert DASHBOARD.read_text() == generator["render"](), "run: python dashboards/generate.py"
+    assert DASHBOARD.read_text() == generator()["render"](), "run: make dashboard"
 
 
-def test_panel_ids_are_unique_and_the_uid_is_stable() -> None:
-    dashboard = json.loads(DASHBOARD.read_text())
-    ids = [p["id"] for p in dashboard["panels"]]
+def test_grafanas_typed_models_know_every_key_of_the_dashboard() -> None:
+    lost = lost_in_round_trip(dashboard(), round_trip(dashboard()))
+    assert not lost, "\n".join(lost)
+
+
+def test_the_round_trip_rejects_a_key_grafana_does_not_read() -> None:
+    """The old bar panels: drawStyle beside the unit, where Grafana never looks, drew lines."""
+    broken = dashboard()
+    bars = next(p for p in broken["panels"] if p.get("title") == "Cleanups by reason")
+    bars["fieldConfig"]["defaults"]["drawStyle"] = bars["fieldConfig"]["defaults"]["custom"].pop("drawStyle")
+    assert lost_in_round_trip(broken, round_trip(broken)) == [
+        f"$.panels[{broken['panels'].index(bars)}].fieldConfig.defaults.drawStyle: unknown to the model"
+    ]
+
+
+def test_panel_ids_are_unique_and_the_variables_are_the_datasource_and_instances() -> None:
+    ids = [p["id"] for p in dashboard()["panels"]]
     assert len(ids) == len(set(ids))
-    assert dashboard["uid"] == "embedding-service"
-    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert dashboard()["uid"] == "embedding-service"
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["instance"]["datasource"]["uid"] == "${datasource}"
+    # "All" must expand to the listed instances: a catch-all regex would pull other jobs' process_* series in.
+    assert "allValue" not in variables["instance"]
 
 
 @pytest.mark.parametrize("panel", panels(), ids=lambda p: p["title"])
@@ -59,6 +104,7 @@ def test_every_panel_has_a_title_unit_description_and_the_datasource_variable(pa
     assert panel["title"]
     assert panel["description"]
     assert panel["fieldConfig"]["defaults"]["unit"]
+    assert panel["fieldConfig"]["defaults"]["unit"] not in ("bytes", "binBps"), "bytes are SI here (decbytes)"
     assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
     assert panel["targets"]
     for target in panel["targets"]:
@@ -66,14 +112,84 @@ def test_every_panel_has_a_title_unit_description_and_the_datasource_variable(pa
         assert 'instance=~"$instance"' in target["expr"]
 
 
-def test_panels_use_only_metrics_the_service_exports() -> None:
-    exported = exported_names()
-    used = {name for p in panels() for t in p["targets"] for name in METRIC.findall(t["expr"])}
+@pytest.mark.parametrize("panel", panels(), ids=lambda p: p["title"])
+def test_counts_per_interval_are_bars_of_non_overlapping_windows(panel: dict[str, Any]) -> None:
+    exprs = [t["expr"] for t in panel["targets"]]
+    counts = [e for e in exprs if "offset $__interval" in e]
+    assert not any("increase(" in e for e in exprs), "increase over $__rate_interval counts events several times"
+    if panel["type"] == "timeseries" and counts:
+        assert panel["fieldConfig"]["defaults"]["custom"]["drawStyle"] == "bars"
+        assert panel["interval"]
+    if panel["type"] == "timeseries" and not counts:
+        assert panel["fieldConfig"]["defaults"]["custom"]["drawStyle"] == "line"
+
+
+@pytest.mark.parametrize("panel", [p for p in panels() if p["type"] == "stat"], ids=lambda p: p["title"])
+def test_every_stat_has_explicit_thresholds(panel: dict[str, Any]) -> None:
+    defaults = panel["fieldConfig"]["defaults"]
+    steps = defaults["thresholds"]["steps"]
+    assert steps[0]["value"] is None, "the first step is the base colour"
+    assert [s["value"] for s in steps[1:]] == sorted(s["value"] for s in steps[1:])
+    if panel["options"]["colorMode"] != "none":
+        assert defaults["color"] == {"mode": "thresholds"}
+
+
+def colours_by_level(stat_panel: dict[str, Any]) -> dict[float | None, str]:
+    return {s["value"]: s["color"] for s in stat_panel["fieldConfig"]["defaults"]["thresholds"]["steps"]}
+
+
+def test_memory_colours_follow_the_configured_levels_one_colour_per_level() -> None:
+    defaults = Settings()
+    rss = colours_by_level(panel("RSS"))
+    assert set(rss) == {None, defaults.memory_elevated_bytes, defaults.memory_high_bytes}
+    lines = {
+        o["matcher"]["options"]: {p["id"]: p["value"] for p in o["properties"]}
+        for o in panel("RSS and USS against the thresholds")["fieldConfig"]["overrides"]
+    }
+    assert set(lines) == {"elevated", "high", "limit", "container"}
+    colours = [line["color"]["fixedColor"] for line in lines.values()]
+    assert len(set(colours)) == 4
+    assert all(line["custom.lineStyle"]["fill"] in ("dash", "dot") for line in lines.values())
+    assert rss[defaults.memory_elevated_bytes] == lines["elevated"]["color"]["fixedColor"]
+    assert rss[defaults.memory_high_bytes] == lines["high"]["color"]["fixedColor"]
+    status = panel("Memory status")
+    mapping = status["fieldConfig"]["defaults"]["mappings"][0]["options"]
+    assert {v["text"]: v["color"] for v in mapping.values()} == {
+        "normal": "green",
+        "elevated": lines["elevated"]["color"]["fixedColor"],
+        "high": lines["high"]["color"]["fixedColor"],
+    }
+
+
+def test_a_deployments_own_levels_colour_its_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDDING_MEMORY_ELEVATED_BYTES", "3GB")
+    monkeypatch.setenv("EMBEDDING_MEMORY_HIGH_BYTES", "4GB")
+    built = generator()["build"](Settings.from_env())
+    rss = next(p for p in built["panels"] if p["title"] == "RSS")
+    assert set(colours_by_level(rss)) == {None, 3_000_000_000, 4_000_000_000}
+
+
+def test_panels_read_only_series_the_service_exports() -> None:
+    exported = exported_series()
+    used = {name for p in panels() for t in p["targets"] for name in metric_names(t["expr"])}
     assert used, "no metric found in the dashboard"
-    assert used <= exported, f"not exported: {sorted(used - exported)}"
-    for needed in (
-        "embedding_memory_rss_bytes",
-        "embedding_cleanups_total",
-        "embedding_batch_memory_delta_bytes_bucket",
-    ):
-        assert needed in used
+    assert used <= set(exported), f"not exported: {sorted(used - set(exported))}"
+
+
+def test_the_export_check_knows_what_each_metric_type_exposes() -> None:
+    exported = exported_series()
+    assert "embedding_cleanups_total" in exported  # a counter's samples
+    assert "embedding_cleanups" not in exported
+    assert "embedding_queue_depth_total" not in exported  # a gauge has no _total
+    assert "embedding_batch_size_bucket" in exported  # a histogram's series
+    assert "embedding_memory_rss_bytes_sum" not in exported
+    assert not any(name.endswith("_created") for name in exported)
+
+
+def test_every_exported_metric_is_on_a_panel_or_in_an_alert() -> None:
+    exported = {family for name, family in exported_series().items() if name.startswith("embedding_")}
+    read = {name for p in panels() for t in p["targets"] for name in metric_names(t["expr"])}
+    rules = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+    read |= {name for r in rules for name in metric_names(r["expr"])}
+    shown = {exported_series()[name] for name in read if name in exported_series()}
+    assert exported - shown == set(NOT_SHOWN), f"on no panel and in no alert: {sorted(exported - shown)}"
