@@ -18,7 +18,7 @@ LOAD_USERS ?= 6
 	loadtest-compare throughput dashboard clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,15 +28,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)  ## create the virtual environment and install the service with test tools
 
-system-deps:  ## Debian packages: prometheus (and promtool) for the tests, jemalloc for the service
+system-deps:  ## Debian packages: prometheus, promtool, alertmanager and amtool for the tests, jemalloc for the service
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || \
+			! command -v prometheus-alertmanager >/dev/null || ! command -v amtool >/dev/null || \
 			! /sbin/ldconfig -p | grep -q 'libjemalloc\.so\.2 '; then \
 		sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$sudo apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends \
-			prometheus libjemalloc2 >/dev/null; \
+			prometheus prometheus-alertmanager libjemalloc2 >/dev/null; \
 	fi
 	@promtool --version | head -1
+	@prometheus-alertmanager --version 2>&1 | head -1
 	@/sbin/ldconfig -p | grep 'libjemalloc\.so\.2 '
 
 run: $(STAMP)  ## serve the bundled model on port 5000 (no network needed)
@@ -54,10 +56,11 @@ typecheck: $(STAMP)  ## mypy on app/
 hadolint: $(STAMP)  ## lint the Dockerfile
 	$(BIN)/hadolint Dockerfile
 
-alerts: system-deps  ## promtool: check and unit-test the alert rules, check the Prometheus config
+alerts: system-deps  ## promtool and amtool: check and unit-test the alert rules, check the Prometheus and Alertmanager configs
 	promtool check rules alerts/embedding-service.rules.yml
 	promtool test rules alerts/tests/embedding-service.test.yml
 	promtool check config ops/prometheus.yml
+	amtool check-config ops/alertmanager.yml
 
 rules: $(STAMP)  ## regenerate alerts/embedding-service.rules.yml from alerts/generate.py
 	$(BIN)/python alerts/generate.py
@@ -71,7 +74,7 @@ unit: $(STAMP) system-deps  ## fast tests with fakes (and one under jemalloc)
 integration: $(STAMP) system-deps  ## the real server and the real model on loopback
 	HF_HUB_OFFLINE=1 $(BIN)/pytest tests/integration
 
-e2e: $(STAMP) system-deps  ## end-to-end: real Prometheus with the rules and dashboard queries; a short Locust run
+e2e: $(STAMP) system-deps  ## end-to-end: two services, real Prometheus and Alertmanager, the dashboard queries; a short Locust run
 	HF_HUB_OFFLINE=1 $(BIN)/pytest tests/e2e
 
 test: lint typecheck hadolint alerts  ## everything CI runs: lint, types, Dockerfile, rules, all tests

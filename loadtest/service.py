@@ -31,8 +31,8 @@ def free_port() -> int:
 class ServiceProcess:
     """gunicorn serving ``app.wsgi:app`` exactly as ``make run`` does, logs captured to a file."""
 
-    def __init__(self, log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, log_path: Path, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.env = {
@@ -124,9 +124,11 @@ class ServiceProcess:
 
 
 @contextmanager
-def running_service(log_path: Path, env: dict[str, str] | None = None) -> Iterator[ServiceProcess]:
-    """A ready service for the ``with`` block, stopped with SIGTERM after it."""
-    service = ServiceProcess(log_path, env).start()
+def running_service(
+    log_path: Path, env: dict[str, str] | None = None, port: int | None = None
+) -> Iterator[ServiceProcess]:
+    """A ready service for the ``with`` block (on ``port``, default a free one), stopped with SIGTERM after it."""
+    service = ServiceProcess(log_path, env, port).start()
     try:
         service.wait_ready()
         yield service
