@@ -43,7 +43,7 @@ system-deps:  ## Debian packages: prometheus, promtool, alertmanager and amtool 
 
 run: $(STAMP)  ## serve the bundled model on port 5000 (no network needed)
 	HF_HUB_OFFLINE=1 EMBEDDING_MODEL=$${EMBEDDING_MODEL:-$(RUN_MODEL)} EMBEDDING_PORT=$(PORT) \
-		$(BIN)/gunicorn -c python:app.gunicorn_conf app.wsgi:app
+		$(BIN)/gunicorn -c python:app.gunicorn_conf app.asgi:app
 
 lint: $(STAMP)  ## ruff (lint + format check), shellcheck on the ops scripts
 	$(BIN)/ruff check .

@@ -9,7 +9,8 @@ from flask import Blueprint, Response, g, jsonify, request
 from app.backend import ModelInfo
 from app.components import components
 from app.engine import EmbeddingResult
-from app.errors import Unavailable
+from app.errors import ClientClosed, Unavailable
+from app.front import CLIENT_GONE
 from app.openapi import openapi_document
 from app.schemas import EmbeddingRequest, parse_embed, parse_json_object, parse_openai
 from app.vectors import shape_vectors, to_base64
@@ -100,6 +101,9 @@ def _run(req: EmbeddingRequest, info: ModelInfo) -> EmbeddingResult:
     prefix = info.prefix_for(req.input_type)
     texts = [prefix + text for text in req.texts] if prefix else req.texts
     job = parts.engine.submit(texts, truncate=req.truncate, request_id=g.get("request_id"))
+    gone = request.environ.get(CLIENT_GONE)
+    if gone is not None:  # served by app.server: a client that disconnects takes its texts off the queue
+        gone.subscribe(lambda: job.fail(ClientClosed("the client closed the connection before the answer")))
     return job.wait(parts.settings.request_timeout_s)
 
 

@@ -78,6 +78,8 @@ class Settings:
     max_body_bytes: int = 16 * 1024**2
     queue_size: int = 4096
     request_timeout_s: float = 120.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
     torch_threads: int = 0
     http_threads: int = 32
     memory_elevated_bytes: int = 2_000_000_000
@@ -109,6 +111,8 @@ class Settings:
             f"a whole number of at least EMBEDDING_MAX_INPUTS ({self.max_inputs})",
         )
         _check(self.request_timeout_s > 0, "REQUEST_TIMEOUT_S", "a number of seconds above 0")
+        _check(self.header_timeout_s > 0, "HEADER_TIMEOUT_S", "a number of seconds above 0")
+        _check(self.body_timeout_s > 0, "BODY_TIMEOUT_S", "a number of seconds above 0")
         _check(self.torch_threads >= 0, "TORCH_THREADS", "0 (one per usable CPU) or more")
         _check(self.http_threads >= 1, "HTTP_THREADS", "a whole number of at least 1")
         _check(self.memory_elevated_bytes > 0, "MEMORY_ELEVATED_BYTES", "a byte size above 0")
@@ -149,6 +153,8 @@ class Settings:
             "max_body_bytes": reader.get("MAX_BODY_BYTES", parse_bytes, "a byte size such as 16MiB"),
             "queue_size": reader.get("QUEUE_SIZE", _parse_int, "a whole number"),
             "request_timeout_s": reader.get("REQUEST_TIMEOUT_S", _parse_float, "a number of seconds"),
+            "header_timeout_s": reader.get("HEADER_TIMEOUT_S", _parse_float, "a number of seconds"),
+            "body_timeout_s": reader.get("BODY_TIMEOUT_S", _parse_float, "a number of seconds"),
             "torch_threads": reader.get("TORCH_THREADS", _parse_int, "a whole number"),
             "http_threads": reader.get("HTTP_THREADS", _parse_int, "a whole number"),
             "memory_elevated_bytes": reader.get("MEMORY_ELEVATED_BYTES", parse_bytes, "a byte size such as 2GB"),

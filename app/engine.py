@@ -1,14 +1,19 @@
 """The inference engine: one thread owns the model; request threads enqueue and wait.
 
-Texts from concurrent requests wait in one bounded FIFO. The inference thread
-takes a window of them (a few batches' worth, oldest first), sorts the window by
-token count and cuts it into batches of at most ``batch_size`` texts of similar
-length (:func:`plan_batches`), so little compute and memory goes to padding; a
-budget of padded tokens a batch (``max_batch_tokens``) bounds the activation memory
-of batches of long texts.
+Requests wait in one bounded queue (``queue_size`` texts in all). The inference
+thread takes a window of texts round-robin over the waiting requests, one text
+from each in turn, so a small request is never stuck behind a huge one; a window
+holds a few batches' worth of texts and of tokens (texts over the token budget
+go back to the queue, already counted). It sorts the window by token count and
+cuts it into batches of at most ``batch_size`` texts of similar length
+(:func:`plan_batches`), so little compute and memory goes to padding; a budget of
+padded tokens a batch (``max_batch_tokens``) bounds the activation memory of
+batches of long texts. The shortest batches run first, so short requests finish
+first.
 Between batches it runs the hooks the memory manager registers.
 A failing batch is retried text by text, so one bad input fails only its own
-request.
+request. The texts of a request that has finished (its client gave up or went
+away) are dropped, not computed.
 """
 
 from __future__ import annotations
@@ -73,6 +78,13 @@ def plan_batches(lengths: list[int], max_size: int, overhead: int, max_tokens: i
     return spans[::-1]
 
 
+CRASH_MESSAGE = "the inference thread crashed; the service restarts"
+
+
+class EngineCrashed(RuntimeError):
+    """The inference thread died while serving (a bug): the process must be replaced, not kept half alive."""
+
+
 @dataclass(frozen=True)
 class BatchStats:
     """What one model batch did; handed to batch observers and logged."""
@@ -117,12 +129,20 @@ class Job:
     token_counts: list[int] = field(init=False)
     error: ServiceError | None = None
     cancelled: bool = False
+    pending: deque[int] = field(init=False)
+    """Indices of the texts not yet taken into a window (the engine's, under its lock)."""
+    lengths: list[int | None] = field(init=False)
+    """Token count of each text once counted, so a text put back in the queue is not tokenized again."""
+    queued: bool = True
+    """In the engine's queue of requests with texts to take."""
     _remaining: int = field(init=False)
     _done: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.embeddings = np.zeros((len(self.texts), self.dimensions), dtype=np.float32)
         self.token_counts = [0] * len(self.texts)
+        self.pending = deque(range(len(self.texts)))
+        self.lengths = [None] * len(self.texts)
         self._remaining = len(self.texts)
 
     @property
@@ -175,8 +195,7 @@ class Engine:
         self._rss = rss_sampler
         self._on_fatal = on_fatal
         self._cond = threading.Condition()
-        self._jobs: deque[Job] = deque()
-        self._cursor = 0  # next text index of the job at the head of the queue
+        self._jobs: deque[Job] = deque()  # requests with texts to take, in round-robin order
         self._pending = 0  # texts queued and not yet taken into a window
         self._state = "created"
         self._busy = threading.Lock()  # held while the model runs a batch
@@ -297,17 +316,40 @@ class Engine:
         except BaseException as exc:  # noqa: BLE001  (the thread must report every start failure)
             self._fail(exc)
             return
-        while True:
-            window = self._take_window()
-            if window is None:
-                break
-            if window:
-                self._process(window)
-            else:
-                self._run_hooks(self._on_idle)
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001  (a dead inference thread must not leave a service that never answers)
+            self._crash(exc)
+            return
         with self._cond:
             self._state = "stopped"
         log.info("engine.stopped")
+
+    def _serve(self) -> None:
+        while True:
+            window = self._take_window()
+            if window is None:
+                return
+            if not window:
+                self._run_hooks(self._on_idle)
+                continue
+            try:
+                self._process(window)
+            except BaseException:
+                for job, _ in window:
+                    job.fail(ServiceError(CRASH_MESSAGE))
+                raise
+
+    def _crash(self, exc: BaseException) -> None:
+        with self._cond:
+            self._state = "failed"
+            self.failure = f"the inference thread crashed: {type(exc).__name__}: {exc}"
+            jobs, self._jobs = list(self._jobs), deque()
+        log.critical("engine.crashed", error=str(exc), error_type=type(exc).__name__, exc_info=exc)
+        for job in jobs:
+            job.fail(ServiceError(CRASH_MESSAGE))
+        if self._on_fatal is not None:
+            self._on_fatal(EngineCrashed(self.failure))
 
     def _load(self) -> None:
         started = time.perf_counter()
@@ -342,7 +384,7 @@ class Engine:
             self._on_fatal(exc)
 
     def _take_window(self) -> list[tuple[Job, int]] | None:
-        """The oldest queued texts, up to a few batches; [] when idle; None when stopped and drained."""
+        """Up to a few batches of queued texts, one from each request in turn; [] when idle; None when stopped."""
         with self._cond:
             if not self._pending:
                 if self._state != "ready":
@@ -351,34 +393,41 @@ class Engine:
             window: list[tuple[Job, int]] = []
             limit = self._batch_size * WINDOW_BATCHES
             while self._jobs and len(window) < limit:
-                job = self._jobs[0]
-                take = min(len(job.texts) - self._cursor, limit - len(window))
-                if job.finished:
-                    self._leave_queue(job, time.perf_counter())  # it gave up waiting: the wait counts all the same
-                else:
-                    window.extend((job, i) for i in range(self._cursor, self._cursor + take))
-                self._cursor += take
-                self._pending -= take
-                if self._cursor == len(job.texts):
-                    self._jobs.popleft()
-                    self._cursor = 0
+                for job in list(self._jobs):
+                    if len(window) >= limit:
+                        break
+                    if job.finished or not job.pending:
+                        self._unqueue(job)
+                        self._leave_queue(job, time.perf_counter())  # it gave up waiting: the wait counts all the same
+                        continue
+                    window.append((job, job.pending.popleft()))  # one text from each request in turn
+                    self._pending -= 1
+                    if not job.pending:
+                        self._unqueue(job)
             self._metrics.queue_depth.set(self._pending)
             return window
 
-    def _process(self, window: list[tuple[Job, int]]) -> None:
-        lengths = self._token_lengths(window)
-        items = [(job, i, n) for (job, i), n in zip(window, lengths, strict=True) if not job.finished]
-        items.sort(key=lambda item: item[2], reverse=True)
-        for span in plan_batches(
-            [n for _, _, n in items], self._batch_size, BATCH_OVERHEAD_TOKENS, self._max_batch_tokens
-        ):
-            batch = [(job, i) for job, i, _ in items[span] if not job.finished]
-            if batch:
-                self._run_batch(batch)
-            self._run_hooks(self._between_batches)
-        # Jobs that never reached a batch (timed out, or refused at tokenizing) waited until now.
-        for job, _ in window:
-            self._leave_queue(job, time.perf_counter())
+    def _unqueue(self, job: Job) -> None:
+        """Take ``job`` off the queue with whatever texts it still had there (under the lock)."""
+        self._pending -= len(job.pending)
+        job.pending.clear()
+        job.queued = False
+        self._jobs.remove(job)
+
+    def _put_back(self, items: list[tuple[Job, int]]) -> None:
+        """Return texts taken but not computed to the front of their requests' queues."""
+        by_job: dict[int, tuple[Job, list[int]]] = {}
+        for job, index in items:
+            if not job.finished:
+                by_job.setdefault(id(job), (job, []))[1].append(index)
+        with self._cond:
+            for job, indices in reversed(list(by_job.values())):
+                job.pending.extendleft(sorted(indices, reverse=True))
+                self._pending += len(indices)
+                if not job.queued:
+                    job.queued = True
+                    self._jobs.appendleft(job)
+            self._metrics.queue_depth.set(self._pending)
 
     def _leave_queue(self, job: Job, now: float) -> None:
         """Record how long ``job`` waited for the model, once."""
@@ -386,31 +435,64 @@ class Engine:
             job.queue_wait_s = now - job.enqueued_at
             self._metrics.queue_wait.observe(job.queue_wait_s)
 
+    def _process(self, window: list[tuple[Job, int]]) -> None:
+        window, lengths = self._within_token_budget(window, self._token_lengths(window))
+        items = [(job, i, n) for (job, i), n in zip(window, lengths, strict=True) if not job.finished]
+        items.sort(key=lambda item: item[2], reverse=True)
+        spans = plan_batches([n for _, _, n in items], self._batch_size, BATCH_OVERHEAD_TOKENS, self._max_batch_tokens)
+        for span in reversed(spans):  # shortest first: the requests of short texts are answered soonest
+            batch = [(job, i) for job, i, _ in items[span] if not job.finished]
+            if batch:
+                self._run_batch(batch)
+            self._run_hooks(self._between_batches)
+        # Requests that never reached a batch (timed out, refused at tokenizing, client gone) waited until now.
+        for job, _ in window:
+            if job.finished:
+                self._leave_queue(job, time.perf_counter())
+
+    def _within_token_budget(
+        self, window: list[tuple[Job, int]], lengths: list[int]
+    ) -> tuple[list[tuple[Job, int]], list[int]]:
+        """The window's first texts up to a few batches' worth of tokens; the rest goes back to the queue."""
+        if self._max_batch_tokens is None:
+            return window, lengths
+        budget, total = self._max_batch_tokens * WINDOW_BATCHES, 0
+        for n, tokens in enumerate(lengths):
+            total += tokens
+            if total > budget and n > 0:
+                self._put_back(window[n:])
+                return window[:n], lengths[:n]
+        return window, lengths
+
     def _token_lengths(self, window: list[tuple[Job, int]]) -> list[int]:
         """Tokens each text will take in the model; fails jobs that refused truncation of a longer text."""
         assert self.info is not None
         limit = self.info.max_seq_length
-        texts = [job.texts[i] for job, i in window]
-        try:
-            counts = self._backend.count_tokens(texts)
-        except Exception:  # noqa: BLE001  (find the text that breaks the tokenizer, fail only its request)
-            counts = [self._count_one(job, i) for job, i in window]
-        for (job, index), tokens in zip(window, counts, strict=True):
-            if tokens > limit and not job.truncate and not job.finished:
-                job.fail(
-                    Unprocessable(
-                        f"input[{index}] has {tokens} tokens, more than the model's maximum of {limit}; "
-                        "shorten it or set truncate to true",
-                        param="input",
+        uncounted = [(job, i) for job, i in window if job.lengths[i] is None]
+        if uncounted:
+            texts = [job.texts[i] for job, i in uncounted]
+            try:
+                counts = self._backend.count_tokens(texts)
+            except Exception:  # noqa: BLE001  (find the text that breaks the tokenizer, fail only its request)
+                counts = [self._count_one(job, i) for job, i in uncounted]
+            for (job, index), tokens in zip(uncounted, counts, strict=True):
+                job.lengths[index] = tokens
+                if tokens > limit and not job.truncate and not job.finished:
+                    job.fail(
+                        Unprocessable(
+                            f"input[{index}] has {tokens} tokens, more than the model's maximum of {limit}; "
+                            "shorten it or set truncate to true",
+                            param="input",
+                        )
                     )
-                )
-        return [min(n, limit) for n in counts]
+        return [min(job.lengths[i] or 0, limit) for job, i in window]
 
     def _count_one(self, job: Job, index: int) -> int:
         try:
             return self._backend.count_tokens([job.texts[index]])[0]
         except Exception as exc:  # noqa: BLE001  (a tokenizer failure fails this request only)
-            job.fail(ServiceError(f"the tokenizer failed on input[{index}]: {exc}"))
+            log.warning("tokenizer.failed", index=index, error=str(exc), error_type=type(exc).__name__)
+            job.fail(Unprocessable(f"input[{index}] could not be tokenized", param="input"))
             return 0
 
     def _run_batch(self, batch: list[tuple[Job, int]]) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 
 log = structlog.get_logger("app.errors")
 
@@ -90,6 +91,20 @@ class PayloadTooLarge(ServiceError):
     type = "invalid_request_error"
 
 
+class RequestTimeout(ServiceError):
+    """The request did not arrive in time (answered by the HTTP front, app.server)."""
+
+    status = 408
+    type = "timeout_error"
+
+
+class ClientClosed(ServiceError):
+    """The client went away before its answer was ready; nobody reads this one (nginx's 499)."""
+
+    status = 499
+    type = "client_closed_request"
+
+
 class Unprocessable(ServiceError):
     """Well-formed input the service will not embed: empty, too many, too long."""
 
@@ -115,8 +130,17 @@ _HTTP_ERRORS: dict[int, type[ServiceError]] = {
     400: BadRequest,
     404: NotFound,
     405: MethodNotAllowed,
+    408: RequestTimeout,
     413: PayloadTooLarge,
+    503: Unavailable,
 }
+
+
+def error_for_status(status: int, message: str) -> ServiceError:
+    """The service's error for an HTTP status decided outside a route (by Werkzeug or the HTTP front)."""
+    error = _HTTP_ERRORS.get(status, BadRequest if 400 <= status < 500 else ServiceError)(message)
+    error.status = status
+    return error
 
 
 def init_app(app: Flask) -> None:
@@ -133,13 +157,13 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Response:
         status = error.code or 500
-        kind = _HTTP_ERRORS.get(status, ServiceError)
         message = error.description or error.name
         if status == 413:
             message = f"request body is larger than the limit of {app.config['MAX_CONTENT_LENGTH']} bytes"
-        wrapped = kind(message)
-        wrapped.status = status
-        return _respond(wrapped)
+        response = _respond(error_for_status(status, message))
+        if isinstance(error, WerkzeugMethodNotAllowed) and error.valid_methods:
+            response.headers["Allow"] = ", ".join(sorted(error.valid_methods))  # RFC 9110 section 15.5.6
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:

@@ -1,6 +1,6 @@
-"""gunicorn settings: one worker (one model), request threads, graceful SIGTERM.
+"""gunicorn settings: one worker (one model), an asyncio front that reads requests whole, graceful SIGTERM.
 
-Used as ``gunicorn -c python:app.gunicorn_conf app.wsgi:app`` by ``make run``,
+Used as ``gunicorn -c python:app.gunicorn_conf app.asgi:app`` by ``make run``,
 the Dockerfile and the tests. The settings are validated here, in the master,
 so a bad ``EMBEDDING_*`` value stops the start with one clear line. Then, with
 ``EMBEDDING_ALLOCATOR=jemalloc`` (the default) and jemalloc installed, the master
@@ -11,7 +11,6 @@ runs itself again with jemalloc preloaded, before it binds or forks
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from app.allocator import exec_under_jemalloc
 from app.config import ConfigError, Settings
@@ -26,24 +25,15 @@ except ConfigError as _error:
 exec_under_jemalloc(_settings.allocator, _settings.malloc_arenas)
 
 bind = f"0.0.0.0:{_settings.port}"  # override with --bind HOST:PORT
-workers = 1  # one process holds one model; concurrency comes from threads + batching
-worker_class = "gthread"
-threads = _settings.http_threads
+workers = 1  # one process holds one model; concurrency comes from request threads + batching
+# The event loop reads each request whole (app.front, app.server); EMBEDDING_HTTP_THREADS threads then run Flask.
+worker_class = "app.server.Worker"
+asgi_lifespan = "on"  # the front stops the engine at shutdown
 timeout = 120  # heartbeat of the worker's main loop, not of requests
 graceful_timeout = max(30, int(_settings.request_timeout_s))
-keepalive = 5
+keepalive = 5  # seconds a connection may stay idle between requests
 accesslog = None  # app.logs emits one request.completed line per request
 logconfig_dict = gunicorn_logconfig(_settings.log_level)
 proc_name = "embedding-service"
 # The runtime control socket is not used; without this it is created under $HOME.
 control_socket_disable = True
-
-
-def worker_exit(server: Any, worker: Any) -> None:
-    """After the worker has answered its in-flight requests: drain and stop the engine."""
-    wsgi = getattr(worker, "wsgi", None)
-    extensions = getattr(wsgi, "extensions", {})
-    parts = extensions.get("embedding")
-    if parts is not None:
-        parts.memory.stop()
-        parts.engine.stop(timeout_s=graceful_timeout)

@@ -1,4 +1,4 @@
-"""The one import-time app instance, for gunicorn: ``gunicorn -c python:app.gunicorn_conf app.wsgi:app``."""
+"""The one import-time Flask app instance; gunicorn serves it through :mod:`app.asgi`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 from app import create_app
 from app.config import Settings
+from app.engine import EngineCrashed
 from app.logs import configure_logging
 
 # gunicorn's arbiter stops the whole server when a worker exits with this code
@@ -15,11 +16,12 @@ WORKER_BOOT_ERROR = 3
 
 
 def _exit_worker(exc: BaseException) -> None:
-    """A model that cannot be loaded stops the service; it never serves another model."""
-    sys.stderr.write(f"embedding service: cannot start: {exc}\n")
+    """A model that cannot be loaded stops the service (it never serves another model); a crash restarts it."""
+    crashed = isinstance(exc, EngineCrashed)
+    sys.stderr.write(f"embedding service: {'restarting' if crashed else 'cannot start'}: {exc}\n")
     sys.stderr.flush()
     sys.stdout.flush()
-    os._exit(WORKER_BOOT_ERROR)
+    os._exit(1 if crashed else WORKER_BOOT_ERROR)
 
 
 settings = Settings.from_env()

@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """gunicorn serving ``app.wsgi:app`` exactly as ``make run`` does, logs captured to a file."""
+    """gunicorn serving ``app.asgi:app`` exactly as ``make run`` does, logs captured to a file."""
 
     def __init__(self, log_path: Path, env: dict[str, str] | None = None, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -49,7 +49,7 @@ class ServiceProcess:
         gunicorn = Path(sys.executable).with_name("gunicorn")
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [str(gunicorn), "-c", "python:app.gunicorn_conf", "--bind", f"127.0.0.1:{self.port}", "app.wsgi:app"],
+            [str(gunicorn), "-c", "python:app.gunicorn_conf", "--bind", f"127.0.0.1:{self.port}", "app.asgi:app"],
             cwd=ROOT,
             env=self.env,
             stdout=self._log,

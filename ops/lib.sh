@@ -87,7 +87,7 @@ start_service() {
         [ -f "$ENV_FILE" ] && . "$ENV_FILE"
         set +a
         cd "$EMBEDDING_HOME" || exit 1
-        exec setsid "$VENV/bin/python" -m gunicorn -c python:app.gunicorn_conf app.wsgi:app \
+        exec setsid "$VENV/bin/python" -m gunicorn -c python:app.gunicorn_conf app.asgi:app \
             >>"$LOG_DIR/service.log" 2>&1 </dev/null
     ) &
     echo $! >"$PID_FILE"

@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
-from app.engine import Engine, Job, plan_batches
-from app.errors import QueueFull, ServiceError, Unavailable, Unprocessable
+from app.engine import Engine, EngineCrashed, Job, plan_batches
+from app.errors import ClientClosed, QueueFull, ServiceError, Unavailable, Unprocessable
 from app.metrics import Metrics
 from app.testing import FakeBackend
 
@@ -76,8 +77,8 @@ def test_concurrent_requests_share_batches_of_similar_length() -> None:
     engine.stop(5)
     batches = [[len(t.split()) for t in batch] for batch in backend.batches[2:]]
     assert sorted(n for batch in batches for n in batch) == sorted(words)
-    assert batches[0] == [100, 100, 90]  # long texts first, and short ones not padded to their length
-    assert all(max(batch) <= 2 for batch in batches[1:])
+    assert batches[-1] == [100, 100, 90]  # long texts together, short ones not padded to their length
+    assert all(max(batch) <= 2 for batch in batches[:-1])  # and the short batches first
     assert all(len(batch) <= 4 for batch in batches)
     for job, result in zip(jobs, results, strict=True):
         np.testing.assert_array_equal(result.embeddings[0], backend.vector(job.texts[0]))
@@ -120,7 +121,7 @@ def test_long_texts_are_split_into_smaller_batches_by_the_token_budget() -> None
     long_result, short_result = long_job.wait(5), short_job.wait(5)
     engine.stop(5)
     sizes = [len(batch) for batch in backend.batches[2:]]
-    assert sizes == [2, 2, 2, 8]
+    assert sizes == [8, 2, 2, 2]  # the short texts' batch first, then the long ones two at a time
     assert long_result.embeddings.shape[0] == 6 and short_result.embeddings.shape[0] == 8
 
 
@@ -278,3 +279,86 @@ def test_tokens_per_input_and_padded_tokens_per_batch_are_observed(backend: Fake
     assert value("embedding_input_tokens_bucket", {"le": "4.0"}) == 1
     assert value("embedding_batch_padded_tokens_count") == 1
     assert value("embedding_batch_padded_tokens_sum") == 12
+
+
+def held_behind_a_blocker(backend: FakeBackend, **engine_args: int) -> tuple[Engine, Metrics, Job]:
+    """A running engine whose model is busy with one text until ``backend.gate`` is set."""
+    engine, metrics = make_engine(backend, **engine_args)
+    engine.start()
+    wait_for(lambda: engine.ready)
+    backend.gate.clear()
+    blocker = engine.submit(["blocker"])
+    wait_for(lambda: engine.queue_depth == 0)
+    return engine, metrics, blocker
+
+
+def test_a_small_request_is_not_stuck_behind_a_huge_one(backend: FakeBackend) -> None:
+    engine, _, blocker = held_behind_a_blocker(backend, batch_size=4)
+    huge = engine.submit([f"huge text {i}" for i in range(40)])
+    small = engine.submit(["small text x"])
+    backend.gate.set()
+    blocker.wait(5)
+    small.wait(5), huge.wait(5)
+    engine.stop(5)
+    batches = backend.batches[2:]  # after the warm-up and the blocker
+    (where,) = [n for n, batch in enumerate(batches) if "small text x" in batch]
+    assert where < 4, f"the small request waited for {where} batches of the huge one"  # first-in-first-out: 10
+    assert len(batches) == 11  # 41 texts in batches of 4: taking turns costs no batch
+
+
+def test_a_window_holds_a_few_batches_of_tokens_and_counts_each_text_once(backend: FakeBackend) -> None:
+    counted: list[str] = []
+    count_tokens = backend.count_tokens
+    backend.count_tokens = lambda texts: counted.extend(texts) or count_tokens(texts)  # type: ignore[method-assign]
+    backend.max_seq_length = 128
+    engine, _, blocker = held_behind_a_blocker(backend, batch_size=8, max_batch_tokens=64)
+    long_text = " ".join(["w"] * 28)  # 30 tokens: a window of 4 x 64 tokens holds 8 of them
+    huge = engine.submit([f"{i} {long_text}" for i in range(20)])
+    small = engine.submit(["small"])
+    backend.gate.set()
+    blocker.wait(5)
+    small.wait(5), huge.wait(5)
+    engine.stop(5)
+    batches = backend.batches[2:]
+    assert "small" in batches[0]  # in the first window, and the shortest batch runs first
+    assert len(batches) == 11  # 20 long texts two at a time, and the small one
+    # Each text counted twice: when its window is taken, and by the fake's prepare(). A text put back in
+    # the queue for a later window is not counted again.
+    assert Counter(text for text in counted if text in {"small", *huge.texts}) == dict.fromkeys(
+        ["small", *huge.texts], 2
+    )
+
+
+def test_the_texts_of_a_request_whose_client_left_are_not_computed(backend: FakeBackend) -> None:
+    engine, metrics, blocker = held_behind_a_blocker(backend)
+    gone = engine.submit([f"never needed {i}" for i in range(5)])
+    gone.fail(ClientClosed("the client closed the connection"))
+    backend.gate.set()
+    blocker.wait(5)
+    engine.submit(["after"]).wait(5)
+    engine.stop(5)
+    assert not any(text.startswith("never needed") for batch in backend.batches for text in batch)
+    assert metrics.registry.get_sample_value("embedding_queue_depth") == 0
+    assert gone.queue_wait_s is not None
+
+
+def test_a_crashed_inference_thread_fails_waiting_requests_and_asks_for_a_restart(backend: FakeBackend) -> None:
+    reported: list[BaseException] = []
+    metrics = Metrics()
+    engine = Engine(
+        backend, batch_size=4, queue_size=8, metrics=metrics, rss_sampler=lambda: 0, on_fatal=reported.append
+    )
+    engine.start()
+    wait_for(lambda: engine.ready)
+
+    def bug(window: object) -> None:
+        raise RuntimeError("a bug in the engine")
+
+    engine._process = bug  # type: ignore[method-assign]
+    with pytest.raises(ServiceError, match="crashed"):
+        engine.submit(["x"]).wait(5)
+    wait_for(lambda: reported)
+    assert engine.state == "failed"
+    assert [type(e) for e in reported] == [EngineCrashed]
+    with pytest.raises(Unavailable, match="crashed"):
+        engine.submit(["y"])

@@ -1,0 +1,164 @@
+"""A hostile network against the real server: slow and stalled clients, oversized bodies, raw protocol
+errors, a huge request beside a small one, clients that leave. Real sockets, real gunicorn, real model."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from loadtest.hostile import Attack, probe
+from loadtest.service import ServiceProcess, running_service
+
+SLOW_ENOUGH = {"EMBEDDING_HEADER_TIMEOUT_S": "120", "EMBEDDING_BODY_TIMEOUT_S": "120"}  # attackers stay
+
+
+def raw_exchange(service: ServiceProcess, request: bytes, wait_s: float = 10.0) -> bytes:
+    """Send raw bytes, read until the server closes the connection (or ``wait_s``)."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=wait_s) as sock:
+        sock.sendall(request)
+        chunks = []
+        try:
+            while data := sock.recv(65536):
+                chunks.append(data)
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
+
+
+def status_and_json(raw: bytes) -> tuple[int, dict[str, object]]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    assert b"application/json" in head.lower(), head
+    loaded: dict[str, object] = json.loads(body)
+    return status, loaded
+
+
+@pytest.mark.slow
+def test_slow_and_stalled_clients_take_no_request_thread(tmp_path: Path) -> None:
+    """256 clients trickling headers and 256 that never send their body, held for 60 s."""
+    with running_service(tmp_path / "service.log", SLOW_ENOUGH) as service, Attack(service.url, 256, 256) as attack:
+        found = probe(service.url, seconds=60)
+        still_open = attack.open_connections()
+    health, embed = found.worst()
+    print(f"\n512 attackers held 60 s: worst /health {health * 1000:.0f} ms, worst /embed {embed * 1000:.0f} ms")
+    assert not found.failures
+    assert still_open == 512  # the attack really was held the whole time
+    assert health < 1.0
+    assert embed < 2.0
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """Short header and body deadlines, so the tests can watch them cut slow clients off."""
+    env = {"EMBEDDING_HEADER_TIMEOUT_S": "1", "EMBEDDING_BODY_TIMEOUT_S": "2"}
+    with running_service(tmp_path_factory.mktemp("strict") / "service.log", env) as service:
+        yield service
+
+
+def test_slow_headers_and_stalled_bodies_are_cut_off_with_408(strict: ServiceProcess) -> None:
+    with Attack(strict.url, 5, 5) as attack:
+        time.sleep(4)
+        assert attack.open_connections() == 0
+    assert attack.answers == {"HTTP/1.1 408 Request Timeout": 10}
+    status, body = status_and_json(raw_exchange(strict, b"POST /embed HTTP/1.1\r\nHost: x\r\n"))
+    assert status == 408
+    assert body["error"] == {
+        "message": "the request headers did not arrive within 1 s",
+        "type": "timeout_error",
+        "code": 408,
+    }
+
+
+def test_an_idle_connection_is_closed_after_the_keepalive_timeout(strict: ServiceProcess) -> None:
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=15) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert sock.recv(65536) == b""  # closed by the server
+        assert 4 <= time.monotonic() - started <= 8  # gunicorn's keepalive: 5 s
+
+
+def test_an_over_limit_body_is_a_readable_413_chunked_or_not(service: ServiceProcess) -> None:
+    too_big = b'{"inputs": ["' + b"x" * (2 * 1024 * 1024) + b'"]}'  # the limit here is 1 MiB
+    sized = requests.post(
+        f"{service.url}/embed", data=too_big, headers={"Content-Type": "application/json"}, timeout=30
+    )
+    chunked = requests.post(
+        f"{service.url}/embed",
+        data=(too_big[i : i + 65536] for i in range(0, len(too_big), 65536)),  # a generator: sent chunked
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    for response in (sized, chunked):
+        assert response.status_code == 413
+        assert "larger than the limit of 1048576 bytes" in response.json()["error"]["message"]
+    assert requests.get(f"{service.url}/health", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"THIS IS NOT HTTP\r\n\r\n", 400),
+        (b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 10_000 + b"\r\n\r\n", 431),
+    ],
+    ids=["garbage", "long-url", "huge-header"],
+)
+def test_the_http_parsers_own_errors_are_json(service: ServiceProcess, raw: bytes, status: int) -> None:
+    got, body = status_and_json(raw_exchange(service, raw))
+    assert got == status
+    error = body["error"]
+    assert isinstance(error, dict) and error["code"] == status
+    assert len(str(error["message"])) < 400  # never the whole request back
+
+
+def test_a_small_request_is_answered_while_a_huge_one_is_computed(service: ServiceProcess) -> None:
+    passage = "An indexing pipeline sends long passages of text to be embedded, one after the other. " * 20
+    huge = [f"{i}: {passage}" for i in range(256)]  # 256 texts of the model's full 256 tokens
+    took: dict[str, float] = {}
+
+    def send_huge() -> None:
+        started = time.monotonic()
+        response = requests.post(f"{service.url}/embed", json={"inputs": huge}, timeout=300)
+        took["huge"] = time.monotonic() - started
+        assert response.status_code == 200
+
+    sender = threading.Thread(target=send_huge)
+    sender.start()
+    time.sleep(1.0)
+    started = time.monotonic()
+    small = requests.post(f"{service.url}/embed", json={"inputs": ["a short query"]}, timeout=300)
+    took["small"] = time.monotonic() - started
+    sender.join()
+    print(f"\n256 full-length texts: {took['huge']:.1f} s; a single short text sent 1 s in: {took['small']:.2f} s")
+    assert small.status_code == 200
+    assert took["small"] < took["huge"] / 4  # first in, first out it would wait for nearly all of it
+
+
+def test_the_texts_of_a_client_that_left_are_not_computed(service: ServiceProcess) -> None:
+    passage = "A request whose client gives up before the answer is ready. " * 30
+    body = json.dumps({"inputs": [f"{i}: {passage}" for i in range(256)]}).encode()
+    before = service.metric("embedding_inputs_total") or 0
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\nX-Request-ID: leaver\r\n\r\n".encode()
+            + body
+        )
+        time.sleep(0.5)  # in the queue, perhaps in its first batch
+    deadline = time.monotonic() + 60
+    while not [e for e in service.events("request.completed") if e.get("request_id") == "leaver"]:
+        assert time.monotonic() < deadline, "the abandoned request never completed"
+        time.sleep(0.2)
+    (completed,) = [e for e in service.events("request.completed") if e.get("request_id") == "leaver"]
+    computed = (service.metric("embedding_inputs_total") or 0) - before
+    print(f"\nclient left after 0.5 s: {computed:.0f} of 256 texts computed")
+    assert completed["status"] == 499
+    assert computed <= 64  # at most the batches already under way
