@@ -82,7 +82,8 @@ def info() -> Response:
 @bp.get("/openapi.json")
 def openapi() -> Response:
     """The OpenAPI document of this API."""
-    return jsonify(openapi_document(__version__))
+    parts = components()
+    return jsonify(openapi_document(__version__, parts.limits, parts.engine.info))
 
 
 def _model_info() -> ModelInfo:

@@ -1,17 +1,20 @@
-"""The OpenAPI 3.1 document served at ``/openapi.json``."""
+"""The OpenAPI 3.1 document served at ``/openapi.json``.
+
+It states every limit the validation in :mod:`app.schemas` enforces, with this service's values: the
+number and length of texts, ``dimensions`` up to the model's, the served model's names. One rule it
+cannot state: with ``truncate: false``, a text longer than the model's maximum sequence length (counted
+in tokens) is a 422.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from app.backend import ModelInfo
+from app.schemas import Limits, model_names
+
 _OBJECT = {"type": "object"}
 _STRING = {"type": "string"}
-_TEXTS = {
-    "oneOf": [
-        {"type": "string", "minLength": 1},
-        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
-    ]
-}
 _INPUT_TYPE = {
     "type": "string",
     "enum": ["query", "passage", "document"],
@@ -19,7 +22,6 @@ _INPUT_TYPE = {
         "Adds the prefix the model was trained with (e5: 'query: ' / 'passage: '); nothing for models without one."
     ),
 }
-_DIMENSIONS = {"type": "integer", "minimum": 1, "description": "Keep the first N components, re-normalised."}
 _ERROR = {
     "type": "object",
     "required": ["error"],
@@ -52,7 +54,7 @@ _CLEANUP = {
     },
 }
 _ERRORS = {
-    "400": "Malformed JSON or a field of the wrong type.",
+    "400": "Malformed JSON, a field of the wrong type, or text that is not valid Unicode.",
     "404": "A model other than the served one was asked for.",
     "413": "Request body over the size limit.",
     "422": "Empty input, too many inputs, a text too long, or dimensions out of range.",
@@ -72,14 +74,35 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def openapi_document(version: str) -> dict[str, Any]:
-    """The API description, with the service version."""
+def _texts(limits: Limits) -> dict[str, Any]:
+    # A text holds at least one character that is not white space ("\\S" anywhere), at most max_input_chars.
+    text = {"type": "string", "minLength": 1, "maxLength": limits.max_input_chars, "pattern": "\\S"}
+    return {"oneOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": limits.max_inputs}]}
+
+
+def _dimensions(info: ModelInfo | None) -> dict[str, Any]:
+    schema: dict[str, Any] = {
+        "type": "integer",
+        "minimum": 1,
+        "description": "Keep the first N components, re-normalised.",
+    }
+    if info is not None:
+        schema["maximum"] = info.dimensions
+    return schema
+
+
+def openapi_document(version: str, limits: Limits, info: ModelInfo | None) -> dict[str, Any]:
+    """The API description, with the service version, its limits and (once loaded) the model's."""
     vector = {"type": "array", "items": {"type": "number"}}
+    texts, dimensions = _texts(limits), _dimensions(info)
+    model: dict[str, Any] = {"type": "string", "description": "Optional; must name the served model."}
+    if info is not None:
+        model["enum"] = sorted(model_names(info))
     embed_request = {
         "type": "object",
         "required": ["inputs"],
         "properties": {
-            "inputs": _TEXTS,
+            "inputs": texts,
             "normalize": {"type": "boolean", "default": True},
             "truncate": {
                 "type": "boolean",
@@ -87,7 +110,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "description": "false: a text longer than the model's maximum sequence length is a 422.",
             },
             "input_type": _INPUT_TYPE,
-            "dimensions": _DIMENSIONS,
+            "dimensions": dimensions,
         },
     }
     embed_response = {
@@ -103,10 +126,10 @@ def openapi_document(version: str) -> dict[str, Any]:
         "type": "object",
         "required": ["input"],
         "properties": {
-            "input": _TEXTS,
-            "model": {"type": "string", "description": "Optional; must name the served model."},
+            "input": texts,
+            "model": model,
             "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
-            "dimensions": _DIMENSIONS,
+            "dimensions": dimensions,
             "input_type": _INPUT_TYPE,
             "user": {"type": "string", "description": "Accepted and ignored."},
         },
@@ -163,7 +186,9 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/activity": {
                 "get": {
                     "summary": "Embedding requests in the last ?minutes=N (default 5, up to 1440), queue depth.",
-                    "parameters": [{"name": "minutes", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
+                    "parameters": [
+                        {"name": "minutes", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1440}}
+                    ],
                     "responses": {"200": _json(_OBJECT), "400": _json(_ERROR_REF, "Bad minutes value.")},
                 }
             },

@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from app.activity import WINDOW_MINUTES
 from app.components import components
 from app.errors import BadRequest, Unauthorized, Unavailable
+from app.schemas import quote
 
 bp = Blueprint("ops", __name__)
 
@@ -42,8 +43,11 @@ def metrics() -> Response:
 def activity() -> Response:
     """Embedding requests in the last ``minutes`` (default 5) and the queue depth: is anyone indexing?"""
     raw = request.args.get("minutes", "5")
-    if not raw.isdigit() or not 1 <= int(raw) <= WINDOW_MINUTES:
-        raise BadRequest(f"'minutes' must be a whole number from 1 to {WINDOW_MINUTES}, got {raw!r}", param="minutes")
+    # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 5) or not 1 <= int(raw) <= WINDOW_MINUTES:
+        raise BadRequest(
+            f"'minutes' must be a whole number from 1 to {WINDOW_MINUTES}, got {quote(raw)}", param="minutes"
+        )
     parts = components()
     minutes = int(raw)
     return jsonify(

@@ -1,7 +1,9 @@
 """Request parsing and validation for the embedding routes.
 
 Wrong JSON or wrong types are 400; well-typed input the service will not embed
-(empty, too many, too long, an impossible ``dimensions``) is 422.
+(empty, too many, too long, an impossible ``dimensions``) is 422. An optional field
+is either left out (its default) or of its type: ``null`` is a wrong type, as with
+OpenAI's API. Messages quote the client's input up to ``MAX_QUOTE_CHARS``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from app.backend import INPUT_TYPES, ModelInfo
 from app.errors import BadRequest, NotFound, Unprocessable
 
 ENCODING_FORMATS = ("float", "base64")
+MAX_QUOTE_CHARS = 100
+"""Longest quote of a client's value in an error message."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,10 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("request body is not valid JSON: nested too deeply") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise BadRequest("request body is not valid JSON: a number is too long") from None
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {_type_name(body)}")
     return body
@@ -63,12 +71,14 @@ def parse_embed(body: dict[str, Any], limits: Limits, info: ModelInfo) -> Embedd
 def parse_openai(body: dict[str, Any], limits: Limits, info: ModelInfo) -> EmbeddingRequest:
     """Validate an OpenAI-style ``POST /v1/embeddings`` body."""
     _check_model(body, info)
-    encoding_format = body.get("encoding_format") or "float"
-    if encoding_format not in ENCODING_FORMATS:
+    encoding_format = body.get("encoding_format", "float")
+    if not isinstance(encoding_format, str) or encoding_format not in ENCODING_FORMATS:
         raise BadRequest(
-            f"unsupported encoding_format {encoding_format!r}; use one of {', '.join(ENCODING_FORMATS)}",
+            f"unsupported encoding_format {quote(encoding_format)}; use one of {', '.join(ENCODING_FORMATS)}",
             param="encoding_format",
         )
+    if "user" in body and not isinstance(body["user"], str):
+        raise BadRequest(f"'user' must be a string, got {_type_name(body['user'])}", param="user")
     return EmbeddingRequest(
         texts=_texts(body, "input", limits),
         input_type=_input_type(body),
@@ -82,15 +92,28 @@ def model_names(info: ModelInfo) -> set[str]:
     return {info.model_id, info.model_id.rsplit("/", 1)[-1]}
 
 
+def quote(value: Any) -> str:
+    """``repr(value)`` up to :data:`MAX_QUOTE_CHARS`, marked when cut: error messages never echo a whole input."""
+    text = repr(value) if not isinstance(value, int) or isinstance(value, bool) else _int_text(value)
+    return text if len(text) <= MAX_QUOTE_CHARS else f"{text[:MAX_QUOTE_CHARS]}... ({len(text)} characters)"
+
+
+def _int_text(value: int) -> str:
+    try:
+        return str(value)
+    except ValueError:  # more digits than Python converts
+        return "a number of thousands of digits"
+
+
 def _check_model(body: dict[str, Any], info: ModelInfo) -> None:
-    model = body.get("model")
-    if model is None:
+    if "model" not in body:
         return
+    model = body["model"]
     if not isinstance(model, str):
         raise BadRequest(f"'model' must be a string, got {_type_name(model)}", param="model")
     if model not in model_names(info):
         raise NotFound(
-            f"model {model!r} is not served here; this service serves {info.model_id!r} only "
+            f"model {quote(model)} is not served here; this service serves {info.model_id!r} only "
             "(embeddings of different models must not be mixed in one index)",
             param="model",
         )
@@ -110,6 +133,11 @@ def _texts(body: dict[str, Any], key: str, limits: Limits) -> list[str]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise BadRequest(f"{key}[{i}] must be a string, got {_type_name(text)}", param=key)
+        if not text.isascii() and not _encodable(text):
+            raise BadRequest(
+                f"{key}[{i}] is not valid Unicode text (it holds a lone surrogate, such as an unpaired \\ud800)",
+                param=key,
+            )
         if not text.strip():
             raise Unprocessable(f"{key}[{i}] is empty", param=key)
         if len(text) > limits.max_input_chars:
@@ -120,33 +148,43 @@ def _texts(body: dict[str, Any], key: str, limits: Limits) -> list[str]:
     return texts
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
     value = body.get(key, default)
-    if value is None:
-        return default
     if not isinstance(value, bool):
         raise BadRequest(f"'{key}' must be true or false, got {_type_name(value)}", param=key)
     return value
 
 
 def _input_type(body: dict[str, Any]) -> str | None:
-    value = body.get("input_type")
-    if value is None:
+    if "input_type" not in body:
         return None
+    value = body["input_type"]
     if not isinstance(value, str) or value not in INPUT_TYPES:
-        raise BadRequest(f"'input_type' must be one of {', '.join(INPUT_TYPES)}, got {value!r}", param="input_type")
+        raise BadRequest(
+            f"'input_type' must be one of {', '.join(INPUT_TYPES)}, got {quote(value)}", param="input_type"
+        )
     return value
 
 
 def _dimensions(body: dict[str, Any], info: ModelInfo) -> int | None:
-    value = body.get("dimensions")
-    if value is None:
+    if "dimensions" not in body:
         return None
+    value = body["dimensions"]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 64.0 is a whole number (and an "integer" to JSON Schema)
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f"'dimensions' must be a whole number, got {_type_name(value)}", param="dimensions")
     if not 1 <= value <= info.dimensions:
         raise Unprocessable(
-            f"'dimensions' must be from 1 to {info.dimensions} for model {info.model_id!r}, got {value}",
+            f"'dimensions' must be from 1 to {info.dimensions} for model {info.model_id!r}, got {quote(value)}",
             param="dimensions",
         )
     return value

@@ -28,6 +28,16 @@ CASES = [
     ("/v1/embeddings", b'{"input": "x", "dimensions": 385}', 422, "from 1 to 384"),
     ("/v1/embeddings", b'{"input": "x", "dimensions": 0}', 422, "from 1 to 384"),
     ("/v1/embeddings", b'{"input": [[101, 2023]]}', 400, "must be a string"),
+    # What a fuzzer or a careless client sends: never a 500, never the internals, never the input echoed whole.
+    ("/embed", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
+    ("/v1/embeddings", b'{"input": "x", "dimensions": 1' + b"0" * 4999 + b"}", 400, "a number is too long"),
+    ("/v1/embeddings", b'{"input": "x", "dimensions": 1' + b"0" * 3999 + b"}", 422, "(4000 characters)"),
+    ("/embed", b'{"inputs": ["fine", "\\ud800 alone"]}', 400, "inputs[1] is not valid Unicode"),
+    ("/v1/embeddings", b'{"input": "x", "dimensions": null}', 400, "got null"),
+    ("/v1/embeddings", b'{"input": "x", "model": null}', 400, "'model' must be a string, got null"),
+    ("/embed", b'{"inputs": "x", "truncate": null}', 400, "'truncate' must be true or false, got null"),
+    ("/v1/embeddings", b'{"input": "x", "user": 7}', 400, "'user' must be a string"),
+    ("/v1/embeddings", b'{"input": "x", "model": "' + b"m" * 1_000_000 + b'"}', 404, "(1000002 characters)"),
 ]
 
 
@@ -40,6 +50,20 @@ def test_bad_input_gets_a_json_error(
     error = response.json()["error"]
     assert error["code"] == status
     assert fragment in error["message"]
+    assert len(error["message"]) < 400
+
+
+@pytest.mark.parametrize("minutes", ["\u00b2", "1441", "0", "99999999999999", "1.5", "-1"])
+def test_a_bad_activity_window_is_a_400(service: ServiceProcess, minutes: str) -> None:
+    response = requests.get(f"{service.url}/activity", params={"minutes": minutes}, timeout=10)
+    assert response.status_code == 400
+    assert "'minutes' must be a whole number from 1 to 1440" in response.json()["error"]["message"]
+
+
+def test_a_whole_number_written_as_a_float_is_a_whole_number(service: ServiceProcess) -> None:
+    response = requests.post(f"{service.url}/v1/embeddings", json={"input": "x", "dimensions": 64.0}, timeout=30)
+    assert response.status_code == 200
+    assert len(response.json()["data"][0]["embedding"]) == 64
 
 
 def test_too_many_inputs(service: ServiceProcess) -> None:
@@ -63,7 +87,10 @@ def test_a_body_over_the_size_limit(service: ServiceProcess) -> None:
 
 def test_unknown_routes_and_methods_are_json_too(service: ServiceProcess) -> None:
     assert requests.get(f"{service.url}/nope", timeout=5).json()["error"]["code"] == 404
-    assert requests.get(f"{service.url}/embed", timeout=5).json()["error"]["code"] == 405
+    wrong_method = requests.get(f"{service.url}/embed", timeout=5)
+    assert wrong_method.json()["error"]["code"] == 405
+    assert wrong_method.headers["Allow"] == "OPTIONS, POST"
+    assert requests.put(f"{service.url}/health", timeout=5).headers["Allow"] == "GET, HEAD, OPTIONS"
 
 
 def test_bad_requests_do_not_disturb_good_ones(service: ServiceProcess) -> None:
