@@ -88,6 +88,7 @@ class Settings:
     cleanup_interval_s: float = 300.0
     cleanup_every_requests: int = 50
     cleanup_cooldown_s: float = 30.0
+    manual_cleanup_interval_s: float = 10.0
     monitor_interval_s: float = 60.0
     memory_policy: str = "smart"
     trim_after_batch: bool = True
@@ -129,6 +130,7 @@ class Settings:
         _check(self.cleanup_interval_s > 0, "CLEANUP_INTERVAL_S", "a number of seconds above 0")
         _check(self.cleanup_every_requests >= 1, "CLEANUP_EVERY_REQUESTS", "a whole number of at least 1")
         _check(self.cleanup_cooldown_s >= 0, "CLEANUP_COOLDOWN_S", "a number of seconds, 0 or more")
+        _check(self.manual_cleanup_interval_s >= 0, "MANUAL_CLEANUP_INTERVAL_S", "a number of seconds, 0 or more")
         _check(self.monitor_interval_s > 0, "MONITOR_INTERVAL_S", "a number of seconds above 0")
         _check(self.trim_interval_s >= 0, "TRIM_INTERVAL_S", "a number of seconds, 0 or more")
         _check(self.allocator in ALLOCATORS, "ALLOCATOR", f"one of {', '.join(ALLOCATORS)}")
@@ -163,6 +165,7 @@ class Settings:
             "cleanup_interval_s": reader.get("CLEANUP_INTERVAL_S", _parse_float, "a number of seconds"),
             "cleanup_every_requests": reader.get("CLEANUP_EVERY_REQUESTS", _parse_int, "a whole number"),
             "cleanup_cooldown_s": reader.get("CLEANUP_COOLDOWN_S", _parse_float, "a number of seconds"),
+            "manual_cleanup_interval_s": reader.get("MANUAL_CLEANUP_INTERVAL_S", _parse_float, "a number of seconds"),
             "monitor_interval_s": reader.get("MONITOR_INTERVAL_S", _parse_float, "a number of seconds"),
             "memory_policy": reader.get("MEMORY_POLICY", _lower),
             "trim_after_batch": reader.get("TRIM_AFTER_BATCH", _parse_bool, "true or false"),

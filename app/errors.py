@@ -63,6 +63,13 @@ class Unauthorized(ServiceError):
     type = "authentication_error"
 
 
+class Forbidden(ServiceError):
+    """An admin route called from where it does not answer (another host without a token, a browser)."""
+
+    status = 403
+    type = "permission_error"
+
+
 class NotFound(ServiceError):
     """An unknown route or model."""
 
@@ -103,6 +110,13 @@ class ClientClosed(ServiceError):
 
     status = 499
     type = "client_closed_request"
+
+
+class TooManyRequests(ServiceError):
+    """A rate-limited operation asked for again too soon."""
+
+    status = 429
+    type = "rate_limit_error"
 
 
 class Unprocessable(ServiceError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import math
 import os
 import sys
 import threading
@@ -35,7 +36,7 @@ import structlog
 
 from app import allocator
 from app.config import Settings
-from app.errors import Conflict, Unavailable
+from app.errors import Conflict, TooManyRequests, Unavailable
 from app.metrics import Metrics
 
 log = structlog.get_logger("app.memory")
@@ -201,6 +202,7 @@ class MemoryManager:
         self._last_cleanup_at = clock()
         self._last_threshold_at: float | None = None
         self._last_limit_at: float | None = None
+        self._last_manual_at: float | None = None
         self._pending: str | None = None
         self._status: str | None = None
         self._shedding = False
@@ -406,6 +408,21 @@ class MemoryManager:
         self._metrics.trimmed_bytes.inc(max(0, before - after))
 
     # --- the cleanup ---------------------------------------------------------------------
+
+    def manual_cleanup(self) -> CleanupRecord:
+        """``POST /cleanup``: a cleanup now, at most one per ``EMBEDDING_MANUAL_CLEANUP_INTERVAL_S`` (else 429)."""
+        interval = self._settings.manual_cleanup_interval_s
+        with self._state_lock:
+            now = self._clock()
+            if self._last_manual_at is not None and now - self._last_manual_at < interval:
+                wait = interval - (now - self._last_manual_at)
+                raise TooManyRequests(
+                    f"a manual cleanup ran {now - self._last_manual_at:.1f} s ago; at most one every {interval:g} s "
+                    "(EMBEDDING_MANUAL_CLEANUP_INTERVAL_S)",
+                    retry_after_s=max(1, math.ceil(wait)),
+                )
+            self._last_manual_at = now
+        return self.cleanup("manual")
 
     def cleanup(self, reason: str) -> CleanupRecord:
         """Run one cleanup now; raise :class:`CleanupInProgress` (409) if one is running."""

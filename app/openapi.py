@@ -200,11 +200,16 @@ def openapi_document(version: str, limits: Limits, info: ModelInfo | None) -> di
             },
             "/cleanup": {
                 "post": {
-                    "summary": "Run a memory cleanup now (reason manual); Bearer EMBEDDING_ADMIN_TOKEN when set.",
+                    "summary": (
+                        "Run a memory cleanup now (reason manual). Bearer EMBEDDING_ADMIN_TOKEN when one is set, "
+                        "else loopback clients only; never from a browser."
+                    ),
                     "responses": {
                         "200": _json(_CLEANUP, "The cleanup record."),
                         "401": _json(_ERROR_REF, "Missing or wrong admin token."),
+                        "403": _json(_ERROR_REF, "Not a loopback client (no token set), or a browser's request."),
                         "409": _json(_ERROR_REF, "A cleanup is already running."),
+                        "429": _json(_ERROR_REF, "Within EMBEDDING_MANUAL_CLEANUP_INTERVAL_S of the last one."),
                     },
                 }
             },

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 
 from flask import Blueprint, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.activity import WINDOW_MINUTES
 from app.components import components
-from app.errors import BadRequest, Unauthorized, Unavailable
+from app.errors import BadRequest, Forbidden, Unauthorized, Unavailable
 from app.schemas import quote
 
 bp = Blueprint("ops", __name__)
@@ -66,16 +67,33 @@ def memory() -> Response:
 
 @bp.post("/cleanup")
 def cleanup() -> Response:
-    """Run a cleanup now (reason ``manual``); 409 while one runs; Bearer token when one is configured."""
+    """Run a cleanup now (reason ``manual``); 409 while one runs, 429 within the manual interval; admin only."""
     parts = components()
     _require_admin(parts.settings.admin_token)
-    return jsonify(parts.memory.cleanup("manual").to_dict())
+    return jsonify(parts.memory.manual_cleanup().to_dict())
 
 
 def _require_admin(token: str | None) -> None:
+    """Admin routes answer no browser, and without a configured token no other host."""
+    # Browsers send these with every cross-site (and same-origin) fetch or form post; curl, scripts and
+    # HTTP clients do not. Refusing them makes a web page unable to drive an admin route, even on loopback.
+    if "Origin" in request.headers or "Sec-Fetch-Site" in request.headers:
+        raise Forbidden("admin routes do not answer requests made by a web browser")
     if token is None:
+        if not _is_loopback(request.remote_addr):
+            raise Forbidden(
+                "without EMBEDDING_ADMIN_TOKEN, admin routes answer only on loopback (127.0.0.1, ::1); "
+                "set a token to call them from another host"
+            )
         return
     supplied = request.headers.get("Authorization", "")
     scheme, _, value = supplied.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
         raise Unauthorized("this route needs the admin token: Authorization: Bearer <EMBEDDING_ADMIN_TOKEN>")
+
+
+def _is_loopback(address: str | None) -> bool:
+    try:
+        return address is not None and ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False

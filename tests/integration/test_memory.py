@@ -24,8 +24,13 @@ def documents() -> list[str]:
 
 @pytest.fixture(scope="module")
 def unmanaged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    """No automatic cleanup and no per-batch trim, so the heap keeps what the load left; admin token set."""
-    env = {"EMBEDDING_MEMORY_POLICY": "off", "EMBEDDING_ADMIN_TOKEN": "let-me-in"}
+    """No automatic cleanup and no per-batch trim, so the heap keeps what the load left; admin token set, and
+    manual cleanups as often as the tests ask."""
+    env = {
+        "EMBEDDING_MEMORY_POLICY": "off",
+        "EMBEDDING_ADMIN_TOKEN": "let-me-in",
+        "EMBEDDING_MANUAL_CLEANUP_INTERVAL_S": "0",
+    }
     with running_service(tmp_path_factory.mktemp("unmanaged") / "service.log", env) as service:
         yield service
 
@@ -173,3 +178,15 @@ def test_above_the_hard_limit_new_requests_get_503_and_the_service_stays_up(tmp_
         assert memory["thresholds"]["limit_source"] == "config"
         assert requests.get(f"{service.url}/health", timeout=5).status_code == 200
         assert service.events("memory.shedding_started")
+
+
+def test_without_a_token_loopback_clients_may_clean_up_once_per_interval(service: ServiceProcess) -> None:
+    first = requests.post(f"{service.url}/cleanup", timeout=60)
+    assert first.status_code == 200
+    again = requests.post(f"{service.url}/cleanup", timeout=60)
+    assert again.status_code == 429
+    assert int(again.headers["Retry-After"]) >= 1
+    from_a_page = requests.post(
+        f"{service.url}/cleanup", headers={"Origin": "http://evil.example", "Content-Type": "text/plain"}, timeout=10
+    )
+    assert from_a_page.status_code == 403

@@ -127,3 +127,42 @@ def test_metrics_export_no_created_series(client: FlaskClient) -> None:
     text = client.get("/metrics").get_data(as_text=True)
     assert "embedding_requests_total{" in text
     assert "_created" not in text
+
+
+ELSEWHERE = {"REMOTE_ADDR": "192.0.2.7"}  # a documentation address: not loopback
+
+
+def test_without_a_token_admin_routes_answer_loopback_clients_only(client: FlaskClient) -> None:
+    refused = client.post("/cleanup", environ_base=ELSEWHERE)
+    assert refused.status_code == 403
+    assert "answer only on loopback" in refused.get_json()["error"]["message"]
+    assert client.post("/cleanup").status_code == 200  # the test client's address is 127.0.0.1
+
+
+@pytest.mark.parametrize(
+    "headers", [{"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}], ids=["origin", "fetch"]
+)
+def test_admin_routes_refuse_a_browsers_request(client: FlaskClient, headers: dict[str, str]) -> None:
+    """A web page cannot drive them, not even a cross-site text/plain form aimed at localhost."""
+    response = client.post("/cleanup", headers={**headers, "Content-Type": "text/plain"}, data="x")
+    assert response.status_code == 403
+    assert "web browser" in response.get_json()["error"]["message"]
+
+
+def test_manual_cleanups_are_limited_to_one_per_interval(client: FlaskClient, app: Flask) -> None:
+    assert client.post("/cleanup").status_code == 200
+    again = client.post("/cleanup")
+    assert again.status_code == 429
+    assert 1 <= int(again.headers["Retry-After"]) <= SETTINGS.manual_cleanup_interval_s
+    registry = components(app).metrics.registry
+    assert registry.get_sample_value("embedding_cleanups_total", {"reason": "manual"}) == 1
+
+
+def test_with_a_token_admin_routes_answer_any_host_that_presents_it(backend: FakeBackend) -> None:
+    app = create_app(SETTINGS.replace(admin_token="let-me-in"), backend=backend, start=False)
+    client = app.test_client()
+    assert client.post("/cleanup", environ_base=ELSEWHERE).status_code == 401
+    assert (
+        client.post("/cleanup", environ_base=ELSEWHERE, headers={"Authorization": "Bearer let-me-in"}).status_code
+        == 200
+    )

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from app import memory
 from app.config import Settings
 from app.engine import Engine
-from app.errors import Unavailable
+from app.errors import TooManyRequests, Unavailable
 from app.memory import (
     LEGACY_THRESHOLD_BYTES,
     CleanupInProgress,
@@ -217,6 +218,26 @@ def test_load_shedding_cleans_up_first_then_refuses_until_memory_is_back() -> No
     setup.manager.admit()
     assert setup.manager.report()["shedding"] is False
     assert setup.value("embedding_memory_threshold_bytes", level="limit") == 3 * GB
+
+
+@pytest.fixture
+def purges(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Record the allocator purges instead of purging the test process's heap."""
+    done: list[float] = []
+    monkeypatch.setattr(memory.allocator, "release_free_memory", lambda: done.append(1) is None)
+    return done
+
+
+def test_manual_cleanups_are_rate_limited(setup: Setup, purges: list[float]) -> None:
+    assert setup.manager.manual_cleanup().reason == "manual"
+    setup.clock.advance(4)
+    with pytest.raises(TooManyRequests) as caught:
+        setup.manager.manual_cleanup()
+    assert caught.value.status == 429
+    assert caught.value.headers()["Retry-After"] == "6"
+    setup.clock.advance(6)
+    assert setup.manager.manual_cleanup().reason == "manual"
+    assert setup.value("embedding_cleanups_total", reason="manual") == 2
 
 
 def test_the_limit_defaults_to_most_of_the_container_limit() -> None:
