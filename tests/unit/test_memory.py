@@ -228,6 +228,47 @@ def purges(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return done
 
 
+def test_shedding_ends_as_soon_as_a_purge_brings_memory_under_the_limit(purges: list[float]) -> None:
+    setup = Setup(SETTINGS.replace(memory_limit_bytes=3 * GB), rss=int(3.4 * GB))
+    with pytest.raises(Unavailable):
+        setup.manager.admit()  # the full cleanup (cooldown 30 s) could not help
+    assert setup.value("embedding_cleanups_total", reason="limit") == 1
+    setup.clock.advance(1)  # well inside the cooldown
+    setup.sampler.set(int(3.1 * GB), int(2.9 * GB))  # above at the check, under once the free heap is given back
+    setup.manager.admit()
+    assert setup.manager.report()["shedding"] is False
+    assert setup.value("embedding_cleanups_total", reason="limit") == 1
+    assert len(purges) == 2  # the cleanup's and the quick one
+
+
+def test_purges_while_shedding_are_at_most_every_half_second(purges: list[float]) -> None:
+    setup = Setup(SETTINGS.replace(memory_limit_bytes=3 * GB), rss=int(3.4 * GB))
+    for step in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6):
+        setup.clock.now = 1000.0 + step
+        with pytest.raises(Unavailable):
+            setup.manager.admit()
+    assert len(purges) == 2  # the cleanup's at 0.0, then one at 0.5
+
+
+def test_an_idle_service_stops_shedding_on_its_own(monkeypatch: pytest.MonkeyPatch, purges: list[float]) -> None:
+    setup = Setup(SETTINGS.replace(memory_limit_bytes=3 * GB, monitor_interval_s=60), rss=int(3.4 * GB))
+    with pytest.raises(Unavailable):
+        setup.manager.admit()
+    assert setup.manager._seconds_to_next_check() <= memory.SHED_CHECK_INTERVAL_S
+
+    def purge_gives_memory_back() -> bool:
+        purges.append(1)
+        setup.sampler.set(int(2.9 * GB))
+        return True
+
+    monkeypatch.setattr(memory.allocator, "release_free_memory", purge_gives_memory_back)
+    setup.clock.advance(1)
+    setup.manager.tick()  # no request arrives: the monitor purges and re-checks by itself
+    assert setup.manager.report()["shedding"] is False
+    assert setup.manager._seconds_to_next_check() > memory.SHED_CHECK_INTERVAL_S
+    assert setup.value("embedding_cleanups_total", reason="limit") == 1
+
+
 def test_manual_cleanups_are_rate_limited(setup: Setup, purges: list[float]) -> None:
     assert setup.manager.manual_cleanup().reason == "manual"
     setup.clock.advance(4)
