@@ -294,6 +294,13 @@ def test_bar_panels_count_each_cleanup_once(stack: Stack) -> None:
     end = time.time() - 2
     start_ = end - 40
     step = float(INTERVAL.rstrip("s"))
+    # A scrape's samples carry its start time but land when it ends: read the window only once both targets
+    # have a sample from after it, or a scrape still in flight is missing from one query and not the next.
+    scraped = concrete('min(timestamp(up{instance=~"$instance"}))', instances)
+    wait_until(lambda: float(stack.query(scraped)[0]["value"][1]) > end + 1, 30, "scrapes after the window")
+    window = f"{end - start_ + step:g}s"
+    failed = stack.query(concrete(f'min_over_time(up{{instance=~"$instance"}}[{window}]) < 1', instances), end)
+    assert not failed, f"scrapes failed in the window (a stale series drops bars): {failed}"
     body = requests.get(
         f"{stack.prometheus}/api/v1/query_range",
         params={"query": concrete(bars["targets"][0]["expr"], instances), "start": start_, "end": end, "step": step},
