@@ -7,6 +7,9 @@ import time
 from collections.abc import Callable
 
 WINDOW_MINUTES = 24 * 60
+OPS_CHECK_HEADER = "X-Ops-Check"
+"""An embedding request with this header is not counted: ops/service.sh's and ops/upgrade.sh's own check
+that a version serves must not make the next upgrade see the service as in use."""
 
 
 class ActivityTracker:

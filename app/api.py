@@ -6,6 +6,7 @@ from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
 
+from app.activity import OPS_CHECK_HEADER
 from app.backend import ModelInfo
 from app.components import components
 from app.engine import EmbeddingResult
@@ -98,7 +99,8 @@ def _run(req: EmbeddingRequest, info: ModelInfo) -> EmbeddingResult:
     parts = components()
     g.inputs = len(req.texts)
     parts.memory.admit()
-    parts.activity.record()
+    if OPS_CHECK_HEADER not in request.headers:  # the ops scripts' own check after a start is not indexing
+        parts.activity.record()
     prefix = info.prefix_for(req.input_type)
     texts = [prefix + text for text in req.texts] if prefix else req.texts
     job = parts.engine.submit(texts, truncate=req.truncate, request_id=g.get("request_id"))

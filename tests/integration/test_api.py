@@ -153,3 +153,17 @@ def test_log_lines_are_json_with_the_design_events(service: ServiceProcess) -> N
     assert loaded and loaded[0]["dimensions"] == DIMS
     batch = service.events("batch.completed")[-1]
     assert {"size", "tokens", "duration_ms", "rss_delta_bytes"} <= set(batch)
+
+
+def test_the_ops_scripts_check_is_not_counted_as_activity(service: ServiceProcess) -> None:
+    """ops/upgrade.sh refuses while /activity counts requests: its own check after a start must not count."""
+
+    def counted() -> int:
+        answer = requests.get(f"{service.url}/activity", params={"minutes": 1440}, timeout=10)
+        return int(answer.json()["requests"])
+
+    before = counted()
+    assert embed(service, {"inputs": "upgrade check"}, **{"X-Ops-Check": "1"}).status_code == 200
+    assert counted() == before
+    assert embed(service, {"inputs": "indexing"}).status_code == 200
+    assert counted() == before + 1
