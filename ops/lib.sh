@@ -1,27 +1,52 @@
 # shellcheck shell=bash
-# Shared by ops/service.sh, ops/upgrade.sh and ops/rollback.sh. Needs bash, python3 and coreutils.
+# Shared by ops/service.sh, ops/upgrade.sh and ops/rollback.sh. Needs bash, python3, coreutils, flock and
+# setsid (util-linux).
 #
 # An install lives in one directory, $EMBEDDING_HOME (default /opt/embedding-service):
-#   venv/                     the virtual environment the service runs from
-#   service.env               its EMBEDDING_* settings (and GUNICORN_CMD_ARGS), one VAR=value a line
-#   run/service.pid           the gunicorn master's pid
-#   logs/service.log          the service's JSON log lines
-#   logs/ops.log              every step of start, stop, upgrade and rollback
-#   backups/<UTC time>-<version>/   venv (hard-linked copy), service.env, VERSION, requirements.txt
+#   current -> versions/NAME   the version that starts. Replaced only by rename(2) of a new link over it, so
+#                              at every instant it names a complete install.
+#   versions/NAME/             one version, never modified once built (NAME: <UTC time>-<version>):
+#       venv/                  its virtual environment: hard links to every file it shares with the version
+#                              it was built from, so an unchanged torch is stored once
+#       service.env            its EMBEDDING_* settings (and GUNICORN_CMD_ARGS), one VAR=value a line
+#       VERSION, requirements.txt (pip freeze)
+#       HEALTH                 "good TIME" once it served a real embedding after a start, "failed TIME: WHY"
+#                              when it did not; absent: never checked
+#   versions/.building-*/      a version being built; the next command removes one an interrupted run left
+#   run/service.pid            the gunicorn master's pid
+#   run/ops.lock               flock(1): one upgrade, rollback, start or stop at a time; says who holds it
+#   run/switch                 "TARGET FALLBACK" while a switch is checked; the next command finishes one that
+#                              was interrupted
+#   logs/service.log           the service's JSON log lines
+#   logs/ops.log               every step of start, stop, upgrade and rollback
+# An install of the first layout (venv/ and service.env at the top, backups/) is adopted by the next
+# upgrade, rollback or start: its venv becomes a version (hard links again), its backups unchecked versions.
 
-EMBEDDING_HOME="${EMBEDDING_HOME:-/opt/embedding-service}"
-VENV="$EMBEDDING_HOME/venv"
-ENV_FILE="$EMBEDDING_HOME/service.env"
-PID_FILE="$EMBEDDING_HOME/run/service.pid"
+EMBEDDING_HOME="$(readlink -m "${EMBEDDING_HOME:-/opt/embedding-service}")"  # one spelling, to compare paths
+CURRENT="$EMBEDDING_HOME/current"
+VERSIONS="$EMBEDDING_HOME/versions"
+RUN_DIR="$EMBEDDING_HOME/run"
+PID_FILE="$RUN_DIR/service.pid"
+LOCK_FILE="$RUN_DIR/ops.lock"
+SWITCH_FILE="$RUN_DIR/switch"
 LOG_DIR="$EMBEDDING_HOME/logs"
-BACKUP_DIR="$EMBEDDING_HOME/backups"
+LEGACY_VENV="$EMBEDDING_HOME/venv"
+LEGACY_BACKUPS="$EMBEDDING_HOME/backups"
 STOP_TIMEOUT_S="${STOP_TIMEOUT_S:-150}"   # above the service's graceful timeout (120 s by default)
 READY_TIMEOUT_S="${READY_TIMEOUT_S:-300}"
-KEEP_BACKUPS="${KEEP_BACKUPS:-5}"
+KEEP_VERSIONS="${KEEP_VERSIONS:-5}"       # the current one included
+LOCK_WAIT_S="${LOCK_WAIT_S:-0}"           # how long to wait for another ops command; 0: refuse at once
+OPS_DIR="$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")"
+export OPS_NAME="${OPS_NAME:-ops}"
 
 log() {
     mkdir -p "$LOG_DIR"
-    printf '%s [%s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${OPS_NAME:-ops}" "$*" | tee -a "$LOG_DIR/ops.log" >&2
+    printf '%s [%s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$OPS_NAME" "$*" | tee -a "$LOG_DIR/ops.log" >&2
+}
+
+# help_text: the calling script's opening comment (usage, steps, exit codes, environment), for --help.
+help_text() {
+    sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"
 }
 
 die() {  # die MESSAGE [EXIT_CODE]
@@ -29,25 +54,143 @@ die() {  # die MESSAGE [EXIT_CODE]
     exit "${2:-1}"
 }
 
-# The value of one setting from service.env (or its default).
+now() { date -u +%Y-%m-%dT%H:%M:%SZ; }
+
+# --- one command at a time --------------------------------------------------------------------------------
+
+# take_lock WHAT: hold run/ops.lock until this process and the children it leaves behind have exited. Waits
+# up to LOCK_WAIT_S seconds for another holder, then refuses with exit 5, naming it.
+take_lock() {
+    mkdir -p "$RUN_DIR" || die "cannot create $RUN_DIR"
+    exec 9>>"$LOCK_FILE" || die "cannot open the lock $LOCK_FILE"
+    local got=0
+    if [ "$LOCK_WAIT_S" = 0 ]; then flock -n 9 && got=1; else flock -w "$LOCK_WAIT_S" 9 && got=1; fi
+    if [ "$got" = 0 ]; then
+        die "another upgrade, rollback, start or stop is running ($(head -n 1 "$LOCK_FILE" 2>/dev/null || echo "holder unknown")); not starting a second one. Wait for it (LOCK_WAIT_S=SECONDS waits), see $LOG_DIR/ops.log" 5
+    fi
+    printf 'pid %s: %s (since %s)\n' "$$" "$1" "$(now)" >"$LOCK_FILE"
+}
+
+# run_detached FUNCTION ARGS...: run a step of this library in its own session, so that killing this
+# command (even its whole process group) cannot stop the step halfway. It inherits the lock, which is
+# held until it ends; its log lines follow on stderr. Returns its exit status.
+run_detached() {
+    local out="$RUN_DIR/detached.log" pid follower status=0
+    : >"$out" || { log "cannot write $out"; return 1; }
+    # shellcheck disable=SC2016  # expanded by the detached bash: $1 is this library, then the step and its arguments
+    setsid bash -c '. "$1" && shift && "$@"' detached "$OPS_DIR/lib.sh" "$@" >>"$out" 2>&1 </dev/null &
+    pid=$!
+    printf 'pid %s: %s, started by pid %s (%s) (since %s)\n' "$pid" "$*" "$$" "$OPS_NAME" "$(now)" >"$LOCK_FILE"
+    tail -n +1 -s 0.2 -f --pid="$pid" "$out" >&2 &
+    follower=$!
+    wait "$pid" || status=$?
+    wait "$follower" || true
+    return "$status"
+}
+
+# --- versions -----------------------------------------------------------------------------------------
+
+# The directory the service starts from: what current points at, or the top directory of a first-layout
+# install. Fails when there is neither.
+live_dir() {
+    if [ -L "$CURRENT" ]; then
+        readlink -e "$CURRENT"
+    elif [ -d "$LEGACY_VENV" ]; then
+        printf '%s' "$EMBEDDING_HOME"
+    else
+        return 1
+    fi
+}
+
+current_name() {  # empty for a first-layout install
+    [ -L "$CURRENT" ] && basename "$(readlink "$CURRENT")"
+    return 0
+}
+
+# The value of one setting from the live version's service.env (or its default).
 setting() {  # setting NAME DEFAULT
-    local value
+    local value env_file
+    env_file="$(live_dir 2>/dev/null)/service.env"
     # shellcheck source=/dev/null  # the install's own settings file
-    value=$(set -a; [ -f "$ENV_FILE" ] && . "$ENV_FILE"; eval "printf '%s' \"\${$1:-}\"")
+    value=$(set -a; [ -f "$env_file" ] && . "$env_file"; eval "printf '%s' \"\${$1:-}\"")
     printf '%s' "${value:-$2}"
 }
+
+installed_version() {  # installed_version [DIR]: the service package's version in DIR/venv (default: the live one)
+    local dir="${1:-$(live_dir 2>/dev/null)}"
+    "$dir/venv/bin/python" -I -c 'from importlib.metadata import version; print(version("embedding-service"))' \
+        2>/dev/null || echo unknown
+}
+
+list_versions() {  # complete versions, newest first
+    [ -d "$VERSIONS" ] || return 0
+    find "$VERSIONS" -mindepth 1 -maxdepth 1 -type d ! -name '.*' -printf '%f\n' | sort -r
+}
+
+health() {  # health NAME: good, failed or unchecked
+    local line
+    line=$(head -n 1 "$VERSIONS/$1/HEALTH" 2>/dev/null) || line=""
+    case "$line" in good*) echo good ;; failed*) echo failed ;; *) echo unchecked ;; esac
+}
+
+set_health() {  # set_health NAME good|failed [WHY]
+    [ -n "$1" ] && [ -d "$VERSIONS/$1" ] || return 0
+    if ! { printf '%s %s%s\n' "$2" "$(now)" "${3:+: $3}" >"$VERSIONS/$1/HEALTH.new" \
+        && mv -f "$VERSIONS/$1/HEALTH.new" "$VERSIONS/$1/HEALTH"; }; then
+        log "warning: cannot record the health of $1"
+    fi
+}
+
+# switch_to NAME: point current at versions/NAME by renaming a new link over it, atomic for every reader.
+switch_to() {
+    [ -x "$VERSIONS/$1/venv/bin/python" ] || { log "no complete version named $1 in $VERSIONS"; return 1; }
+    rm -f "$CURRENT.new"
+    if ! { ln -s "versions/$1" "$CURRENT.new" && mv -T "$CURRENT.new" "$CURRENT"; }; then
+        log "cannot switch $CURRENT to versions/$1"
+        return 1
+    fi
+    log "current -> versions/$1"
+}
+
+# finish_version DIR NAME BASE: make the built tree DIR the complete version NAME. The venv's scripts and
+# activate files still name the venv they were copied from (BASE/venv): they are rewritten (sed -i writes a new file,
+# so the version they came from keeps its own), then one rename publishes the version.
+finish_version() {
+    local dir="$1" name="$2" base="$3" files
+    local venv="$VERSIONS/$name/venv"
+    files=$(grep -lF -e "$base/venv" -e "$dir/venv" -r "$dir/venv/bin" 2>/dev/null) || files=""
+    if [ -n "$files" ]; then
+        # shellcheck disable=SC2086  # one path a line, none with spaces (bin/ of a venv)
+        sed -i -e "s|$base/venv|$venv|g" -e "s|$dir/venv|$venv|g" $files || return 1
+    fi
+    "$dir/venv/bin/python" -I -m pip freeze --all >"$dir/requirements.txt" 2>/dev/null || return 1
+    installed_version "$dir" >"$dir/VERSION" || return 1
+    mv -T "$dir" "$VERSIONS/$name" || return 1
+}
+
+# copy_version FROM_DIR: a new tree .building-* beside the versions, whose venv is a hard-linked copy of
+# FROM_DIR's and whose service.env is a copy of FROM_DIR's. Sets BUILDING to its path.
+copy_version() {
+    BUILDING="$VERSIONS/.building-$(date -u +%Y%m%dT%H%M%SZ)-$$"
+    mkdir -p "$BUILDING" || return 1
+    cp -al "$1/venv" "$BUILDING/venv" || return 1
+    if [ -f "$1/service.env" ]; then cp -p "$1/service.env" "$BUILDING/service.env" || return 1; fi
+}
+
+# --- the running service ------------------------------------------------------------------------------
 
 service_url() {
     printf 'http://127.0.0.1:%s' "$(setting EMBEDDING_PORT 5000)"
 }
 
 # GET or POST a path of the running service; prints "STATUS BODY". Never fails (status 0: no answer).
+# X-Ops-Check: the service does not count these requests as activity (app/activity.py).
 http() {  # http METHOD PATH [JSON_BODY]
     python3 - "$1" "$(service_url)$2" "${3:-}" <<'PY'
 import sys, urllib.error, urllib.request
 method, url, body = sys.argv[1], sys.argv[2], sys.argv[3]
 request = urllib.request.Request(url, data=body.encode() if body else None, method=method,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", "X-Ops-Check": "1"})
 try:
     with urllib.request.urlopen(request, timeout=30) as response:
         print(response.status, response.read().decode())
@@ -62,11 +205,6 @@ json_field() {  # json_field FIELD <<< JSON
     python3 -c 'import json, sys; value = json.load(sys.stdin).get(sys.argv[1]); print("" if value is None else value)' "$1"
 }
 
-installed_version() {  # the version of the service package in a venv (default: the live one)
-    "${1:-$VENV}/bin/python" -I -c 'from importlib.metadata import version; print(version("embedding-service"))' 2>/dev/null \
-        || echo unknown
-}
-
 is_running() {
     [ -f "$PID_FILE" ] || return 1
     local pid
@@ -74,24 +212,35 @@ is_running() {
     [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && grep -q gunicorn "/proc/$pid/cmdline" 2>/dev/null
 }
 
+running_dir() {  # the directory of the version the running service started from (its python's venv's parent)
+    is_running || return 1
+    local python
+    python=$(tr '\0' '\n' <"/proc/$(cat "$PID_FILE")/cmdline" | head -n 1)
+    dirname "$(dirname "$(dirname "$python")")"
+}
+
+# start_service: start the live version from its real directory (current resolved), so that a later
+# switch of current never changes the files of a process that is running.
 start_service() {
     if is_running; then
         log "already running (pid $(cat "$PID_FILE"))"
         return 0
     fi
-    [ -x "$VENV/bin/python" ] || die "no virtual environment at $VENV"
-    mkdir -p "$EMBEDDING_HOME/run" "$LOG_DIR"
+    local dir
+    dir=$(live_dir) || { log "nothing installed in $EMBEDDING_HOME (no current, no venv)"; return 1; }
+    [ -x "$dir/venv/bin/python" ] || { log "no virtual environment in $dir"; return 1; }
+    mkdir -p "$RUN_DIR" "$LOG_DIR" || return 1
     (
         set -a
         # shellcheck source=/dev/null  # the install's own settings file
-        [ -f "$ENV_FILE" ] && . "$ENV_FILE"
+        [ -f "$dir/service.env" ] && . "$dir/service.env"
         set +a
         cd "$EMBEDDING_HOME" || exit 1
-        exec setsid "$VENV/bin/python" -m gunicorn -c python:app.gunicorn_conf app.asgi:app \
-            >>"$LOG_DIR/service.log" 2>&1 </dev/null
+        exec setsid "$dir/venv/bin/python" -m gunicorn -c python:app.gunicorn_conf app.asgi:app \
+            >>"$LOG_DIR/service.log" 2>&1 </dev/null 9>&-
     ) &
-    echo $! >"$PID_FILE"
-    log "started version $(installed_version) (pid $!), logs in $LOG_DIR/service.log"
+    echo $! >"$PID_FILE" || return 1
+    log "started version $(installed_version "$dir") from $dir (pid $!), logs in $LOG_DIR/service.log"
 }
 
 stop_service() {
@@ -131,51 +280,146 @@ wait_ready() {  # wait_ready [TIMEOUT_S]: 0 once /ready answers 200, 1 if the pr
     return 1
 }
 
-# One real embedding request; 0 when it answers one vector.
+# One real embedding request; 0 when it answers one vector (as an array, or under "embeddings").
 smoke_test() {
     local answer
     answer=$(http POST /embed '{"inputs": ["upgrade check: one real embedding"]}')
     [ "${answer%% *}" = 200 ] || { log "embedding request failed: ${answer:0:300}"; return 1; }
-    python3 -c 'import json, sys; assert len(json.loads(sys.argv[1].split(" ", 1)[1])["embeddings"]) == 1' "$answer"
+    python3 -c '
+import json, sys
+body = json.loads(sys.argv[1].split(" ", 1)[1])
+vectors = body if isinstance(body, list) else body["embeddings"]
+assert len(vectors) == 1 and len(vectors[0]) > 0' "$answer" || { log "embedding request answered no vector"; return 1; }
 }
 
-list_backups() {  # newest first
-    [ -d "$BACKUP_DIR" ] || return 0
-    find "$BACKUP_DIR" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' | sort -r
+# serves_now: the running service answers /ready and embeds; records the health of the version it runs.
+serves_now() {
+    is_running && [ "$(http GET /ready | cut -d' ' -f1)" = 200 ] && smoke_test
 }
 
-make_backup() {  # prints the backup's name
-    local version name
-    version=$(installed_version)
+# --- switching versions ---------------------------------------------------------------------------------
+
+# restart_checked TARGET FALLBACK: current already names TARGET. Restart, wait until ready, one real
+# embedding; if TARGET does not serve, current -> FALLBACK (what ran before), restart, check again. Records
+# each version's health. Run detached (switch_and_check), so that it always ends in a checked state.
+# Exit: 0 TARGET serves, 1 TARGET failed and FALLBACK serves again, 4 nothing serves.
+restart_checked() {
+    local target="$1" fallback="${2:-}"
+    if restart_current "$target"; then
+        rm -f "$SWITCH_FILE"
+        return 0
+    fi
+    if [ -n "$fallback" ] && [ "$fallback" != "$target" ]; then
+        log "switching back to $fallback"
+        if switch_to "$fallback" && restart_current "$fallback"; then
+            rm -f "$SWITCH_FILE"
+            return 1
+        fi
+    fi
+    rm -f "$SWITCH_FILE"
+    log "NOTHING SERVES: neither $target nor ${fallback:-a previous version} became ready; see $LOG_DIR/service.log and ops/runbooks.md"
+    return 4
+}
+
+restart_current() {  # restart_current NAME: restart (current names NAME), ready, one embedding; records NAME's health
+    local why=""
+    if ! { stop_service && start_service; }; then
+        why="did not start"
+    elif ! wait_ready; then
+        why="did not become ready"
+    elif ! smoke_test; then
+        why="did not embed"
+    fi
+    if [ -n "$why" ]; then
+        log "version $1 $why"
+        set_health "$1" failed "$why"
+        return 1
+    fi
+    set_health "$1" good
+    log "version $1 serves"
+}
+
+# switch_and_check TARGET FALLBACK: record the switch, make TARGET current, then restart and check it
+# detached (restart_checked). Exit: as restart_checked's, or 2 when current could not be switched (nothing
+# changed).
+switch_and_check() {
+    printf '%s %s\n' "$1" "${2:-}" >"$SWITCH_FILE" || { log "cannot write $SWITCH_FILE; nothing changed"; return 2; }
+    if ! switch_to "$1"; then
+        rm -f "$SWITCH_FILE"
+        log "nothing changed: current still names versions/${2:-?}, and the service was not restarted"
+        return 2
+    fi
+    run_detached restart_checked "$1" "${2:-}"
+}
+
+# --- what an interrupted run leaves ---------------------------------------------------------------------
+
+# clean_leftovers: under the lock, before anything else. Removes unfinished builds and a stray link, adopts
+# a first-layout install, removes its venv once nothing runs from it, and finishes an interrupted switch.
+clean_leftovers() {
+    local leftover target fallback
+    mkdir -p "$VERSIONS" || die "cannot create $VERSIONS"
+    for leftover in "$VERSIONS"/.building-*; do
+        [ -e "$leftover" ] || continue
+        rm -rf "$leftover" || die "cannot remove $leftover, left by an interrupted run"
+        log "removed $leftover, an unfinished version left by an interrupted run"
+    done
+    rm -f "$CURRENT.new"
+    [ -L "$CURRENT" ] || [ ! -d "$LEGACY_VENV" ] || adopt_legacy
+    if [ -L "$CURRENT" ] && [ ! -e "$CURRENT" ]; then
+        die "$CURRENT points at $(readlink "$CURRENT"), which does not exist: ops/rollback.sh --list, then ops/rollback.sh NAME"
+    fi
+    if [ -d "$LEGACY_VENV" ] && [ -L "$CURRENT" ] && [ "$(running_dir 2>/dev/null)" != "$EMBEDDING_HOME" ]; then
+        rm -rf "$LEGACY_VENV" "$EMBEDDING_HOME/service.env" || die "cannot remove the adopted $LEGACY_VENV"
+        log "removed $LEGACY_VENV: adopted as versions/$(current_name), and nothing runs from it"
+    fi
+    if [ -f "$SWITCH_FILE" ]; then
+        read -r target fallback <"$SWITCH_FILE" || true
+        if [ "$(current_name)" != "$target" ]; then
+            rm -f "$SWITCH_FILE"
+            log "an interrupted run had not switched to $target: nothing to finish ($target stays, unchecked)"
+        elif [ "$(running_dir 2>/dev/null)" = "$VERSIONS/$target" ] && serves_now; then
+            set_health "$target" good
+            rm -f "$SWITCH_FILE"
+            log "an interrupted switch to $target had finished: it serves"
+        else
+            log "finishing an interrupted switch to $target (falling back to ${fallback:-nothing})"
+            run_detached restart_checked "$target" "$fallback" || [ $? = 1 ] \
+                || die "the interrupted switch left nothing serving" 4
+        fi
+    fi
+}
+
+# adopt_legacy: a first-layout install (venv/ and service.env at the top) becomes versions/NAME and current;
+# the running service keeps running from venv/, which the next command removes once nothing runs from it.
+adopt_legacy() {
+    local name version
+    log "adopting the install in $LEGACY_VENV as a version (hard links)"
+    copy_version "$EMBEDDING_HOME" || die "cannot copy $LEGACY_VENV into $VERSIONS; nothing changed"
+    version=$(installed_version "$EMBEDDING_HOME")
     name="$(date -u +%Y%m%dT%H%M%SZ)-$version"
-    mkdir -p "$BACKUP_DIR/$name"
-    cp -al "$VENV" "$BACKUP_DIR/$name/venv"  # hard links: seconds, and no second copy of torch
-    [ -f "$ENV_FILE" ] && cp -p "$ENV_FILE" "$BACKUP_DIR/$name/service.env"
-    echo "$version" >"$BACKUP_DIR/$name/VERSION"
-    "$VENV/bin/python" -I -m pip freeze --all >"$BACKUP_DIR/$name/requirements.txt" 2>/dev/null || true
-    log "backed up version $version (code, environment, configuration) as $name"
-    echo "$name"
+    finish_version "$BUILDING" "$name" "$EMBEDDING_HOME" || die "cannot make $BUILDING a version; nothing changed"
+    if [ "$(running_dir 2>/dev/null)" = "$EMBEDDING_HOME" ] && serves_now; then set_health "$name" good; fi
+    switch_to "$name" || die "cannot switch to the adopted version $name"
+    if [ -d "$LEGACY_BACKUPS" ]; then
+        local backup
+        for backup in "$LEGACY_BACKUPS"/*/; do
+            backup=$(basename "$backup")
+            [ -d "$LEGACY_BACKUPS/$backup/venv" ] && [ ! -e "$VERSIONS/$backup" ] || continue
+            mv -T "$LEGACY_BACKUPS/$backup" "$VERSIONS/$backup" && log "kept backup $backup as an unchecked version"
+        done
+        rm -rf "$LEGACY_BACKUPS"
+    fi
 }
 
-# Often called as `restore_backup NAME || ...`, where bash ignores `set -e`: every step returns on failure.
-restore_backup() {  # restore_backup NAME: stop, put the backup's venv and configuration back, start, wait for ready
-    local dir="$BACKUP_DIR/$1"
-    [ -d "$dir/venv" ] || die "no backup named $1 (see: ops/rollback.sh --list)" 2
-    log "restoring backup $1 (version $(cat "$dir/VERSION"))"
-    stop_service || return 1
-    rm -rf "$VENV.restoring"
-    cp -al "$dir/venv" "$VENV.restoring" || return 1
-    rm -rf "$VENV"
-    mv "$VENV.restoring" "$VENV" || return 1
-    if [ -f "$dir/service.env" ]; then cp -p "$dir/service.env" "$ENV_FILE" || return 1; fi
-    start_service || return 1
-    wait_ready
-}
-
-prune_backups() {
-    local name
-    list_backups | tail -n +"$((KEEP_BACKUPS + 1))" | while read -r name; do
-        rm -rf "${BACKUP_DIR:?}/$name"
-        log "removed old backup $name (keeping the newest $KEEP_BACKUPS)"
+prune_versions() {  # keep the newest KEEP_VERSIONS versions, and always the current and the running one
+    local name kept=0 running
+    running=$(basename "$(running_dir 2>/dev/null)" 2>/dev/null) || running=""
+    list_versions | while read -r name; do
+        if [ "$name" = "$(current_name)" ] || [ "$name" = "$running" ] || [ "$kept" -lt "$KEEP_VERSIONS" ]; then
+            kept=$((kept + 1))
+            continue
+        fi
+        rm -rf "${VERSIONS:?}/$name" && log "removed old version $name (keeping the newest $KEEP_VERSIONS)"
     done
 }

@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
-# Upgrade the service installed in $EMBEDDING_HOME, safely:
+# Upgrade the service installed in $EMBEDDING_HOME (layout: ops/lib.sh), so that it can be killed at any
+# moment and still leave a service that serves and a version that starts:
 #   ops/upgrade.sh [--force] [--active-minutes N] (--source DIR | --version X) [--config FILE]
 #
-#  1. refuse while the service is in use: requests in the last N minutes (default 5) or texts queued,
-#     read from its own GET /activity (exit 3; --force upgrades anyway, in-flight requests are still answered)
-#  2. back up the current install (venv, service.env, version record) under backups/<UTC time>-<version>
-#  3. install the new version (pip, from a source tree or the package index) and, if given, a new service.env
-#  4. restart (graceful), wait for /ready, send one real embedding request
-#  5. on any failure: restore the backup, restart it, wait for ready, exit 1 (exit 4 if that fails too)
-# Exit codes: 0 upgraded, 1 failed and rolled back, 2 usage, 3 refused (active), 4 rollback failed.
-# EMBEDDING_PIP_ARGS adds pip options (e.g. --no-deps for a code-only upgrade).
+#  1. take the lock (a second upgrade, rollback, start or stop refuses, naming the holder) and clean what an
+#     interrupted run left: unfinished builds, a switch that was not finished
+#  2. refuse while the service is in use: requests in the last N minutes (default 5) or texts queued, read
+#     from its own GET /activity (exit 3; --force upgrades anyway, in-flight requests are still answered)
+#  3. build the new version beside the running one: a hard-linked copy of the current venv, pip install
+#     into the copy, its configuration (--config FILE, or the current one), an import check of the service
+#     and its model stack; then one rename makes it a complete version. The running version is never touched.
+#  4. switch: current -> the new version (rename of a link), restart (graceful), wait for /ready, one real
+#     embedding. If that fails: current -> the previous version, restart, check it. This step runs in its
+#     own session: killing the upgrade does not stop it halfway.
+# Exit codes: 0 upgraded; 1 failed, the previous version serves (never switched, or switched back);
+# 2 usage; 3 refused (active); 4 nothing serves; 5 another ops command is running.
+# Environment: EMBEDDING_HOME (the install, default /opt/embedding-service); LOCK_WAIT_S (seconds to wait
+# for another ops command's lock, default 0: refuse); STOP_TIMEOUT_S (SIGKILL after, default 150);
+# READY_TIMEOUT_S (wait for /ready, default 300); KEEP_VERSIONS (versions kept,
+# the current one included, default 5); EMBEDDING_PIP_ARGS (pip options, e.g. --no-deps for code only).
 set -euo pipefail
 OPS_NAME=upgrade
 # shellcheck source=ops/lib.sh  # OPS_NAME above names this script in its log lines
 . "$(dirname "$(readlink -f "$0")")/lib.sh"
+command_line="$(basename "$0") $*"
+
+# What the new version must import before it can become current: the service and its model stack.
+IMPORT_CHECK="import app, app.api, app.backend, app.engine, app.front, app.memory, app.server, gunicorn, torch, sentence_transformers"
 
 force=0 minutes=5 source_dir="" version="" config=""
-usage() { echo "usage: $0 [--force] [--active-minutes N] (--source DIR | --version X) [--config FILE]" >&2; exit 2; }
+usage() { echo "usage: $0 [--force] [--active-minutes N] (--source DIR | --version X) [--config FILE]; --help for more" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --force) force=1 ;;
@@ -24,7 +37,7 @@ while [ $# -gt 0 ]; do
         --source) source_dir="$(readlink -f "${2:?}")"; shift ;;
         --version) version="${2:?}"; shift ;;
         --config) config="$(readlink -f "${2:?}")"; shift ;;
-        -h | --help) usage ;;
+        -h | --help) help_text; exit 0 ;;
         *) echo "unknown option: $1" >&2; usage ;;
     esac
     shift
@@ -54,41 +67,56 @@ check_activity() {
     fi
 }
 
-# Called as `install_new || roll_back ...`, where bash ignores `set -e`: every step returns on failure.
-install_new() {
-    local pip=("$VENV/bin/python" -m pip install --upgrade --disable-pip-version-check)
+# Called as `build || fail_build ...`, where bash ignores `set -e`: every step returns on failure.
+# Sets NEW_NAME to the complete version it built.
+build() {
+    local base="$1" new_version
+    log "copying the running version's environment as the base of the new one (hard links)"
+    copy_version "$base" || { log "the copy failed"; return 1; }
+    local pip=("$BUILDING/venv/bin/python" -m pip install --upgrade --disable-pip-version-check)
     # shellcheck disable=SC2206  # EMBEDDING_PIP_ARGS is a list of options
     pip+=(${EMBEDDING_PIP_ARGS:-})
     if [ -n "$source_dir" ]; then
         log "installing from $source_dir"
-        "${pip[@]}" -c "$source_dir/constraints.txt" "$source_dir" >>"$LOG_DIR/ops.log" 2>&1 || return 1
+        "${pip[@]}" -c "$source_dir/constraints.txt" "$source_dir" >>"$LOG_DIR/ops.log" 2>&1 \
+            || { log "pip failed (its output is in $LOG_DIR/ops.log)"; return 1; }
     else
         log "installing embedding-service==$version from the package index"
-        "${pip[@]}" "embedding-service==$version" >>"$LOG_DIR/ops.log" 2>&1 || return 1
+        "${pip[@]}" "embedding-service==$version" >>"$LOG_DIR/ops.log" 2>&1 \
+            || { log "pip failed (its output is in $LOG_DIR/ops.log)"; return 1; }
     fi
     if [ -n "$config" ]; then
-        cp "$config" "$ENV_FILE" || return 1
-        log "installed configuration $config"
+        cp "$config" "$BUILDING/service.env" || { log "cannot copy the configuration $config"; return 1; }
+        log "the new version gets the configuration $config"
     fi
+    log "checking that the new version imports"
+    "$BUILDING/venv/bin/python" -I -c "$IMPORT_CHECK" >>"$LOG_DIR/ops.log" 2>&1 \
+        || { log "the new version does not import (see $LOG_DIR/ops.log)"; return 1; }
+    new_version=$(installed_version "$BUILDING")
+    [ "$new_version" != unknown ] || { log "the new environment has no embedding-service package"; return 1; }
+    NEW_NAME="$(date -u +%Y%m%dT%H%M%SZ)-$new_version"
+    finish_version "$BUILDING" "$NEW_NAME" "$base" || { log "cannot publish $BUILDING as $NEW_NAME"; return 1; }
+    log "built version $new_version as versions/$NEW_NAME"
 }
 
-roll_back() {  # roll_back BACKUP STEP
-    log "upgrade failed at: $2; rolling back to $1"
-    if restore_backup "$1" && smoke_test; then
-        log "rolled back: version $(installed_version) serves again"
-        exit 1
-    fi
-    die "ROLLBACK FAILED: the service is not serving; see $LOG_DIR/service.log and ops/runbooks.md" 4
-}
-
-previous=$(installed_version)
-log "upgrade of $EMBEDDING_HOME from version $previous to ${version:-the source in $source_dir}"
+take_lock "$command_line"
+clean_leftovers
+base=$(live_dir) || die "nothing installed in $EMBEDDING_HOME: no current version" 2
+previous=$(current_name)
+log "upgrade of $EMBEDDING_HOME from version $(installed_version) (versions/$previous) to ${version:-the source in $source_dir}"
 check_activity
-backup=$(make_backup)
-install_new || roll_back "$backup" "install"
-log "installed version $(installed_version); restarting"
-{ stop_service && start_service; } || roll_back "$backup" "restart"
-wait_ready || roll_back "$backup" "readiness (the new version did not become ready)"
-smoke_test || roll_back "$backup" "embedding check"
-log "upgraded from $previous to $(installed_version); backup $backup kept for ops/rollback.sh"
-prune_backups
+if ! build "$base"; then
+    rm -rf "${BUILDING:?}" || true
+    die "upgrade failed while building the new version; nothing was switched, version $(installed_version) is untouched" 1
+fi
+status=0
+switch_and_check "$NEW_NAME" "$previous" || status=$?
+case "$status" in
+    0)
+        log "upgraded from versions/$previous to versions/$NEW_NAME; ops/rollback.sh goes back"
+        prune_versions
+        ;;
+    2) die "upgrade failed: could not switch to versions/$NEW_NAME; versions/$previous still serves, untouched" 1 ;;
+    1) die "upgrade failed: versions/$NEW_NAME did not serve; switched back, versions/$previous serves again" 1 ;;
+    *) die "ROLLBACK FAILED: nothing serves; see $LOG_DIR/service.log and ops/runbooks.md" 4 ;;
+esac

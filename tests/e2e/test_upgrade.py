@@ -1,18 +1,26 @@
 """ops/service.sh, ops/upgrade.sh and ops/rollback.sh on a real install, with real services on loopback.
 
-Two versions of the service (1.0.0 and 1.1.0) are built from this tree; the install's
-virtual environment is a hard-linked copy of the test environment, so no dependency is
-downloaded, and upgrades pass ``--no-deps`` through EMBEDDING_PIP_ARGS for speed.
+Versions 1.0.0, 1.1.0 and 1.2.0 of the service are built from this tree. Each test starts from an install
+of the first layout (venv/ and service.env at the top), which the first start adopts as versions/NAME and
+current. The venv is a hard-linked copy of the test environment, so no dependency is downloaded, and
+upgrades pass ``--no-deps`` through EMBEDDING_PIP_ARGS for speed.
+
+An upgrade is killed with SIGKILL to its whole process group at each of its steps; after each kill the
+service must serve, a restart must bring up a working version, and the next upgrade must succeed with no
+repair by hand.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +32,7 @@ from loadtest.service import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ROOT / "ops"
-OLD, NEW = "1.0.0", "1.1.0"
+OLD, NEW, NEWER = "1.0.0", "1.1.0", "1.2.0"
 LONG_TEXTS = [f"Passage {i}: " + "an indexing pipeline sends long documents to the service. " * 20 for i in range(48)]
 
 pytestmark = pytest.mark.slow
@@ -41,6 +49,38 @@ def build_source(base: Path, version: str) -> Path:
     return tree
 
 
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def session_processes(sid: int) -> list[str]:
+    """The command lines of the processes in session ``sid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:
+                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return found
+
+
+def fingerprint(tree: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file under ``tree``: (inode, size, mtime); any change to the tree changes it."""
+    prints = {}
+    for directory, _, files in os.walk(tree):
+        for name in files:
+            info = os.lstat(os.path.join(directory, name))
+            prints[os.path.join(directory, name)] = (info.st_ino, info.st_size, info.st_mtime_ns)
+    return prints
+
+
 @dataclass
 class Install:
     home: Path
@@ -51,16 +91,35 @@ class Install:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def ops(self, script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        env = {
+    @property
+    def env(self) -> dict[str, str]:
+        return {
             **os.environ,
             "EMBEDDING_HOME": str(self.home),
             "EMBEDDING_PIP_ARGS": "--no-deps --no-build-isolation --quiet",
             "READY_TIMEOUT_S": "180",
         }
+
+    def ops(self, script: str, *args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["bash", str(OPS / script), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+            ["bash", str(OPS / script), *args],
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
+
+    def start_ops(self, script: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        """Run an ops script in a session of its own (its process group is its session), output to a file."""
+        with (self.home.parent / f"{script}.out").open("ab") as out:
+            return subprocess.Popen(
+                ["bash", str(OPS / script), *args],
+                env={**self.env, **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def version(self) -> str:
         version: str = requests.get(f"{self.url}/info", timeout=10).json()["version"]
@@ -68,6 +127,28 @@ class Install:
 
     def embeds(self) -> bool:
         return requests.post(f"{self.url}/embed", json={"inputs": "still serving"}, timeout=60).status_code == 200
+
+    def serving(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/ready", timeout=5).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def unlocked(self) -> bool:
+        lock = self.home / "run" / "ops.lock"
+        return subprocess.run(["flock", "-n", str(lock), "true"], check=False).returncode == 0
+
+    def current(self) -> Path:
+        return (self.home / "current").resolve(strict=True)
+
+    def versions(self) -> list[list[str]]:
+        """ops/rollback.sh --list, one [name, version, health and marks] per line."""
+        listed = self.ops("rollback.sh", "--list")
+        assert listed.returncode == 0, listed.stderr
+        return [line.split("\t") for line in listed.stdout.splitlines()]
+
+    def log(self) -> str:
+        return (self.home / "logs" / "ops.log").read_text()
 
     def config(self, **extra: str) -> Path:
         path = self.home.parent / f"service-{len(extra)}-{'-'.join(extra)}.env"
@@ -85,54 +166,121 @@ class Install:
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("sources")
-    return {version: build_source(base, version) for version in (OLD, NEW)}
+    return {version: build_source(base, version) for version in (OLD, NEW, NEWER)}
+
+
+def first_layout(home: Path, port: int, sources: dict[str, Path]) -> Install:
+    """Version 1.0.0 installed as the first ops scripts did: venv/ and service.env at the top of ``home``."""
+    home.mkdir()
+    subprocess.run(["cp", "-al", sys.prefix, str(home / "venv")], check=True)
+    own_shebangs(home / "venv", sys.prefix)
+    pip = [str(home / "venv" / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps"]
+    subprocess.run([*pip, "--no-build-isolation", str(sources[OLD])], check=True, capture_output=True)
+    inst = Install(home, port, sources)
+    shutil.copy(inst.config(), home / "service.env")
+    return inst
+
+
+def own_shebangs(venv: Path, was: str) -> None:
+    """As if the venv had been made where it is: its scripts name its own python instead of ``was``'s."""
+    for script in (venv / "bin").iterdir():
+        if script.is_file() and not script.is_symlink() and script.read_bytes().startswith(f"#!{was}".encode()):
+            text = script.read_bytes().replace(was.encode(), str(venv).encode(), 1)
+            script.unlink()  # a new file: the hard-linked original belongs to the environment copied
+            script.write_bytes(text)
+            script.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Path]) -> Path:
+    """An install of the first layout adopted as versions/NAME by a stop (which starts nothing)."""
+    inst = first_layout(tmp_path_factory.mktemp("template") / "embedding-service", 0, sources)
+    adopted = inst.ops("service.sh", "stop")
+    assert adopted.returncode == 0, adopted.stderr
+    assert "adopting the install" in adopted.stderr
+    return inst.home
 
 
 @pytest.fixture
-def install(tmp_path: Path, sources: dict[str, Path]) -> Iterator[Install]:
-    """Version 1.0.0 installed in its own directory and running."""
+def install(tmp_path: Path, template: Path, sources: dict[str, Path]) -> Iterator[Install]:
+    """Version 1.0.0 as versions/NAME and current (hard links to the template), started."""
     home = tmp_path / "embedding-service"
-    home.mkdir()
-    subprocess.run(["cp", "-al", sys.prefix, str(home / "venv")], check=True)
-    pip = [str(home / "venv" / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps"]
-    subprocess.run([*pip, "--no-build-isolation", str(sources[OLD])], check=True, capture_output=True)
+    subprocess.run(["cp", "-al", str(template), str(home)], check=True)
+    (home / "logs" / "ops.log").unlink()  # hard links: unlinked, never written through
+    shutil.rmtree(home / "run")
+    (version,) = (home / "versions").iterdir()
+    own_shebangs(version / "venv", str(template / "versions" / version.name / "venv"))
     inst = Install(home, free_port(), sources)
-    shutil.copy(inst.config(), home / "service.env")
+    (version / "service.env").unlink()
+    shutil.copy(inst.config(), version / "service.env")
     started = inst.ops("service.sh", "start")
     assert started.returncode == 0, started.stderr
     yield inst
+    wait_until(inst.unlocked, 300, "the ops lock")  # a detached switch may still be finishing
     inst.ops("service.sh", "stop")
 
 
-def test_status_reports_version_and_readiness(install: Install) -> None:
-    status = install.ops("service.sh", "status")
-    assert status.returncode == 0
-    assert f"version {OLD}" in status.stdout
-    assert "ready" in status.stdout
-    assert install.ops("service.sh", "stop").returncode == 0
+def test_start_adopts_the_first_layout_and_status_reports_version_and_readiness(
+    tmp_path: Path, sources: dict[str, Path]
+) -> None:
+    install = first_layout(tmp_path / "embedding-service", free_port(), sources)
+    try:
+        started = install.ops("service.sh", "start")
+        assert started.returncode == 0, started.stderr
+        assert not (install.home / "venv").exists()  # adopted, and nothing runs from it any more
+        assert install.current().parent == install.home / "versions"
+        assert install.current().name.endswith(f"-{OLD}")
+        assert (install.current() / "service.env").read_text() == install.config().read_text()
+        assert install.versions() == [[install.current().name, f"version {OLD}", "good current running"]]
+        status = install.ops("service.sh", "status")
+        assert status.returncode == 0
+        assert f"version {OLD}" in status.stdout
+        assert "ready" in status.stdout
+    finally:
+        assert install.ops("service.sh", "stop").returncode == 0
     stopped = install.ops("service.sh", "status")
     assert stopped.returncode == 3
-    assert f"stopped (installed version {OLD})" in stopped.stdout
+    assert f"stopped (installed version {OLD}, current versions/{install.current().name})" in stopped.stdout
 
 
-def test_an_idle_service_is_upgraded_and_backed_up(install: Install) -> None:
-    assert install.version() == OLD
-    result = install.ops("upgrade.sh", "--source", str(install.sources[NEW]))
-    assert result.returncode == 0, result.stderr
-    assert install.version() == NEW
-    assert install.embeds()
-    backups = install.ops("rollback.sh", "--list").stdout.splitlines()
-    assert len(backups) == 1 and backups[0].endswith(f"-{OLD}\tversion {OLD}")
-    backup = install.home / "backups" / backups[0].split("\t")[0]
-    assert (backup / "service.env").exists()
-    assert f"embedding-service @ file://{install.sources[OLD]}" in (backup / "requirements.txt").read_text()
-    steps = (install.home / "logs" / "ops.log").read_text()
-    for step in ("activity: 0 embedding requests", "backed up version 1.0.0", "installing from", "stopping pid"):
+def test_an_idle_upgrade_builds_beside_the_running_version_and_a_second_one_waits_or_refuses(
+    install: Install,
+) -> None:
+    old = install.current()
+    before = fingerprint(old)
+    first = install.start_ops("upgrade.sh", "--source", str(install.sources[NEW]))
+    wait_until(lambda: "hard links" in install.log(), 60, "the first upgrade to start building")
+    refused = install.ops("upgrade.sh", "--source", str(install.sources[NEWER]))
+    assert refused.returncode == 5
+    assert f"pid {first.pid}: upgrade.sh --source {install.sources[NEW]}" in refused.stderr
+    assert install.ops("rollback.sh", "--list").returncode == 0  # reading is never locked out
+    assert install.ops("rollback.sh").returncode == 5
+    assert install.ops("service.sh", "restart").returncode == 5
+    waiting = install.start_ops("rollback.sh", LOCK_WAIT_S="600")
+    assert first.wait(300) == 0
+
+    assert fingerprint(old) == before  # the version that ran was never modified
+    new = next(p for p in (install.home / "versions").iterdir() if p.name.endswith(f"-{NEW}"))
+    assert f"embedding-service @ file://{install.sources[NEW]}" in (new / "requirements.txt").read_text()
+    assert (new / "service.env").read_text() == (old / "service.env").read_text()
+    shebangs = [p.read_text().splitlines()[0] for p in (new / "venv" / "bin").iterdir() if p.name.startswith("pip")]
+    assert shebangs and all(line.startswith(f"#!{new}/venv/bin/python") for line in shebangs)
+    steps = install.log()
+    for step in ("activity: 0 embedding requests", "hard links", "installing from", "imports", "stopping pid"):
         assert step in steps
-    assert f"upgraded from {OLD} to {NEW}" in steps
+    assert f"upgraded from versions/{old.name} to versions/{new.name}" in steps
+    assert not list((install.home / "versions").glob(".building-*"))
+
+    assert waiting.wait(300) == 0  # the rollback waited for the lock, then went back to 1.0.0
+    assert install.version() == OLD and install.current() == old
+    assert install.embeds()
+    assert install.versions() == [
+        [new.name, f"version {NEW}", "good"],
+        [old.name, f"version {OLD}", "good current running"],
+    ]
 
 
-def test_an_upgrade_while_indexing_runs_is_refused(install: Install) -> None:
+def test_an_upgrade_while_indexing_runs_is_refused_and_force_answers_in_flight_requests(install: Install) -> None:
     stop = threading.Event()
 
     def index() -> None:
@@ -142,6 +290,8 @@ def test_an_upgrade_while_indexing_runs_is_refused(install: Install) -> None:
     with ThreadPoolExecutor(max_workers=2) as pool:
         pool.submit(index)
         pool.submit(index)
+        activity = f"{install.url}/activity"
+        wait_until(lambda: requests.get(activity, timeout=10).json()["requests"] > 0, 60, "the indexing to be seen")
         try:
             result = install.ops("upgrade.sh", "--source", str(install.sources[NEW]))
         finally:
@@ -150,10 +300,8 @@ def test_an_upgrade_while_indexing_runs_is_refused(install: Install) -> None:
     assert "the service is in use" in result.stderr
     assert "--force" in result.stderr
     assert install.version() == OLD
-    assert not (install.home / "backups").exists()
+    assert len(install.versions()) == 1
 
-
-def test_force_upgrades_during_load_and_in_flight_requests_are_answered(install: Install) -> None:
     with ThreadPoolExecutor(max_workers=12) as pool:
         in_flight = [
             pool.submit(requests.post, f"{install.url}/embed", json={"inputs": LONG_TEXTS}, timeout=300)
@@ -167,38 +315,138 @@ def test_force_upgrades_during_load_and_in_flight_requests_are_answered(install:
     assert install.version() == NEW
 
 
-@pytest.mark.parametrize(
-    ("setting", "failure"),
-    [
-        ({"EMBEDDING_BATCH_SIZE": "lots"}, "EMBEDDING_BATCH_SIZE"),
-        ({"EMBEDDING_MODEL": "/nonexistent/model"}, "does not exist"),
-    ],
-    ids=["bad-configuration", "model-does-not-load"],
-)
-def test_a_broken_new_version_is_rolled_back_automatically(
-    install: Install, setting: dict[str, str], failure: str
-) -> None:
-    good_config = (install.home / "service.env").read_text()
+def test_a_broken_version_is_switched_back_and_rollback_never_goes_to_it(install: Install) -> None:
+    old = install.current()
+    good_config = (old / "service.env").read_text()
     result = install.ops(
-        "upgrade.sh", "--source", str(install.sources[NEW]), "--config", str(install.config(**setting))
+        "upgrade.sh",
+        "--source",
+        str(install.sources[NEWER]),
+        "--config",
+        str(install.config(EMBEDDING_MODEL="/nonexistent/model")),
     )
     assert result.returncode == 1, result.stderr
-    assert "upgrade failed at: readiness" in result.stderr
-    assert f"rolled back: version {OLD} serves again" in result.stderr
-    assert failure in (install.home / "logs" / "service.log").read_text()
+    assert "did not become ready" in result.stderr
+    assert f"switched back, versions/{old.name} serves again" in result.stderr
+    assert "does not exist" in (install.home / "logs" / "service.log").read_text()
     assert install.version() == OLD
     assert install.embeds()
-    assert (install.home / "service.env").read_text() == good_config
+    assert install.current() == old
+    assert (install.home / "current" / "service.env").read_text() == good_config
+    (broken, _, health), (kept, _, kept_health) = install.versions()
+    assert broken.endswith(f"-{NEWER}") and health == "failed"
+    assert kept == old.name and kept_health == "good current running"
+    nothing_older = install.ops("rollback.sh")
+    assert nothing_older.returncode == 2
+    assert f"no good version older than {old.name}" in nothing_older.stderr
 
-
-def test_rollback_restores_a_named_backup(install: Install) -> None:
-    assert install.ops("upgrade.sh", "--source", str(install.sources[NEW])).returncode == 0
-    assert install.version() == NEW
-    name = install.ops("rollback.sh", "--list").stdout.split("\t")[0]
-    result = install.ops("rollback.sh", name)
+    upgraded = install.ops("upgrade.sh", "--force", "--source", str(install.sources[NEW]))
+    assert upgraded.returncode == 0, upgraded.stderr
+    new = install.current()
+    result = install.ops("rollback.sh")  # past the failed 1.2.0 build, to the 1.0.0 that served
     assert result.returncode == 0, result.stderr
-    assert install.version() == OLD
+    assert install.version() == OLD and install.current() == old
     assert install.embeds()
-    listed = install.ops("rollback.sh", "--list").stdout
-    assert f"version {NEW}" in listed  # what was replaced is kept, so the rollback can be undone
-    assert install.ops("rollback.sh", "no-such-backup").returncode == 2
+    assert [health for *_, health in install.versions()] == ["good", "failed", "good current running"]
+    undo = install.ops("rollback.sh", new.name)  # a rollback is undone by naming what it left
+    assert undo.returncode == 0, undo.stderr
+    assert install.version() == NEW
+    assert install.ops("rollback.sh", "no-such-version").returncode == 2
+    assert install.ops("rollback.sh", new.name).returncode == 2  # already current
+
+
+def test_a_failed_copy_install_or_switch_stops_the_upgrade_and_leaves_the_running_version_untouched(
+    install: Install, tmp_path: Path
+) -> None:
+    """Each step failing in turn. A full disk at the copy and at the switch comes from a stand-in for `cp` and
+    `ln` that fails on those arguments and passes others on (root ignores permissions); pip fails for real."""
+    old = install.current()
+    before = fingerprint(old)
+    path = os.environ["PATH"]
+    full_disk = {}
+    for tool, fails_on in (("cp", "-al"), ("ln", "current.new")):
+        shim = tmp_path / f"full-disk-{tool}" / tool
+        shim.parent.mkdir()
+        shim.write_text(
+            f'#!/bin/sh\ncase "$*" in *{fails_on}*) echo "{tool}: No space left on device" >&2; exit 1 ;; esac\n'
+            f'exec {shutil.which(tool)} "$@"\n'
+        )
+        shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+        full_disk[tool] = f"{shim.parent}:{path}"
+    broken = build_source(tmp_path, "9.9.9")
+    (broken / "pyproject.toml").write_text("[project]\nname = 'embedding-service'\nversion = \n")
+    attempts = [
+        ("the copy failed", install.sources[NEW], full_disk["cp"]),
+        ("pip failed", broken, path),
+        ("could not switch", install.sources[NEW], full_disk["ln"]),
+    ]
+    for message, source, search_path in attempts:
+        result = install.ops("upgrade.sh", "--force", "--source", str(source), PATH=search_path)  # we embed
+        assert result.returncode == 1, result.stderr
+        assert message in result.stderr
+        assert search_path == path or "No space left on device" in result.stderr
+        assert install.current() == old and fingerprint(old) == before
+        assert install.version() == OLD and install.embeds()
+        assert not list((install.home / "versions").glob(".building-*"))
+    assert "stopping pid" not in install.log()  # never restarted
+
+
+KILL_POINTS = {
+    # name: (when to kill, the version that serves afterwards)
+    "during-the-copy": (lambda inst, up: any(p.startswith("cp -al") for p in session_processes(up.pid)), OLD),
+    "during-pip": (lambda inst, up: any(" -m pip install" in p for p in session_processes(up.pid)), OLD),
+    "between-install-and-switch": (lambda inst, up: "checking that the new version imports" in inst.log(), OLD),
+    "during-the-restart": (lambda inst, up: "stopping pid" in inst.log(), NEW),
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_an_upgrade_killed_at_any_step_leaves_a_service_that_serves_and_starts(install: Install, point: str) -> None:
+    when, serves = KILL_POINTS[point]
+    old = install.current()
+    before = fingerprint(old)
+    upgrade = install.start_ops("upgrade.sh", "--source", str(install.sources[NEW]))
+    wait_until(lambda: when(install, upgrade), 120, f"the upgrade to reach {point}")
+    if point == "during-pip":
+        time.sleep(1.0)  # into pip's work, where the first upgrade script left a half-moved venv
+    os.killpg(upgrade.pid, signal.SIGKILL)
+    assert upgrade.wait(10) == -signal.SIGKILL
+
+    wait_until(install.unlocked, 300, "the lock to be free")  # a restart already under way finishes first
+    wait_until(install.serving, 300, "the service to serve")
+    assert install.version() == serves and install.embeds()
+    assert fingerprint(old) == before
+    assert (install.current() / "venv" / "bin" / "python").exists()
+
+    restarted = install.ops("service.sh", "restart")
+    assert restarted.returncode == 0, restarted.stderr
+    assert install.version() == serves and install.embeds()
+    if serves == OLD:
+        assert "an unfinished version left by an interrupted run" in install.log()
+    assert not list((install.home / "versions").glob(".building-*"))
+
+    again = install.ops("upgrade.sh", "--force", "--source", str(install.sources[NEWER]))
+    assert again.returncode == 0, again.stderr
+    assert install.version() == NEWER and install.embeds()
+
+
+def test_a_switch_killed_while_the_new_version_starts_is_finished_by_the_next_command(install: Install) -> None:
+    """The detached switch itself dies (power loss, OOM killer) after starting the new version."""
+    upgrade = install.start_ops("upgrade.sh", "--source", str(install.sources[NEW]))
+    wait_until(lambda: f"started version {NEW}" in install.log(), 300, "the new version to start")
+    holder = (install.home / "run" / "ops.lock").read_text().split()
+    switch_pid = int(holder[1].rstrip(":"))
+    os.killpg(upgrade.pid, signal.SIGKILL)
+    os.killpg(switch_pid, signal.SIGKILL)
+    upgrade.wait(10)
+    wait_until(install.unlocked, 30, "the lock to be free")
+    assert (install.home / "run" / "switch").exists()
+    assert install.current().name.endswith(f"-{NEW}")
+    assert [health for *_, health in install.versions()] == ["unchecked current running", "good"]
+
+    restarted = install.ops("service.sh", "restart")
+    assert restarted.returncode == 0, restarted.stderr
+    assert "interrupted switch to" in restarted.stderr
+    assert install.version() == NEW and install.embeds()
+    assert [health for *_, health in install.versions()] == ["good current running", "good"]
+    assert not (install.home / "run" / "switch").exists()
