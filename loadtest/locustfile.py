@@ -6,8 +6,11 @@
 The load shape ramps up to ``--load-users`` users over ``--load-ramp`` seconds,
 holds them for ``--load-duration`` seconds (ramp included), then optionally for
 ``--load-soak`` more. Each option also reads an env var (LOAD_USERS, LOAD_DURATION_S,
-LOAD_RAMP_S, LOAD_SOAK_S). Users split 3 indexers : 1 searcher. ``make loadtest``
-runs this against a fresh service and judges the memory curve (loadtest/run.py).
+LOAD_RAMP_S, LOAD_SOAK_S). Locust's own ``-u``, ``-r`` and ``-t`` win where given:
+``-u`` the users, ``-r`` the ramp (users per second), ``-t`` the whole run, so
+``locust -f loadtest/locustfile.py --headless -u 8 -r 4 -t 60s`` runs 60 s at 8 users.
+Users split 3 indexers : 1 searcher. ``make loadtest`` runs this against a fresh
+service and judges the memory curve (loadtest/run.py).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from typing import Any
 from locust import HttpUser, LoadTestShape, between, events, task
 
 from loadtest.corpus import INDEXING_MIX, Sampler, build_corpus
+from loadtest.shape import Shape
 
 _SAMPLER: list[Sampler] = []  # one, made when Locust starts
+_GIVEN: dict[str, Any] = {}  # Locust's -u, -r and -t as given, read before Locust fills in its defaults
 
 
 @events.init_command_line_parser.add_listener
@@ -33,7 +38,13 @@ def _options(parser: Any) -> None:
 
 @events.init.add_listener
 def _load_corpus(environment: Any, **_: Any) -> None:
-    seed = environment.parsed_options.load_seed if environment.parsed_options else 0
+    options = environment.parsed_options
+    seed = options.load_seed if options else 0
+    _GIVEN.update(
+        users=getattr(options, "num_users", None),
+        spawn_rate=getattr(options, "spawn_rate", None),
+        run_time=getattr(options, "run_time", None),
+    )
     random.seed(seed)
     _SAMPLER.append(Sampler(build_corpus(), seed))
 
@@ -78,12 +89,8 @@ class Searcher(HttpUser):
 class IndexingShape(LoadTestShape):
     """Ramp-up, steady load, optional soak; then stop."""
 
+    use_common_options = True  # -u, -r and -t are read by Shape.from_options: Locust must not warn they are ignored
+
     def tick(self) -> tuple[int, float] | None:
         options = self.runner.environment.parsed_options if self.runner else None
-        users = getattr(options, "load_users", 6)
-        ramp = max(getattr(options, "load_ramp", 60.0), 1.0)
-        end = getattr(options, "load_duration", 1200.0) + getattr(options, "load_soak", 0.0)
-        elapsed = self.get_run_time()
-        if elapsed >= end:
-            return None
-        return (max(1, min(users, round(users * elapsed / ramp))), max(users / ramp, 1.0))
+        return Shape.from_options(options, _GIVEN).at(self.get_run_time())
