@@ -7,7 +7,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
-PORT ?= 5000
+# make run's port: PORT=8080 make run, or EMBEDDING_PORT=8080 make run (PORT wins when both are set).
+PORT ?= $(or $(EMBEDDING_PORT),5000)
 # The bundled offline model; the production default (intfloat/multilingual-e5-small) needs the hub or a local copy.
 RUN_MODEL ?= all-minilm-l6-v2
 # make loadtest: LOAD_DURATION_S=300 make loadtest for a shorter run; LOAD_USERS, LOAD_RAMP_S, LOAD_SOAK_S too.
@@ -41,7 +42,7 @@ system-deps:  ## Debian packages: prometheus, promtool, alertmanager and amtool 
 	@prometheus-alertmanager --version 2>&1 | head -1
 	@/sbin/ldconfig -p | grep 'libjemalloc\.so\.2 '
 
-run: $(STAMP)  ## serve the bundled model on port 5000 (no network needed)
+run: $(STAMP)  ## serve the bundled model on port 5000, or PORT / EMBEDDING_PORT (no network needed)
 	HF_HUB_OFFLINE=1 EMBEDDING_MODEL=$${EMBEDDING_MODEL:-$(RUN_MODEL)} EMBEDDING_PORT=$(PORT) \
 		$(BIN)/gunicorn -c python:app.gunicorn_conf app.asgi:app
 
