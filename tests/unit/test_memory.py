@@ -3,7 +3,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -57,6 +57,14 @@ class Setup:
 @pytest.fixture
 def setup() -> Setup:
     return Setup()
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout_s: float = 5.0) -> None:
+    """Poll state instead of sleeping a guessed while: fails after ``timeout_s``, never hangs."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
 
 
 def test_nothing_is_due_on_a_quiet_service(setup: Setup) -> None:
@@ -146,7 +154,7 @@ def test_a_cleanup_while_another_runs_is_refused() -> None:
         thread = threading.Thread(target=first)
         thread.start()
         started.wait()
-        time.sleep(0.05)
+        wait_for(lambda: setup.manager.report()["cleanup_running"], "the first cleanup to take the lock")
         with pytest.raises(CleanupInProgress) as caught:
             setup.manager.cleanup("manual")
         assert caught.value.status == 409
@@ -165,17 +173,13 @@ def test_cleanups_run_between_batches_when_the_engine_is_busy() -> None:
     setup.manager.start()
     setup.backend.gate.clear()
     job = setup.engine.submit(["a", "b"])
-    while setup.engine.is_idle():
-        time.sleep(0.001)
+    wait_for(lambda: not setup.engine.is_idle(), "the batch to start")
     setup.clock.advance(301)
     assert setup.manager.tick() == "periodic"  # scheduled, not run: a batch is in the model
     assert setup.value("embedding_cleanups_total", reason="periodic") == 0
     setup.backend.gate.set()
     job.wait(5)
-    deadline = time.monotonic() + 5
-    while setup.value("embedding_cleanups_total", reason="periodic") == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(lambda: setup.value("embedding_cleanups_total", reason="periodic") == 1, "the periodic cleanup")
     setup.manager.stop()
     setup.engine.stop(5)
 
@@ -343,7 +347,4 @@ def monitored() -> Iterator[Setup]:
 def test_the_monitor_thread_is_woken_by_the_request_count(monitored: Setup) -> None:
     for _ in range(3):
         monitored.manager.admit()
-    deadline = time.monotonic() + 5
-    while monitored.value("embedding_cleanups_total", reason="request_count") != 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(lambda: monitored.value("embedding_cleanups_total", reason="request_count") == 1, "the monitor's cleanup")
