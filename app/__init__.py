@@ -11,7 +11,7 @@ import structlog
 from flask import Flask
 from prometheus_client import CollectorRegistry
 
-from app import api, errors, logs, ops
+from app import api, errors, instrumentation, ops
 from app.activity import ActivityTracker
 from app.allocator import limit_glibc_arenas
 from app.backend import EmbeddingBackend, SentenceTransformerBackend
@@ -55,7 +55,7 @@ def create_app(
     )
     manager = MemoryManager(settings, metrics=metrics, engine=engine, **(memory_options or {}))
     Components(settings, engine, manager, metrics, ActivityTracker()).init_app(app)
-    logs.init_app(app, metrics)
+    instrumentation.init_app(app, metrics)
     errors.init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)

@@ -32,7 +32,7 @@ asgi_lifespan = "on"  # the front stops the engine at shutdown
 timeout = 120  # heartbeat of the worker's main loop, not of requests
 graceful_timeout = max(30, int(_settings.request_timeout_s))
 keepalive = 5  # seconds a connection may stay idle between requests
-accesslog = None  # app.logs emits one request.completed line per request
+accesslog = None  # app.instrumentation emits one request.completed line per request
 logconfig_dict = gunicorn_logconfig(_settings.log_level)
 proc_name = "embedding-service"
 # The runtime control socket is not used; without this it is created under $HOME.
