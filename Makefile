@@ -16,7 +16,7 @@ LOAD_DURATION_S ?= 1200
 LOAD_USERS ?= 6
 
 .PHONY: help install system-deps run lint typecheck hadolint alerts rules unit integration e2e test bench loadtest \
-	loadtest-compare throughput dashboard clean
+	loadtest-compare throughput dashboard clean jemalloc
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,7 +42,18 @@ system-deps:  ## Debian packages: prometheus, promtool, alertmanager and amtool 
 	@prometheus-alertmanager --version 2>&1 | head -1
 	@/sbin/ldconfig -p | grep 'libjemalloc\.so\.2 '
 
-run: $(STAMP)  ## serve the bundled model on port 5000, or PORT / EMBEDDING_PORT (no network needed)
+jemalloc:  ## Debian libjemalloc2, the allocator the README's memory numbers are measured on (make run installs it)
+	@if ! /sbin/ldconfig -p | grep -q 'libjemalloc\.so\.2 '; then \
+		if command -v apt-get >/dev/null; then \
+			sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+			$$sudo apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends libjemalloc2 >/dev/null; \
+		else \
+			echo "no apt-get: install jemalloc (libjemalloc.so.2) yourself, or the service runs on glibc" >&2; \
+		fi; \
+	fi
+
+run: $(STAMP) jemalloc  ## serve the bundled model on port 5000, or PORT / EMBEDDING_PORT (no network needed)
 	HF_HUB_OFFLINE=1 EMBEDDING_MODEL=$${EMBEDDING_MODEL:-$(RUN_MODEL)} EMBEDDING_PORT=$(PORT) \
 		$(BIN)/gunicorn -c python:app.gunicorn_conf app.asgi:app
 

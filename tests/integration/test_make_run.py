@@ -40,7 +40,7 @@ def test_the_port_make_run_chooses(given: dict[str, str], port: str) -> None:
     assert planned_port(environment(**given)) == port
 
 
-def test_embedding_port_make_run_serves_there(tmp_path: Path) -> None:
+def test_embedding_port_make_run_serves_there_on_jemalloc(tmp_path: Path) -> None:
     port = free_port()
     env = environment(EMBEDDING_PORT=str(port))
     with (tmp_path / "run.log").open("wb") as log:
@@ -58,6 +58,8 @@ def test_embedding_port_make_run_serves_there(tmp_path: Path) -> None:
                 pass
             time.sleep(0.5)
         assert requests.post(f"http://127.0.0.1:{port}/embed", json={"inputs": "hi"}, timeout=30).status_code == 200
+        # the allocator the README's memory figures were measured on: make run installs it when missing
+        assert requests.get(f"http://127.0.0.1:{port}/memory", timeout=10).json()["allocator"] == "jemalloc"
     finally:
         os.killpg(make.pid, signal.SIGTERM)
         make.wait(60)
