@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from app.allocator import ALLOCATORS
+from app.reasons import MemoryPolicy
 
 PREFIX = "EMBEDDING_"
 DEFAULT_MODEL = "intfloat/multilingual-e5-small"
-MEMORY_POLICIES = ("smart", "legacy", "off")
+MEMORY_POLICIES = tuple(MemoryPolicy)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -90,7 +91,7 @@ class Settings:
     cleanup_cooldown_s: float = 30.0
     manual_cleanup_interval_s: float = 10.0
     monitor_interval_s: float = 60.0
-    memory_policy: str = "smart"
+    memory_policy: MemoryPolicy = MemoryPolicy.SMART
     trim_after_batch: bool = True
     trim_interval_s: float = 2.0
     allocator: str = "jemalloc"
@@ -136,6 +137,7 @@ class Settings:
         _check(self.allocator in ALLOCATORS, "ALLOCATOR", f"one of {', '.join(ALLOCATORS)}")
         _check(self.malloc_arenas >= 0, "MALLOC_ARENAS", "0 (the C library's default) or more")
         _check(self.memory_policy in MEMORY_POLICIES, "MEMORY_POLICY", f"one of {', '.join(MEMORY_POLICIES)}")
+        object.__setattr__(self, "memory_policy", MemoryPolicy(self.memory_policy))  # a plain string given: typed
         _check(self.log_level in LOG_LEVELS, "LOG_LEVEL", f"one of {', '.join(LOG_LEVELS)}")
         _check(bool(self.model.strip()), "MODEL", "a hub model id, a local directory or a bundled model name")
 

@@ -38,6 +38,7 @@ from app import allocator
 from app.config import Settings
 from app.errors import Conflict, TooManyRequests, Unavailable
 from app.metrics import Metrics
+from app.reasons import CleanupReason, MemoryPolicy
 
 log = structlog.get_logger("app.memory")
 
@@ -149,7 +150,7 @@ def collect_garbage(passes: int = _GC_PASSES) -> int:
 class CleanupRecord:
     """What one cleanup did; the answer of ``POST /cleanup`` and the ``memory.cleanup`` log event."""
 
-    reason: str
+    reason: CleanupReason
     started_at: float
     duration_s: float
     rss_before_bytes: int
@@ -191,7 +192,7 @@ class MemoryManager:
         cgroup_limit: Callable[[], int | None] = cgroup_memory_limit,
     ) -> None:
         self._settings = settings
-        self.policy = settings.memory_policy
+        self.policy = MemoryPolicy(settings.memory_policy)
         self._metrics = metrics
         self._engine = engine
         self._sampler = sampler or MemorySampler()
@@ -203,7 +204,7 @@ class MemoryManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.allocator = allocator.active()
-        self.trim_after_batch = self.policy == "smart" and settings.trim_after_batch
+        self.trim_after_batch = self.policy is MemoryPolicy.SMART and settings.trim_after_batch
         self._next_trim_at = 0.0
         self._requests_since = 0
         self._last_cleanup_at = clock()
@@ -212,12 +213,12 @@ class MemoryManager:
         self._last_manual_at: float | None = None
         self._last_release_at: float | None = None
         self._release_lock = threading.Lock()
-        self._pending: str | None = None
+        self._pending: CleanupReason | None = None
         self._status: str | None = None
         self._shedding = False
         self._last: CleanupRecord | None = None
-        self._counts: Counter[str] = Counter()
-        self._ineffective: Counter[str] = Counter()
+        self._counts: Counter[CleanupReason] = Counter()
+        self._ineffective: Counter[CleanupReason] = Counter()
         self.cgroup_limit_bytes = cgroup_limit()
         self.limit_bytes, self.limit_source = self._hard_limit()
         self._init_metrics()
@@ -238,7 +239,7 @@ class MemoryManager:
             m.memory_threshold.labels(level="limit").set(self.limit_bytes)
         if self.cgroup_limit_bytes is not None:
             m.memory_threshold.labels(level="container").set(self.cgroup_limit_bytes)
-        for reason in ("threshold", "periodic", "request_count", "manual"):
+        for reason in self.policy.reasons:
             m.cleanups.labels(reason=reason)  # export zeros so rates and alerts have series from the start
             m.cleanups_ineffective.labels(reason=reason)
         m.rejected.labels(reason="memory")
@@ -248,7 +249,7 @@ class MemoryManager:
     def start(self) -> None:
         """Hook into the engine and start the monitor thread."""
         self._log_allocator()
-        if self.policy == "smart":
+        if self.policy is MemoryPolicy.SMART:
             self._engine.add_ready_hook(self.freeze_startup_objects)
         self._engine.add_between_batches_hook(self.between_batches)
         self._engine.add_idle_hook(self.run_pending)
@@ -281,9 +282,9 @@ class MemoryManager:
         with self._state_lock:
             self._requests_since += 1
             due = self._requests_since >= self._settings.cleanup_every_requests
-        if self.policy == "smart" and due:
+        if self.policy is MemoryPolicy.SMART and due:
             self._wake.set()
-        elif self.policy == "legacy":
+        elif self.policy is MemoryPolicy.LEGACY:
             self._legacy_collect()
 
     def _shed_above_limit(self, limit: int) -> None:
@@ -303,7 +304,7 @@ class MemoryManager:
         now = self._clock()
         if self._last_limit_at is None or now - self._last_limit_at >= self._settings.cleanup_cooldown_s:
             self._last_limit_at = self._last_release_at = now
-            self._try_cleanup("limit")
+            self._try_cleanup(CleanupReason.LIMIT)
         elif (
             self._last_release_at is None or now - self._last_release_at >= SHED_RELEASE_INTERVAL_S
         ) and self._release_lock.acquire(blocking=False):
@@ -328,27 +329,27 @@ class MemoryManager:
     def _legacy_collect(self) -> None:
         """The old service's behaviour: a plain gc.collect() on every request above 1.5 GB."""
         if self._sampler.rss() > LEGACY_THRESHOLD_BYTES:
-            self._try_cleanup("legacy")
+            self._try_cleanup(CleanupReason.LEGACY)
 
     # --- decisions (monitor thread) --------------------------------------------------
 
-    def due_reason(self, rss: int) -> str | None:
+    def due_reason(self, rss: int) -> CleanupReason | None:
         """Which automatic cleanup is due now, if any (``smart`` policy only)."""
-        if self.policy != "smart":
+        if self.policy is not MemoryPolicy.SMART:
             return None
         now = self._clock()
         settings = self._settings
         if rss > settings.memory_high_bytes and (
             self._last_threshold_at is None or now - self._last_threshold_at >= settings.cleanup_cooldown_s
         ):
-            return "threshold"
+            return CleanupReason.THRESHOLD
         if self._requests_since >= settings.cleanup_every_requests:
-            return "request_count"
+            return CleanupReason.REQUEST_COUNT
         if now - self._last_cleanup_at >= settings.cleanup_interval_s:
-            return "periodic"
+            return CleanupReason.PERIODIC
         return None
 
-    def tick(self) -> str | None:
+    def tick(self) -> CleanupReason | None:
         """One monitor pass: sample, update the status, run or schedule a due cleanup."""
         sample = self._sampler.full()
         self._metrics.memory_uss.set(sample.uss_bytes or 0)
@@ -361,7 +362,7 @@ class MemoryManager:
         reason = self.due_reason(rss)
         if reason is None:
             return None
-        if reason == "threshold":
+        if reason is CleanupReason.THRESHOLD:
             self._last_threshold_at = self._clock()
         if self._engine.is_idle():
             self._try_cleanup(reason)
@@ -384,7 +385,7 @@ class MemoryManager:
         wait = self._settings.monitor_interval_s
         if self._shedding:
             wait = min(wait, SHED_CHECK_INTERVAL_S)
-        if self.policy == "smart":
+        if self.policy is MemoryPolicy.SMART:
             until_periodic = self._last_cleanup_at + self._settings.cleanup_interval_s - self._clock()
             wait = min(wait, max(until_periodic, 0.01))
         return wait
@@ -454,9 +455,9 @@ class MemoryManager:
                     retry_after_s=max(1, math.ceil(wait)),
                 )
             self._last_manual_at = now
-        return self.cleanup("manual")
+        return self.cleanup(CleanupReason.MANUAL)
 
-    def cleanup(self, reason: str) -> CleanupRecord:
+    def cleanup(self, reason: CleanupReason) -> CleanupRecord:
         """Run one cleanup now; raise :class:`CleanupInProgress` (409) if one is running."""
         if not self._cleanup_lock.acquire(blocking=False):
             log.info("memory.cleanup_skipped", reason=reason, why="another cleanup is running")
@@ -464,23 +465,23 @@ class MemoryManager:
         try:
             # The old service's gc.collect() ran beside the model; every other cleanup holds the model
             # between two batches so it never competes with one.
-            with contextlib.nullcontext() if reason == "legacy" else self._engine.exclusive():
+            with contextlib.nullcontext() if reason is CleanupReason.LEGACY else self._engine.exclusive():
                 record = self._run_cleanup(reason)
         finally:
             self._cleanup_lock.release()
         self._record(record)
         return record
 
-    def _try_cleanup(self, reason: str) -> CleanupRecord | None:
+    def _try_cleanup(self, reason: CleanupReason) -> CleanupRecord | None:
         try:
             return self.cleanup(reason)
         except CleanupInProgress:
             return None  # the running one does the same work
 
-    def _run_cleanup(self, reason: str) -> CleanupRecord:
+    def _run_cleanup(self, reason: CleanupReason) -> CleanupRecord:
         started_at, started = self._wall(), time.perf_counter()
         before = self._sampler.rss()
-        if reason == "legacy":
+        if reason is CleanupReason.LEGACY:
             freed_objects, trimmed = gc.collect(), False
         else:
             self._engine.release_model_caches()

@@ -15,11 +15,12 @@ import json
 import sys
 from pathlib import Path
 
+from app.reasons import MemoryPolicy
 from loadtest.run import parse_args, run
 from loadtest.sampler import read_csv
 from loadtest.verdict import plot_comparison
 
-POLICIES = ("off", "legacy", "smart")
+POLICIES = (MemoryPolicy.OFF, MemoryPolicy.LEGACY, MemoryPolicy.SMART)  # the baseline first
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,11 +41,12 @@ def main(argv: list[str] | None = None) -> None:
     plot_comparison(runs, base_out / "compare.png")
     (base_out / "compare.json").write_text(json.dumps([v.to_dict() for v, _ in runs], indent=2))
     by_policy = {v.policy: v for v, _ in runs}
-    if "smart" in by_policy and "off" in by_policy:
-        ratio = by_policy["smart"].texts_per_s / by_policy["off"].texts_per_s
+    smart, off = by_policy.get(MemoryPolicy.SMART), by_policy.get(MemoryPolicy.OFF)
+    if smart is not None and off is not None:
+        ratio = smart.texts_per_s / off.texts_per_s
         print(f"smart throughput / off: {ratio:.3f}")
     print(f"figure: {base_out / 'compare.png'}")
-    sys.exit(0 if by_policy.get("smart") is None or by_policy["smart"].passed else 1)
+    sys.exit(0 if smart is None or smart.passed else 1)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import requests
 
+from app.reasons import MemoryPolicy
 from loadtest.sampler import MetricsSampler, read_csv, write_csv
 from loadtest.service import BUNDLED_MODEL, running_service
 from loadtest.verdict import Verdict, judge, plot_run
@@ -33,7 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=int(env("LOAD_USERS", "6")))
     parser.add_argument("--ramp", type=float, default=float(env("LOAD_RAMP_S", "60")), help="ramp-up seconds")
     parser.add_argument("--soak", type=float, default=float(env("LOAD_SOAK_S", "0")), help="extra soak seconds")
-    parser.add_argument("--policy", default=env("EMBEDDING_MEMORY_POLICY", "smart"), help="smart, legacy or off")
+    parser.add_argument(
+        "--policy",
+        type=MemoryPolicy,
+        default=MemoryPolicy(env("EMBEDDING_MEMORY_POLICY", MemoryPolicy.SMART)),
+        choices=list(MemoryPolicy),
+        help="the service's EMBEDDING_MEMORY_POLICY",
+    )
     parser.add_argument("--model", default=env("LOAD_MODEL", BUNDLED_MODEL), help="EMBEDDING_MODEL of the service")
     parser.add_argument("--out", type=Path, default=Path(env("LOAD_OUT", "reports/loadtest")))
     parser.add_argument("--sample-interval", type=float, default=2.0, help="seconds between RSS samples")

@@ -19,7 +19,17 @@ from typing import Any
 
 import numpy as np
 
+from app.reasons import CleanupReason
 from loadtest.sampler import REASONS, Sample
+
+CLEANUP_COLOURS = {
+    CleanupReason.THRESHOLD: "red",
+    CleanupReason.PERIODIC: "purple",
+    CleanupReason.REQUEST_COUNT: "brown",
+    CleanupReason.MANUAL: "black",
+    CleanupReason.LIMIT: "magenta",
+    CleanupReason.LEGACY: "olive",
+}
 
 MB = 1_000_000
 STEADY_FACTOR = 1.15
@@ -174,8 +184,7 @@ def plot_run(samples: list[Sample], verdict: Verdict, path: Path, thresholds: di
         ax.text(0.01, 0.98, note, transform=ax.transAxes, fontsize=8, va="top", alpha=0.7)
     ax.axvline(verdict.warmup_s / 60, color="black", lw=0.8, alpha=0.4)
     ax.text(verdict.warmup_s / 60, ax.get_ylim()[0], " warm-up", fontsize=8, va="bottom", alpha=0.6)
-    colors = dict(zip(REASONS, ("red", "purple", "brown", "black", "magenta", "olive"), strict=True))
-    for reason in REASONS:
+    for number, reason in enumerate(REASONS):
         key = f"cleanups_{reason}"
         marks = [b for a, b in itertools.pairwise(samples) if getattr(b, key) > getattr(a, key)]
         if marks:
@@ -184,7 +193,7 @@ def plot_run(samples: list[Sample], verdict: Verdict, path: Path, thresholds: di
                 [m.rss_bytes / MB for m in marks],
                 marker="v",
                 s=28,
-                color=colors[reason],
+                color=CLEANUP_COLOURS.get(reason, f"C{number}"),  # a reason added later still plots
                 zorder=5,
                 label=f"cleanup: {reason} ({len(marks)})",
             )

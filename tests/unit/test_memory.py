@@ -21,6 +21,7 @@ from app.memory import (
     collect_garbage,
 )
 from app.metrics import Metrics
+from app.reasons import CleanupReason, MemoryPolicy
 from app.testing import FakeBackend, FakeClock, FakeSampler
 
 GB = 1_000_000_000
@@ -113,7 +114,7 @@ def test_a_cleanup_records_what_it_freed(setup: Setup) -> None:
         for item in garbage:
             item.append(item)  # reference cycles only the collector can free
         del garbage, item
-        record = setup.manager.cleanup("manual")
+        record = setup.manager.cleanup(CleanupReason.MANUAL)
     finally:
         gc.enable()
     assert record.reason == "manual"
@@ -149,14 +150,14 @@ def test_a_cleanup_while_another_runs_is_refused() -> None:
 
         def first() -> None:
             started.set()
-            results.append(setup.manager.cleanup("manual"))
+            results.append(setup.manager.cleanup(CleanupReason.MANUAL))
 
         thread = threading.Thread(target=first)
         thread.start()
         started.wait()
         wait_for(lambda: setup.manager.report()["cleanup_running"], "the first cleanup to take the lock")
         with pytest.raises(CleanupInProgress) as caught:
-            setup.manager.cleanup("manual")
+            setup.manager.cleanup(CleanupReason.MANUAL)
         assert caught.value.status == 409
     thread.join(5)
     assert len(results) == 1
@@ -201,7 +202,7 @@ def test_off_never_cleans_up_by_itself() -> None:
         setup.manager.admit()
     setup.clock.advance(10_000)
     assert setup.manager.tick() is None
-    assert setup.manager.cleanup("manual").reason == "manual"  # an operator can still ask
+    assert setup.manager.cleanup(CleanupReason.MANUAL).reason == "manual"  # an operator can still ask
 
 
 def test_load_shedding_cleans_up_first_then_refuses_until_memory_is_back() -> None:
@@ -348,3 +349,22 @@ def test_the_monitor_thread_is_woken_by_the_request_count(monitored: Setup) -> N
     for _ in range(3):
         monitored.manager.admit()
     wait_for(lambda: monitored.value("embedding_cleanups_total", reason="request_count") == 1, "the monitor's cleanup")
+
+
+@pytest.mark.parametrize("policy", list(MemoryPolicy))
+def test_each_policy_exports_a_zero_for_every_cleanup_it_can_run_and_no_other(policy: MemoryPolicy) -> None:
+    setup = Setup(SETTINGS.replace(memory_policy=policy.value, memory_limit_bytes=3 * GB))
+    exported = {
+        sample.labels["reason"]
+        for family in setup.metrics.registry.collect()
+        if family.name == "embedding_cleanups"
+        for sample in family.samples
+        if sample.name == "embedding_cleanups_total"
+    }
+    assert exported == set(policy.reasons)
+    assert {CleanupReason.MANUAL, CleanupReason.LIMIT} <= exported  # an operator and the hard limit, always
+    assert (CleanupReason.LEGACY in exported) is (policy is MemoryPolicy.LEGACY)
+
+
+def test_a_policy_named_in_the_environment_becomes_the_typed_policy() -> None:
+    assert SETTINGS.replace(memory_policy="legacy").memory_policy is MemoryPolicy.LEGACY

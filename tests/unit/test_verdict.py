@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 
-from loadtest.sampler import Sample
-from loadtest.verdict import E5_SMALL, judge, slope_per_minute
+from app.reasons import CleanupReason
+from loadtest.sampler import REASONS, Sample
+from loadtest.verdict import CLEANUP_COLOURS, E5_SMALL, judge, slope_per_minute
 
 MB = 1_000_000
 
@@ -52,3 +55,10 @@ def test_e5_small_also_has_an_absolute_peak_band() -> None:
 def test_too_few_samples_cannot_be_judged() -> None:
     with pytest.raises(ValueError, match="too few samples"):
         judge(run([500, 501]), model="m", policy="smart", warmup_s=0)
+
+
+def test_every_cleanup_reason_is_sampled_and_plotted_in_a_colour_of_its_own() -> None:
+    assert set(REASONS) == set(CleanupReason)
+    assert {f"cleanups_{reason}" for reason in CleanupReason} <= {f.name for f in fields(Sample)}
+    assert set(CLEANUP_COLOURS) == set(CleanupReason)
+    assert len(set(CLEANUP_COLOURS.values())) == len(CLEANUP_COLOURS)
