@@ -27,15 +27,17 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 import structlog
 
 from app import allocator
 from app.config import Settings
+from app.engine import BatchStats
 from app.errors import Conflict, TooManyRequests, Unavailable
 from app.metrics import Metrics
 from app.reasons import CleanupReason, MemoryPolicy
@@ -146,6 +148,19 @@ def collect_garbage(passes: int = _GC_PASSES) -> int:
         gc.set_threshold(*thresholds)
 
 
+class ManagedEngine(Protocol):
+    """What the memory manager needs from the engine (:class:`app.engine.Engine`): its hooks on the
+    inference thread, whether it is idle, the model held between two batches, and its caches."""
+
+    def add_ready_hook(self, hook: Callable[[], None]) -> None: ...
+    def add_between_batches_hook(self, hook: Callable[[], None]) -> None: ...
+    def add_idle_hook(self, hook: Callable[[], None]) -> None: ...
+    def add_batch_observer(self, observer: Callable[[BatchStats], None]) -> None: ...
+    def is_idle(self) -> bool: ...
+    def exclusive(self) -> AbstractContextManager[None]: ...
+    def release_model_caches(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class CleanupRecord:
     """What one cleanup did; the answer of ``POST /cleanup`` and the ``memory.cleanup`` log event."""
@@ -185,7 +200,7 @@ class MemoryManager:
         settings: Settings,
         *,
         metrics: Metrics,
-        engine: Any,
+        engine: ManagedEngine,
         sampler: MemorySampler | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -419,7 +434,7 @@ class MemoryManager:
         allocator.release_free_memory()
         log.info("memory.gc_frozen", objects=gc.get_freeze_count(), rss_bytes=self._sampler.rss())
 
-    def observe_batch(self, stats: Any) -> None:
+    def observe_batch(self, stats: BatchStats) -> None:
         """Record the RSS change of one batch."""
         self._metrics.batch_memory_delta.observe(stats.rss_delta_bytes)
 
