@@ -5,16 +5,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 from flask import Flask
-from prometheus_client import CollectorRegistry
 
 from app import api, errors, instrumentation, ops
 from app.activity import ActivityTracker
 from app.allocator import limit_glibc_arenas
-from app.backend import EmbeddingBackend, SentenceTransformerBackend
+from app.backend import EmbeddingBackend, backend_for
 from app.components import Components, components
 from app.config import Settings
 from app.engine import Engine
@@ -31,21 +29,19 @@ def create_app(
     settings: Settings,
     *,
     backend: EmbeddingBackend | None = None,
-    registry: CollectorRegistry | None = None,
     on_fatal: Callable[[BaseException], None] | None = None,
     start: bool = True,
-    memory_options: dict[str, Any] | None = None,
 ) -> Flask:
     """Build the app: routes, metrics, engine and memory manager (threads started unless ``start=False``).
 
-    ``memory_options`` go to :class:`~app.memory.MemoryManager` (tests pass a fake clock or sampler).
+    ``backend`` defaults to the one the settings name (:func:`app.backend.backend_for`); tests pass a fake.
     """
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider has it
-    metrics = Metrics(registry)
+    metrics = Metrics()
     engine = Engine(
-        backend or SentenceTransformerBackend(settings.model, settings.device, settings.torch_threads),
+        backend or backend_for(settings),
         batch_size=settings.batch_size,
         max_batch_tokens=settings.max_batch_tokens,
         queue_size=settings.queue_size,
@@ -53,7 +49,7 @@ def create_app(
         rss_sampler=rss_bytes,
         on_fatal=on_fatal,
     )
-    manager = MemoryManager(settings, metrics=metrics, engine=engine, **(memory_options or {}))
+    manager = MemoryManager(settings, metrics=metrics, engine=engine)
     Components(settings, engine, manager, metrics, ActivityTracker()).init_app(app)
     instrumentation.init_app(app, metrics)
     errors.init_app(app)

@@ -14,9 +14,12 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 # Short names for models that ship inside a Python package, so they can be used
 # with no network and without knowing where pip put them:
@@ -240,3 +243,9 @@ class SentenceTransformerBackend(EmbeddingBackend):
         if self._model is not None:
             self._model.zero_grad(set_to_none=True)
             self._model.eval()
+
+
+def backend_for(settings: Settings) -> EmbeddingBackend:
+    """The backend the settings ask for: their model on their device with their thread count (sentence-
+    transformers is the only kind today; a second kind would be chosen here, by a setting)."""
+    return SentenceTransformerBackend(settings.model, settings.device, settings.torch_threads)
