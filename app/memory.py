@@ -148,6 +148,17 @@ def collect_garbage(passes: int = _GC_PASSES) -> int:
         gc.set_threshold(*thresholds)
 
 
+@dataclass(frozen=True)
+class HeapActions:
+    """What a cleanup does to the process itself: the garbage collector and the C allocator. Injected into
+    :class:`MemoryManager`, so unit tests record the actions instead of purging the test process's heap."""
+
+    collect: Callable[[], int] = collect_garbage  # full collections; objects freed
+    collect_once: Callable[[], int] = gc.collect  # the legacy policy's one plain gc.collect()
+    freeze: Callable[[], None] = gc.freeze  # the loaded model's objects out of the collector's reach
+    release: Callable[[], bool] = allocator.release_free_memory  # free memory back to the OS; False: cannot
+
+
 class ManagedEngine(Protocol):
     """What the memory manager needs from the engine (:class:`app.engine.Engine`): its hooks on the
     inference thread, whether it is idle, the model held between two batches, and its caches."""
@@ -205,8 +216,10 @@ class MemoryManager:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         cgroup_limit: Callable[[], int | None] = cgroup_memory_limit,
+        heap: HeapActions | None = None,
     ) -> None:
         self._settings = settings
+        self._heap = heap or HeapActions()
         self.policy = MemoryPolicy(settings.memory_policy)
         self._metrics = metrics
         self._engine = engine
@@ -325,7 +338,7 @@ class MemoryManager:
         ) and self._release_lock.acquire(blocking=False):
             try:
                 self._last_release_at = now
-                allocator.release_free_memory()
+                self._heap.release()
             finally:
                 self._release_lock.release()
         return self._sampler.rss()
@@ -429,9 +442,9 @@ class MemoryManager:
         from the model's real footprint (jemalloc keeps free pages until asked:
         21 MB with the bundled model in the service, 167 MB loading it in a script).
         """
-        collect_garbage()
-        gc.freeze()
-        allocator.release_free_memory()
+        self._heap.collect()
+        self._heap.freeze()
+        self._heap.release()
         log.info("memory.gc_frozen", objects=gc.get_freeze_count(), rss_bytes=self._sampler.rss())
 
     def observe_batch(self, stats: BatchStats) -> None:
@@ -444,7 +457,7 @@ class MemoryManager:
             return
         started = time.perf_counter()
         before = self._sampler.rss()
-        if not allocator.release_free_memory():
+        if not self._heap.release():
             self._next_trim_at = float("inf")  # no allocator to ask: nothing to trim, ever
             return
         after = self._sampler.rss()
@@ -497,11 +510,11 @@ class MemoryManager:
         started_at, started = self._wall(), time.perf_counter()
         before = self._sampler.rss()
         if reason is CleanupReason.LEGACY:
-            freed_objects, trimmed = gc.collect(), False
+            freed_objects, trimmed = self._heap.collect_once(), False
         else:
             self._engine.release_model_caches()
-            freed_objects = collect_garbage()
-            trimmed = allocator.release_free_memory()
+            freed_objects = self._heap.collect()
+            trimmed = self._heap.release()
         after = self._sampler.rss()
         return CleanupRecord(reason, started_at, time.perf_counter() - started, before, after, freed_objects, trimmed)
 

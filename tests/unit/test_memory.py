@@ -16,6 +16,7 @@ from app.errors import TooManyRequests, Unavailable
 from app.memory import (
     LEGACY_THRESHOLD_BYTES,
     CleanupInProgress,
+    HeapActions,
     MemoryManager,
     cgroup_memory_limit,
     collect_garbage,
@@ -35,10 +36,42 @@ SETTINGS = Settings(
 )
 
 
+class RecordingHeap:
+    """The collector's and the allocator's actions, recorded: the test process's heap is left alone."""
+
+    def __init__(self, freed_objects: int = 137) -> None:
+        self.freed_objects = freed_objects
+        self.collects = self.plain_collects = self.freezes = 0
+        self.releases: list[float] = []
+        self.on_release: Callable[[], None] = lambda: None
+
+    def actions(self) -> HeapActions:
+        return HeapActions(
+            collect=self.collect, collect_once=self.collect_once, freeze=self.freeze, release=self.release
+        )
+
+    def collect(self) -> int:
+        self.collects += 1
+        return self.freed_objects
+
+    def collect_once(self) -> int:
+        self.plain_collects += 1
+        return self.freed_objects
+
+    def freeze(self) -> None:
+        self.freezes += 1
+
+    def release(self) -> bool:
+        self.releases.append(time.monotonic())
+        self.on_release()
+        return True
+
+
 class Setup:
     def __init__(self, settings: Settings = SETTINGS, rss: int = GB) -> None:
         self.clock = FakeClock()
         self.sampler = FakeSampler(rss)
+        self.heap = RecordingHeap()
         self.metrics = Metrics()
         self.backend = FakeBackend()
         self.engine = Engine(self.backend, batch_size=4, queue_size=64, metrics=self.metrics, rss_sampler=lambda: 0)
@@ -49,6 +82,7 @@ class Setup:
             sampler=self.sampler,
             clock=self.clock,
             cgroup_limit=lambda: None,
+            heap=self.heap.actions(),
         )
 
     def value(self, name: str, **labels: str) -> float | None:
@@ -108,25 +142,30 @@ def test_request_count_trigger_after_n_requests_then_resets(setup: Setup) -> Non
 
 def test_a_cleanup_records_what_it_freed(setup: Setup) -> None:
     setup.sampler.set(1_500_000_000, 900_000_000)  # before, after
+    record = setup.manager.cleanup(CleanupReason.MANUAL)
+    assert record.reason == "manual"
+    assert record.freed_bytes == 600_000_000
+    assert record.freed_objects == 137
+    assert record.effective
+    assert (setup.heap.collects, len(setup.heap.releases), setup.heap.plain_collects) == (1, 1, 0)
+    assert setup.backend.released == 1  # torch caches released, grads zeroed, eval mode
+    report = setup.manager.report()
+    assert report["last_cleanup"]["freed_bytes"] == 600_000_000
+    assert report["cleanups"] == {"manual": 1}
+    assert setup.value("embedding_cleanup_freed_bytes_sum") == 600_000_000
+    assert setup.value("embedding_cleanup_freed_objects_sum") == 137
+
+
+def test_collect_garbage_frees_reference_cycles() -> None:
     gc.disable()  # keep the automatic collector away from the cycles below
     try:
         garbage: list[list[object]] = [[] for _ in range(100)]
         for item in garbage:
             item.append(item)  # reference cycles only the collector can free
         del garbage, item
-        record = setup.manager.cleanup(CleanupReason.MANUAL)
+        assert collect_garbage() >= 100
     finally:
         gc.enable()
-    assert record.reason == "manual"
-    assert record.freed_bytes == 600_000_000
-    assert record.freed_objects >= 100
-    assert record.effective
-    assert setup.backend.released == 1  # torch caches released, grads zeroed, eval mode
-    report = setup.manager.report()
-    assert report["last_cleanup"]["freed_bytes"] == 600_000_000
-    assert report["cleanups"] == {"manual": 1}
-    assert setup.value("embedding_cleanup_freed_bytes_sum") == 600_000_000
-    assert (setup.value("embedding_cleanup_freed_objects_sum") or 0) >= 100
 
 
 def test_status_follows_the_thresholds_and_logs_each_change(setup: Setup) -> None:
@@ -194,6 +233,7 @@ def test_legacy_collects_on_every_request_above_1_5_gb_and_nothing_else() -> Non
     setup.sampler.set(3 * GB)
     assert setup.manager.tick() is None  # no periodic, threshold or request-count cleanups
     assert setup.backend.released == 0  # legacy only runs gc.collect()
+    assert (setup.heap.plain_collects, setup.heap.collects, setup.heap.releases) == (3, 0, [])
 
 
 def test_off_never_cleans_up_by_itself() -> None:
@@ -225,15 +265,7 @@ def test_load_shedding_cleans_up_first_then_refuses_until_memory_is_back() -> No
     assert setup.value("embedding_memory_threshold_bytes", level="limit") == 3 * GB
 
 
-@pytest.fixture
-def purges(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Record the allocator purges instead of purging the test process's heap."""
-    done: list[float] = []
-    monkeypatch.setattr(memory.allocator, "release_free_memory", lambda: done.append(1) is None)
-    return done
-
-
-def test_shedding_ends_as_soon_as_a_purge_brings_memory_under_the_limit(purges: list[float]) -> None:
+def test_shedding_ends_as_soon_as_a_purge_brings_memory_under_the_limit() -> None:
     setup = Setup(SETTINGS.replace(memory_limit_bytes=3 * GB), rss=int(3.4 * GB))
     with pytest.raises(Unavailable):
         setup.manager.admit()  # the full cleanup (cooldown 30 s) could not help
@@ -243,30 +275,25 @@ def test_shedding_ends_as_soon_as_a_purge_brings_memory_under_the_limit(purges: 
     setup.manager.admit()
     assert setup.manager.report()["shedding"] is False
     assert setup.value("embedding_cleanups_total", reason="limit") == 1
-    assert len(purges) == 2  # the cleanup's and the quick one
+    assert len(setup.heap.releases) == 2  # the cleanup's and the quick one
 
 
-def test_purges_while_shedding_are_at_most_every_half_second(purges: list[float]) -> None:
+def test_purges_while_shedding_are_at_most_every_half_second() -> None:
     setup = Setup(SETTINGS.replace(memory_limit_bytes=3 * GB), rss=int(3.4 * GB))
     for step in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6):
         setup.clock.now = 1000.0 + step
         with pytest.raises(Unavailable):
             setup.manager.admit()
-    assert len(purges) == 2  # the cleanup's at 0.0, then one at 0.5
+    assert len(setup.heap.releases) == 2  # the cleanup's at 0.0, then one at 0.5
 
 
-def test_an_idle_service_stops_shedding_on_its_own(monkeypatch: pytest.MonkeyPatch, purges: list[float]) -> None:
+def test_an_idle_service_stops_shedding_on_its_own() -> None:
     setup = Setup(SETTINGS.replace(memory_limit_bytes=3 * GB, monitor_interval_s=60), rss=int(3.4 * GB))
     with pytest.raises(Unavailable):
         setup.manager.admit()
     assert setup.manager._seconds_to_next_check() <= memory.SHED_CHECK_INTERVAL_S
 
-    def purge_gives_memory_back() -> bool:
-        purges.append(1)
-        setup.sampler.set(int(2.9 * GB))
-        return True
-
-    monkeypatch.setattr(memory.allocator, "release_free_memory", purge_gives_memory_back)
+    setup.heap.on_release = lambda: setup.sampler.set(int(2.9 * GB))  # the purge gives memory back
     setup.clock.advance(1)
     setup.manager.tick()  # no request arrives: the monitor purges and re-checks by itself
     assert setup.manager.report()["shedding"] is False
@@ -274,7 +301,7 @@ def test_an_idle_service_stops_shedding_on_its_own(monkeypatch: pytest.MonkeyPat
     assert setup.value("embedding_cleanups_total", reason="limit") == 1
 
 
-def test_manual_cleanups_are_rate_limited(setup: Setup, purges: list[float]) -> None:
+def test_manual_cleanups_are_rate_limited(setup: Setup) -> None:
     assert setup.manager.manual_cleanup().reason == "manual"
     setup.clock.advance(4)
     with pytest.raises(TooManyRequests) as caught:
