@@ -2,7 +2,7 @@
 
 The engine drives any :class:`EmbeddingBackend` through three stages,
 ``prepare`` (tokenize), ``encode`` (forward pass) and ``finish`` (to numpy), so
-a fake backend (``app.testing.FakeBackend``) can stand in for logic tests while
+a fake backend (``tests.doubles.FakeBackend``) can stand in for logic tests while
 the real model is tested on its own.
 """
 

@@ -10,7 +10,7 @@ from app.config import Settings
 from app.engine import Engine
 from app.memory import MemoryManager
 from app.metrics import Metrics
-from app.testing import FakeBackend
+from tests.doubles import FakeBackend
 
 METRIC = re.compile(r"\b((?:embedding|process|python)_[a-z0-9_]+)\b")
 """A metric name of the service (its own, and the standard process and Python collectors') in PromQL."""

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from app.activity import ActivityTracker
-from app.testing import FakeClock
+from tests.doubles import FakeClock
 
 
 def test_requests_are_counted_per_minute_window() -> None:

@@ -9,7 +9,7 @@ from flask.testing import FlaskClient
 
 from app import components, create_app
 from app.config import Settings
-from app.testing import FakeBackend
+from tests.doubles import FakeBackend
 
 SETTINGS = Settings(model="fake", max_inputs=4, queue_size=16, max_body_bytes=2048)
 

@@ -11,7 +11,7 @@ import pytest
 from app.engine import Engine, EngineCrashed, Job, plan_batches
 from app.errors import ClientClosed, QueueFull, ServiceError, Unavailable, Unprocessable
 from app.metrics import Metrics
-from app.testing import FakeBackend
+from tests.doubles import FakeBackend
 
 
 def make_engine(

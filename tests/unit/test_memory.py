@@ -23,7 +23,7 @@ from app.memory import (
 )
 from app.metrics import Metrics
 from app.reasons import CleanupReason, MemoryPolicy
-from app.testing import FakeBackend, FakeClock, FakeSampler
+from tests.doubles import FakeBackend, FakeClock, FakeSampler
 
 GB = 1_000_000_000
 SETTINGS = Settings(

@@ -1,4 +1,4 @@
-"""Test doubles that ship with the code and subclass the real abstractions."""
+"""Test doubles for logic tests: they subclass the real abstractions and live with the tests, not in the package."""
 
 from __future__ import annotations
 
