@@ -1,6 +1,6 @@
 """Memory sampling, status, cleanup triggers, the cleanup itself and the monitor thread.
 
-What measurement showed (DESIGN section 6, issue 3): after a mixed-length load,
+What measurement showed (docs/architecture.md section 5): after a mixed-length load,
 ``gc.collect()`` frees next to nothing, because the memory is not held by
 Python objects but by the C allocator, which keeps freed pages. So the cleanup
 ends by handing those back to the operating system (:mod:`app.allocator`:

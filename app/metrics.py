@@ -1,4 +1,4 @@
-"""Every Prometheus metric of the service, defined once (names: DESIGN section 7).
+"""Every Prometheus metric of the service, defined once (catalogue: docs/architecture.md section 6).
 
 Each app gets its own :class:`Metrics` on its own registry, so tests can build
 several apps side by side and read values with ``registry.get_sample_value``.

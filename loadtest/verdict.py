@@ -1,4 +1,4 @@
-"""Does memory level off? The verdict of DESIGN section 9, computed from sampled RSS, and its plots.
+"""Does memory level off? The load-test verdict, computed from sampled RSS, and its plots.
 
 Checks, after the warm-up (the ramp plus one minute) is excluded:
   slope        the linear fit of RSS over the last half of the run rises less than ``max_slope`` per minute
@@ -6,7 +6,7 @@ Checks, after the warm-up (the ramp plus one minute) is excluded:
                in 100 minutes, while the fit's noise on a 10-minute half stays well under it)
   steady       the median RSS of the last half is at most 1.15 x the loaded-and-warmed baseline
   peak         the highest RSS is at most 1.5 x the baseline
-  peak_band    for intfloat/multilingual-e5-small only: the peak is at most 2 GB (DESIGN's 1.5-2 GB band)
+  peak_band    for intfloat/multilingual-e5-small only: the peak is at most 2 GB (the first design's 1.5-2 GB band)
 """
 
 from __future__ import annotations
