@@ -67,7 +67,7 @@ class ServiceProcess:
                 raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             try:
                 status = requests.get(f"{self.url}/ready", timeout=2).status_code
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or too busy loading to answer in 2 s
                 status = 0
             seen.append(status)
             if status == 200:
