@@ -152,11 +152,12 @@ switch_to() {
     log "current -> versions/$1"
 }
 
-# finish_version DIR NAME BASE: make the built tree DIR the complete version NAME. The venv's scripts and
-# activate files still name the venv they were copied from (BASE/venv): they are rewritten (sed -i writes a new file,
-# so the version they came from keeps its own), then one rename publishes the version.
+# finish_version DIR NAME BASE VERSION: make the built tree DIR the complete version NAME (of VERSION).
+# The venv's scripts and activate files still name the venv they were copied from (BASE/venv): they are
+# rewritten (sed -i writes a new file, so the version they came from keeps its own), then one rename
+# publishes the version.
 finish_version() {
-    local dir="$1" name="$2" base="$3" files
+    local dir="$1" name="$2" base="$3" version="$4" files
     local venv="$VERSIONS/$name/venv"
     files=$(grep -lF -e "$base/venv" -e "$dir/venv" -r "$dir/venv/bin" 2>/dev/null) || files=""
     if [ -n "$files" ]; then
@@ -164,7 +165,7 @@ finish_version() {
         sed -i -e "s|$base/venv|$venv|g" -e "s|$dir/venv|$venv|g" $files || return 1
     fi
     "$dir/venv/bin/python" -I -m pip freeze --all >"$dir/requirements.txt" 2>/dev/null || return 1
-    installed_version "$dir" >"$dir/VERSION" || return 1
+    echo "$version" >"$dir/VERSION" || return 1
     mv -T "$dir" "$VERSIONS/$name" || return 1
 }
 
@@ -398,7 +399,7 @@ adopt_legacy() {
     copy_version "$EMBEDDING_HOME" || die "cannot copy $LEGACY_VENV into $VERSIONS; nothing changed"
     version=$(installed_version "$EMBEDDING_HOME")
     name="$(date -u +%Y%m%dT%H%M%SZ)-$version"
-    finish_version "$BUILDING" "$name" "$EMBEDDING_HOME" || die "cannot make $BUILDING a version; nothing changed"
+    finish_version "$BUILDING" "$name" "$EMBEDDING_HOME" "$version" || die "cannot make $BUILDING a version; nothing changed"
     if [ "$(running_dir 2>/dev/null)" = "$EMBEDDING_HOME" ] && serves_now; then set_health "$name" good; fi
     switch_to "$name" || die "cannot switch to the adopted version $name"
     if [ -d "$LEGACY_BACKUPS" ]; then

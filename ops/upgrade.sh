@@ -95,7 +95,7 @@ build() {
     new_version=$(installed_version "$BUILDING")
     [ "$new_version" != unknown ] || { log "the new environment has no embedding-service package"; return 1; }
     NEW_NAME="$(date -u +%Y%m%dT%H%M%SZ)-$new_version"
-    finish_version "$BUILDING" "$NEW_NAME" "$base" || { log "cannot publish $BUILDING as $NEW_NAME"; return 1; }
+    finish_version "$BUILDING" "$NEW_NAME" "$base" "$new_version" || { log "cannot publish $BUILDING as $NEW_NAME"; return 1; }
     log "built version $new_version as versions/$NEW_NAME"
 }
 

@@ -292,15 +292,20 @@ def held_behind_a_blocker(backend: FakeBackend, **engine_args: int) -> tuple[Eng
     return engine, metrics, blocker
 
 
+def release(engine: Engine, backend: FakeBackend, blocker: Job, *jobs: Job) -> list[list[str]]:
+    """Let the model go on, wait for the blocker and ``jobs``, stop; the batches after warm-up and blocker."""
+    backend.gate.set()
+    for job in (blocker, *jobs):
+        job.wait(5)
+    engine.stop(5)
+    return backend.batches[2:]
+
+
 def test_a_small_request_is_not_stuck_behind_a_huge_one(backend: FakeBackend) -> None:
     engine, _, blocker = held_behind_a_blocker(backend, batch_size=4)
     huge = engine.submit([f"huge text {i}" for i in range(40)])
     small = engine.submit(["small text x"])
-    backend.gate.set()
-    blocker.wait(5)
-    small.wait(5), huge.wait(5)
-    engine.stop(5)
-    batches = backend.batches[2:]  # after the warm-up and the blocker
+    batches = release(engine, backend, blocker, small, huge)
     (where,) = [n for n, batch in enumerate(batches) if "small text x" in batch]
     assert where < 4, f"the small request waited for {where} batches of the huge one"  # first-in-first-out: 10
     assert len(batches) == 11  # 41 texts in batches of 4: taking turns costs no batch
@@ -315,11 +320,7 @@ def test_a_window_holds_a_few_batches_of_tokens_and_counts_each_text_once(backen
     long_text = " ".join(["w"] * 28)  # 30 tokens: a window of 4 x 64 tokens holds 8 of them
     huge = engine.submit([f"{i} {long_text}" for i in range(20)])
     small = engine.submit(["small"])
-    backend.gate.set()
-    blocker.wait(5)
-    small.wait(5), huge.wait(5)
-    engine.stop(5)
-    batches = backend.batches[2:]
+    batches = release(engine, backend, blocker, small, huge)
     assert "small" in batches[0]  # in the first window, and the shortest batch runs first
     assert len(batches) == 11  # 20 long texts two at a time, and the small one
     # Each text counted twice: when its window is taken, and by the fake's prepare(). A text put back in
@@ -333,10 +334,7 @@ def test_the_texts_of_a_request_whose_client_left_are_not_computed(backend: Fake
     engine, metrics, blocker = held_behind_a_blocker(backend)
     gone = engine.submit([f"never needed {i}" for i in range(5)])
     gone.fail(ClientClosed("the client closed the connection"))
-    backend.gate.set()
-    blocker.wait(5)
-    engine.submit(["after"]).wait(5)
-    engine.stop(5)
+    release(engine, backend, blocker, engine.submit(["after"]))
     assert not any(text.startswith("never needed") for batch in backend.batches for text in batch)
     assert metrics.registry.get_sample_value("embedding_queue_depth") == 0
     assert gone.queue_wait_s is not None
