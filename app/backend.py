@@ -14,7 +14,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
@@ -32,7 +32,9 @@ BUNDLED_MODELS = {
 # declare them (e5 family): input_type -> prefix.
 _E5_PROMPTS = {"query": "query: ", "passage": "passage: ", "document": "passage: "}
 
-INPUT_TYPES = ("query", "passage", "document")
+InputType = Literal["query", "passage", "document"]
+"""What a text is, for models trained with a prefix per kind (the request field ``input_type``)."""
+INPUT_TYPES: tuple[str, ...] = get_args(InputType)
 
 
 class ModelLoadError(RuntimeError):

@@ -34,6 +34,8 @@ from typing import Any, Protocol
 
 import psutil
 import structlog
+from pydantic import ConfigDict, computed_field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from app import allocator
 from app.config import Settings
@@ -172,9 +174,12 @@ class ManagedEngine(Protocol):
     def release_model_caches(self) -> None: ...
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class CleanupRecord:
-    """What one cleanup did; the answer of ``POST /cleanup`` and the ``memory.cleanup`` log event."""
+    """What one cleanup did; the answer of ``POST /cleanup`` and the ``memory.cleanup`` log event.
+
+    A pydantic dataclass so that ``/openapi.json`` describes ``POST /cleanup`` from this definition.
+    """
 
     reason: CleanupReason
     started_at: float
@@ -184,10 +189,12 @@ class CleanupRecord:
     freed_objects: int
     trimmed: bool
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def freed_bytes(self) -> int:
         return self.rss_before_bytes - self.rss_after_bytes
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def effective(self) -> bool:
         return self.freed_bytes >= INEFFECTIVE_BELOW_BYTES

@@ -1,58 +1,47 @@
-"""The OpenAPI 3.1 document served at ``/openapi.json``.
+"""The OpenAPI 3.1 document served at ``/openapi.json``, built from the models in :mod:`app.schemas`.
 
-It states every limit the validation in :mod:`app.schemas` enforces, with this service's values: the
-number and length of texts, ``dimensions`` up to the model's, the served model's names. One rule it
-cannot state: with ``truncate: false``, a text longer than the model's maximum sequence length (counted
-in tokens) is a 422.
+The models give every field, type and fixed constraint; this module adds what the settings and the loaded
+model decide (the number and length of texts, ``dimensions`` up to the model's, the served model's
+names) and the routes. One rule the document cannot state: with ``truncate: false``, a text longer than
+the model's maximum sequence length (counted in tokens) is a 422.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Any
 
-from app.backend import ModelInfo
-from app.schemas import Limits, model_names
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-_OBJECT = {"type": "object"}
-_STRING = {"type": "string"}
-_INPUT_TYPE = {
-    "type": "string",
-    "enum": ["query", "passage", "document"],
-    "description": (
-        "Adds the prefix the model was trained with (e5: 'query: ' / 'passage: '); nothing for models without one."
-    ),
-}
-_ERROR = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["message", "type", "code"],
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": "string"},
-                "code": {"type": "integer"},
-                "param": {"type": "string"},
-            },
-        }
-    },
-}
-_ERROR_REF = {"$ref": "#/components/schemas/Error"}
-_CLEANUP = {
-    "type": "object",
-    "properties": {
-        "reason": _STRING,
-        "started_at": {"type": "number"},
-        "duration_s": {"type": "number"},
-        "rss_before_bytes": {"type": "integer"},
-        "rss_after_bytes": {"type": "integer"},
-        "freed_bytes": {"type": "integer"},
-        "freed_objects": {"type": "integer"},
-        "trimmed": {"type": "boolean"},
-        "effective": {"type": "boolean"},
-    },
-}
+from app.backend import ModelInfo
+from app.memory import CleanupRecord
+from app.schemas import (
+    ActivityResponse,
+    EmbedRequest,
+    EmbedResponse,
+    ErrorResponse,
+    HealthResponse,
+    InfoResponse,
+    Limits,
+    OpenAIEmbeddingRequest,
+    OpenAIEmbeddingResponse,
+    ReadyResponse,
+    model_names,
+)
+
+_REQUESTS: tuple[type[EmbedRequest] | type[OpenAIEmbeddingRequest], ...] = (EmbedRequest, OpenAIEmbeddingRequest)
+_ANSWERS: tuple[type[Any], ...] = (
+    EmbedResponse,
+    OpenAIEmbeddingResponse,
+    ErrorResponse,
+    HealthResponse,
+    ReadyResponse,
+    ActivityResponse,
+    InfoResponse,
+    CleanupRecord,
+)
 _ERRORS = {
     "400": "Malformed JSON, a field of the wrong type, or text that is not valid Unicode.",
     "404": "A model other than the served one was asked for.",
@@ -63,124 +52,62 @@ _ERRORS = {
 }
 
 
-def _error_responses() -> dict[str, Any]:
-    return {
-        code: {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-        for code, text in _ERRORS.items()
-    }
+@functools.cache
+def _component_schemas() -> dict[str, Any]:
+    """Every model's JSON Schema, referring to the others as ``#/components/schemas/<name>``."""
+    models: list[tuple[type[Any], JsonSchemaMode]] = [(m, "validation") for m in _REQUESTS]
+    models += [(m, "serialization") for m in _ANSWERS]
+    _, schemas = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    found: dict[str, Any] = schemas["$defs"]
+    return found
 
 
-def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+def _ref(model: type[BaseModel] | type[CleanupRecord]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _json(model: type[BaseModel] | type[CleanupRecord] | None, description: str = "OK") -> dict[str, Any]:
+    schema = {"type": "object"} if model is None else _ref(model)
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _texts(limits: Limits) -> dict[str, Any]:
-    # A text holds at least one character that is not white space ("\\S" anywhere), at most max_input_chars.
-    text = {"type": "string", "minLength": 1, "maxLength": limits.max_input_chars, "pattern": "\\S"}
-    return {"oneOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": limits.max_inputs}]}
-
-
-def _dimensions(info: ModelInfo | None) -> dict[str, Any]:
-    schema: dict[str, Any] = {
-        "type": "integer",
-        "minimum": 1,
-        "description": "Keep the first N components, re-normalised.",
-    }
+def _with_limits(schemas: dict[str, Any], limits: Limits, info: ModelInfo | None) -> None:
+    """Write the settings' and the model's limits into the request schemas (the models state fixed ones only)."""
+    for model in _REQUESTS:
+        properties = schemas[model.__name__]["properties"]
+        one_text, many = properties[model.texts_field]["anyOf"]
+        one_text["maxLength"] = many["items"]["maxLength"] = limits.max_input_chars
+        many["maxItems"] = limits.max_inputs
+        if info is not None:
+            properties["dimensions"]["maximum"] = info.dimensions
     if info is not None:
-        schema["maximum"] = info.dimensions
-    return schema
+        schemas[OpenAIEmbeddingRequest.__name__]["properties"]["model"]["enum"] = sorted(model_names(info))
 
 
 def openapi_document(version: str, limits: Limits, info: ModelInfo | None) -> dict[str, Any]:
     """The API description, with the service version, its limits and (once loaded) the model's."""
-    vector = {"type": "array", "items": {"type": "number"}}
-    texts, dimensions = _texts(limits), _dimensions(info)
-    model: dict[str, Any] = {"type": "string", "description": "Optional; must name the served model."}
-    if info is not None:
-        model["enum"] = sorted(model_names(info))
-    embed_request = {
-        "type": "object",
-        "required": ["inputs"],
-        "properties": {
-            "inputs": texts,
-            "normalize": {"type": "boolean", "default": True},
-            "truncate": {
-                "type": "boolean",
-                "default": True,
-                "description": "false: a text longer than the model's maximum sequence length is a 422.",
-            },
-            "input_type": _INPUT_TYPE,
-            "dimensions": dimensions,
-        },
-    }
-    embed_response = {
-        "type": "object",
-        "properties": {
-            "embeddings": {"type": "array", "items": vector},
-            "model": {"type": "string"},
-            "dimensions": {"type": "integer"},
-            "usage": {"type": "object", "properties": {"tokens": {"type": "integer"}}},
-        },
-    }
-    openai_request = {
-        "type": "object",
-        "required": ["input"],
-        "properties": {
-            "input": texts,
-            "model": model,
-            "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
-            "dimensions": dimensions,
-            "input_type": _INPUT_TYPE,
-            "user": {"type": "string", "description": "Accepted and ignored."},
-        },
-    }
-    openai_response = {
-        "type": "object",
-        "properties": {
-            "object": {"const": "list"},
-            "data": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "object": {"const": "embedding"},
-                        "index": {"type": "integer"},
-                        "embedding": {"oneOf": [vector, {"type": "string", "contentEncoding": "base64"}]},
-                    },
-                },
-            },
-            "model": {"type": "string"},
-            "usage": {
-                "type": "object",
-                "properties": {"prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}},
-            },
-        },
-    }
-    status = {"type": "object", "properties": {"status": {"type": "string"}}}
+    schemas = copy.deepcopy(_component_schemas())
+    _with_limits(schemas, limits, info)
+    errors = {code: _json(ErrorResponse, text) for code, text in _ERRORS.items()}
+
+    def embedding_route(summary: str, request: type[BaseModel], answer: type[BaseModel]) -> dict[str, Any]:
+        body = {"required": True, "content": {"application/json": {"schema": _ref(request)}}}
+        return {"post": {"summary": summary, "requestBody": body, "responses": {"200": _json(answer), **errors}}}
+
     return {
         "openapi": "3.1.0",
         "info": {"title": "Embedding service", "version": version},
         "paths": {
-            "/embed": {
-                "post": {
-                    "summary": "Embed one text or a list of texts.",
-                    "requestBody": {"required": True, "content": {"application/json": {"schema": embed_request}}},
-                    "responses": {"200": _json(embed_response), **_error_responses()},
-                }
-            },
-            "/v1/embeddings": {
-                "post": {
-                    "summary": "OpenAI-compatible embeddings.",
-                    "requestBody": {"required": True, "content": {"application/json": {"schema": openai_request}}},
-                    "responses": {"200": _json(openai_response), **_error_responses()},
-                }
-            },
-            "/info": {"get": {"summary": "Model, limits and version.", "responses": {"200": _json(_OBJECT)}}},
-            "/health": {"get": {"summary": "Liveness.", "responses": {"200": _json(status)}}},
+            "/embed": embedding_route("Embed one text or a list of texts.", EmbedRequest, EmbedResponse),
+            "/v1/embeddings": embedding_route(
+                "OpenAI-compatible embeddings.", OpenAIEmbeddingRequest, OpenAIEmbeddingResponse
+            ),
+            "/info": {"get": {"summary": "Model, limits and version.", "responses": {"200": _json(InfoResponse)}}},
+            "/health": {"get": {"summary": "Liveness.", "responses": {"200": _json(HealthResponse)}}},
             "/ready": {
                 "get": {
                     "summary": "Readiness: 200 once the model is loaded and warmed up.",
-                    "responses": {"200": _json(status), "503": _json(status, "Not ready.")},
+                    "responses": {"200": _json(ReadyResponse), "503": _json(ReadyResponse, "Not ready.")},
                 }
             },
             "/activity": {
@@ -189,13 +116,13 @@ def openapi_document(version: str, limits: Limits, info: ModelInfo | None) -> di
                     "parameters": [
                         {"name": "minutes", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1440}}
                     ],
-                    "responses": {"200": _json(_OBJECT), "400": _json(_ERROR_REF, "Bad minutes value.")},
+                    "responses": {"200": _json(ActivityResponse), "400": _json(ErrorResponse, "Bad minutes value.")},
                 }
             },
             "/memory": {
                 "get": {
                     "summary": "RSS/USS, thresholds, status (normal/elevated/high), last cleanup, cleanups by reason.",
-                    "responses": {"200": _json(_OBJECT)},
+                    "responses": {"200": _json(None)},
                 }
             },
             "/cleanup": {
@@ -205,21 +132,23 @@ def openapi_document(version: str, limits: Limits, info: ModelInfo | None) -> di
                         "else loopback clients only; never from a browser."
                     ),
                     "responses": {
-                        "200": _json(_CLEANUP, "The cleanup record."),
-                        "401": _json(_ERROR_REF, "Missing or wrong admin token."),
-                        "403": _json(_ERROR_REF, "Not a loopback client (no token set), or a browser's request."),
-                        "409": _json(_ERROR_REF, "A cleanup is already running."),
-                        "429": _json(_ERROR_REF, "Within EMBEDDING_MANUAL_CLEANUP_INTERVAL_S of the last one."),
+                        "200": _json(CleanupRecord, "The cleanup record."),
+                        "401": _json(ErrorResponse, "Missing or wrong admin token."),
+                        "403": _json(ErrorResponse, "Not a loopback client (no token set), or a browser's request."),
+                        "409": _json(ErrorResponse, "A cleanup is already running."),
+                        "429": _json(ErrorResponse, "Within EMBEDDING_MANUAL_CLEANUP_INTERVAL_S of the last one."),
                     },
                 }
             },
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics.",
-                    "responses": {"200": {"description": "OK", "content": {"text/plain": {"schema": _STRING}}}},
+                    "responses": {
+                        "200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
+                    },
                 }
             },
-            "/openapi.json": {"get": {"summary": "This document.", "responses": {"200": _json(_OBJECT)}}},
+            "/openapi.json": {"get": {"summary": "This document.", "responses": {"200": _json(None)}}},
         },
-        "components": {"schemas": {"Error": _ERROR}},
+        "components": {"schemas": schemas},
     }

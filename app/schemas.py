@@ -1,21 +1,41 @@
-"""Request parsing and validation for the embedding routes.
+"""Request and response schemas of the HTTP API: the one source of validation and of ``/openapi.json``.
 
-Wrong JSON or wrong types are 400; well-typed input the service will not embed
-(empty, too many, too long, an impossible ``dimensions``) is 422. An optional field
-is either left out (its default) or of its type: ``null`` is a wrong type, as with
-OpenAI's API. Messages quote the client's input up to ``MAX_QUOTE_CHARS``.
+The pydantic models below declare every field, type and fixed constraint; :mod:`app.openapi` builds the
+document from them and adds the limits that come from the settings and the loaded model. Validation
+keeps this service's own messages and statuses: each field's validator runs before pydantic's and
+raises a :class:`~app.errors.ServiceError` (pydantic lets those through untouched), so the types below
+only ever see values that already passed.
+
+Wrong JSON or wrong types are 400; well-typed input the service will not embed (empty, too many, too
+long, an impossible ``dimensions``) is 422. An optional field is either left out (its default) or of its
+type: ``null`` is a wrong type, as with OpenAI's API. Unknown fields are ignored, as OpenAI's API does.
+Messages quote the client's input up to ``MAX_QUOTE_CHARS``.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from app.backend import INPUT_TYPES, ModelInfo
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
+
+from app.backend import INPUT_TYPES, InputType, ModelInfo
 from app.errors import BadRequest, NotFound, Unprocessable
+from app.reasons import MemoryPolicy
 
-ENCODING_FORMATS = ("float", "base64")
+EncodingFormat = Literal["float", "base64"]
+ENCODING_FORMATS: tuple[str, ...] = get_args(EncodingFormat)
 MAX_QUOTE_CHARS = 100
 """Longest quote of a client's value in an error message."""
 
@@ -40,89 +60,57 @@ class EmbeddingRequest:
     encoding_format: str = "float"
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """Decode a request body that must be a JSON object."""
-    if not raw.strip():
-        raise BadRequest("request body is empty; send a JSON object")
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise BadRequest("request body is not valid JSON: nested too deeply") from None
-    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
-        raise BadRequest("request body is not valid JSON: a number is too long") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"request body must be a JSON object, got {_type_name(body)}")
-    return body
+# --- requests ---------------------------------------------------------------------
+
+Text = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
+"""A text holds at least one character that is not white space; its longest length is a setting."""
+Texts = Text | Annotated[list[Text], Field(min_length=1)]
 
 
-def parse_embed(body: dict[str, Any], limits: Limits, info: ModelInfo) -> EmbeddingRequest:
-    """Validate a ``POST /embed`` body."""
-    return EmbeddingRequest(
-        texts=_texts(body, "inputs", limits),
-        normalize=_bool(body, "normalize", True),
-        truncate=_bool(body, "truncate", True),
-        input_type=_input_type(body),
-        dimensions=_dimensions(body, info),
-    )
+def _no_null_defaults(schema: dict[str, Any]) -> None:
+    """``null`` is not a value an optional field takes (it is left out instead): the document says no default."""
+    for prop in schema.get("properties", {}).values():
+        if "default" in prop and prop["default"] is None:
+            del prop["default"]
 
 
-def parse_openai(body: dict[str, Any], limits: Limits, info: ModelInfo) -> EmbeddingRequest:
-    """Validate an OpenAI-style ``POST /v1/embeddings`` body."""
-    _check_model(body, info)
-    encoding_format = body.get("encoding_format", "float")
-    if not isinstance(encoding_format, str) or encoding_format not in ENCODING_FORMATS:
-        raise BadRequest(
-            f"unsupported encoding_format {quote(encoding_format)}; use one of {', '.join(ENCODING_FORMATS)}",
-            param="encoding_format",
-        )
-    if "user" in body and not isinstance(body["user"], str):
-        raise BadRequest(f"'user' must be a string, got {_type_name(body['user'])}", param="user")
-    return EmbeddingRequest(
-        texts=_texts(body, "input", limits),
-        input_type=_input_type(body),
-        dimensions=_dimensions(body, info),
-        encoding_format=encoding_format,
-    )
+class _Request(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore", json_schema_extra=_no_null_defaults)
+    texts_field: ClassVar[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _texts_given(cls, body: Any) -> Any:
+        if isinstance(body, dict) and cls.texts_field not in body:
+            raise BadRequest(f"'{cls.texts_field}' is required: a string or a list of strings", param=cls.texts_field)
+        return body
+
+    @classmethod
+    def parse(cls, body: dict[str, Any], limits: Limits, info: ModelInfo) -> EmbeddingRequest:
+        """Validate a decoded JSON body against this route's model, the settings' limits and the model's."""
+        try:
+            return cls.model_validate(body, context={"limits": limits, "info": info}).to_request()
+        except ValidationError as exc:  # the field validators answer first; this is a safety net, never a 500
+            error = exc.errors()[0]
+            field = ".".join(str(part) for part in error["loc"])
+            raise BadRequest(f"'{field}': {error['msg']}", param=str(error["loc"][0])) from None
+
+    def to_request(self) -> EmbeddingRequest:
+        raise NotImplementedError
 
 
-def model_names(info: ModelInfo) -> set[str]:
-    """Names a client may use for the served model."""
-    return {info.model_id, info.model_id.rsplit("/", 1)[-1]}
+def _limits(info: ValidationInfo) -> Limits:
+    limits: Limits = (info.context or {})["limits"]
+    return limits
 
 
-def quote(value: Any) -> str:
-    """``repr(value)`` up to :data:`MAX_QUOTE_CHARS`, marked when cut: error messages never echo a whole input."""
-    text = repr(value) if not isinstance(value, int) or isinstance(value, bool) else _int_text(value)
-    return text if len(text) <= MAX_QUOTE_CHARS else f"{text[:MAX_QUOTE_CHARS]}... ({len(text)} characters)"
+def _model(info: ValidationInfo) -> ModelInfo:
+    model: ModelInfo = (info.context or {})["info"]
+    return model
 
 
-def _int_text(value: int) -> str:
-    try:
-        return str(value)
-    except ValueError:  # more digits than Python converts
-        return "a number of thousands of digits"
-
-
-def _check_model(body: dict[str, Any], info: ModelInfo) -> None:
-    if "model" not in body:
-        return
-    model = body["model"]
-    if not isinstance(model, str):
-        raise BadRequest(f"'model' must be a string, got {_type_name(model)}", param="model")
-    if model not in model_names(info):
-        raise NotFound(
-            f"model {quote(model)} is not served here; this service serves {info.model_id!r} only "
-            "(embeddings of different models must not be mixed in one index)",
-            param="model",
-        )
-
-
-def _texts(body: dict[str, Any], key: str, limits: Limits) -> list[str]:
-    if key not in body:
-        raise BadRequest(f"'{key}' is required: a string or a list of strings", param=key)
-    value = body[key]
+def _check_texts(value: Any, info: ValidationInfo) -> list[str]:
+    key, limits = str(info.field_name), _limits(info)
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list):
         raise BadRequest(f"'{key}' must be a string or a list of strings, got {_type_name(value)}", param=key)
@@ -148,25 +136,13 @@ def _texts(body: dict[str, Any], key: str, limits: Limits) -> list[str]:
     return texts
 
 
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
-    value = body.get(key, default)
+def _check_bool(value: Any, info: ValidationInfo) -> bool:
     if not isinstance(value, bool):
-        raise BadRequest(f"'{key}' must be true or false, got {_type_name(value)}", param=key)
+        raise BadRequest(f"'{info.field_name}' must be true or false, got {_type_name(value)}", param=info.field_name)
     return value
 
 
-def _input_type(body: dict[str, Any]) -> str | None:
-    if "input_type" not in body:
-        return None
-    value = body["input_type"]
+def _check_input_type(value: Any) -> str:
     if not isinstance(value, str) or value not in INPUT_TYPES:
         raise BadRequest(
             f"'input_type' must be one of {', '.join(INPUT_TYPES)}, got {quote(value)}", param="input_type"
@@ -174,20 +150,247 @@ def _input_type(body: dict[str, Any]) -> str | None:
     return value
 
 
-def _dimensions(body: dict[str, Any], info: ModelInfo) -> int | None:
-    if "dimensions" not in body:
-        return None
-    value = body["dimensions"]
+def _check_dimensions(value: Any, info: ValidationInfo) -> int:
+    model = _model(info)
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # 64.0 is a whole number (and an "integer" to JSON Schema)
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f"'dimensions' must be a whole number, got {_type_name(value)}", param="dimensions")
-    if not 1 <= value <= info.dimensions:
+    if not 1 <= value <= model.dimensions:
         raise Unprocessable(
-            f"'dimensions' must be from 1 to {info.dimensions} for model {info.model_id!r}, got {quote(value)}",
+            f"'dimensions' must be from 1 to {model.dimensions} for model {model.model_id!r}, got {quote(value)}",
             param="dimensions",
         )
     return value
+
+
+_INPUT_TYPE_DOC = (
+    "Adds the prefix the model was trained with (e5: 'query: ' / 'passage: '); nothing for models without one."
+)
+_DIMENSIONS_DOC = "Keep the first N components, re-normalised (at most the model's dimensions)."
+
+
+class EmbedRequest(_Request):
+    """``POST /embed``: text-embeddings-inference's request fields."""
+
+    texts_field = "inputs"
+    inputs: Texts
+    normalize: bool = True
+    truncate: bool = Field(True, description="false: a text longer than the model's maximum sequence length is a 422.")
+    input_type: InputType | SkipJsonSchema[None] = Field(None, description=_INPUT_TYPE_DOC)
+    dimensions: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = Field(None, description=_DIMENSIONS_DOC)
+
+    _inputs = field_validator("inputs", mode="before")(_check_texts)
+    _flags = field_validator("normalize", "truncate", mode="before")(_check_bool)
+    _input_type = field_validator("input_type", mode="before")(_check_input_type)
+    _dimensions = field_validator("dimensions", mode="before")(_check_dimensions)
+
+    def to_request(self) -> EmbeddingRequest:
+        texts = [self.inputs] if isinstance(self.inputs, str) else self.inputs
+        return EmbeddingRequest(texts, self.normalize, self.truncate, self.input_type, self.dimensions)
+
+
+class OpenAIEmbeddingRequest(_Request):
+    """``POST /v1/embeddings``: OpenAI's request fields."""
+
+    texts_field = "input"
+    input: Texts
+    model: str | SkipJsonSchema[None] = Field(None, description="Optional; must name the served model.")
+    encoding_format: EncodingFormat = "float"
+    dimensions: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = Field(None, description=_DIMENSIONS_DOC)
+    input_type: InputType | SkipJsonSchema[None] = Field(None, description=_INPUT_TYPE_DOC)
+    user: str | SkipJsonSchema[None] = Field(None, description="Accepted and ignored.")
+
+    _input = field_validator("input", mode="before")(_check_texts)
+    _input_type = field_validator("input_type", mode="before")(_check_input_type)
+    _dimensions = field_validator("dimensions", mode="before")(_check_dimensions)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _served_model(cls, value: Any, info: ValidationInfo) -> str:
+        if not isinstance(value, str):
+            raise BadRequest(f"'model' must be a string, got {_type_name(value)}", param="model")
+        model = _model(info)
+        if value not in model_names(model):
+            raise NotFound(
+                f"model {quote(value)} is not served here; this service serves {model.model_id!r} only "
+                "(embeddings of different models must not be mixed in one index)",
+                param="model",
+            )
+        return value
+
+    @field_validator("encoding_format", mode="before")
+    @classmethod
+    def _encoding(cls, value: Any) -> str:
+        if not isinstance(value, str) or value not in ENCODING_FORMATS:
+            raise BadRequest(
+                f"unsupported encoding_format {quote(value)}; use one of {', '.join(ENCODING_FORMATS)}",
+                param="encoding_format",
+            )
+        return value
+
+    @field_validator("user", mode="before")
+    @classmethod
+    def _user(cls, value: Any) -> str:
+        if not isinstance(value, str):
+            raise BadRequest(f"'user' must be a string, got {_type_name(value)}", param="user")
+        return value
+
+    def to_request(self) -> EmbeddingRequest:
+        texts = [self.input] if isinstance(self.input, str) else self.input
+        return EmbeddingRequest(
+            texts, input_type=self.input_type, dimensions=self.dimensions, encoding_format=self.encoding_format
+        )
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Decode a request body that must be a JSON object."""
+    if not raw.strip():
+        raise BadRequest("request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("request body is not valid JSON: nested too deeply") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise BadRequest("request body is not valid JSON: a number is too long") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, got {_type_name(body)}")
+    return body
+
+
+def parse_embed(body: dict[str, Any], limits: Limits, info: ModelInfo) -> EmbeddingRequest:
+    """Validate a ``POST /embed`` body."""
+    return EmbedRequest.parse(body, limits, info)
+
+
+def parse_openai(body: dict[str, Any], limits: Limits, info: ModelInfo) -> EmbeddingRequest:
+    """Validate an OpenAI-style ``POST /v1/embeddings`` body."""
+    return OpenAIEmbeddingRequest.parse(body, limits, info)
+
+
+# --- responses --------------------------------------------------------------------
+# What the routes answer. The embedding routes build their (large) answers directly; the tests hold every
+# answer to these models, which forbid fields they do not declare, so the document cannot fall behind.
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_no_null_defaults)
+
+
+class EmbedUsage(_Answer):
+    tokens: int
+
+
+class EmbedResponse(_Answer):
+    """``POST /embed``: one vector per text, in order."""
+
+    embeddings: list[list[float]]
+    model: str
+    dimensions: int
+    usage: EmbedUsage
+
+
+class OpenAIEmbedding(_Answer):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | Annotated[str, Field(json_schema_extra={"contentEncoding": "base64"})]
+
+
+class OpenAIUsage(_Answer):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingResponse(_Answer):
+    """``POST /v1/embeddings``: OpenAI's answer; base64 vectors are little-endian float32."""
+
+    object: Literal["list"]
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class ErrorDetail(_Answer):
+    message: str
+    type: str
+    code: int
+    param: str | SkipJsonSchema[None] = None
+
+
+class ErrorResponse(_Answer):
+    """Every error: ``type`` follows OpenAI's where one fits, so OpenAI clients raise their usual exceptions."""
+
+    error: ErrorDetail
+
+
+class HealthResponse(_Answer):
+    status: Literal["ok"]
+
+
+class ReadyResponse(_Answer):
+    """``status`` is the engine's state; while it is not ``ready`` the answer is a 503 with the error."""
+
+    status: str
+    error: ErrorDetail | SkipJsonSchema[None] = None
+
+
+class ActivityResponse(_Answer):
+    minutes: int
+    requests: int
+    queue_depth: int
+    last_request_at: float | None = Field(description="Unix time of the last embedding request, null if none.")
+
+
+class InfoLimits(_Answer):
+    max_inputs: int
+    max_input_chars: int
+    max_body_bytes: int
+    queue_size: int
+    request_timeout_s: float
+
+
+class InfoResponse(_Answer):
+    """What this service serves and its limits; the model's fields are null until it is loaded."""
+
+    version: str
+    status: str
+    model: str
+    dimensions: int | None
+    max_seq_length: int | None
+    device: str
+    input_types: list[InputType]
+    batch_size: int
+    max_batch_tokens: int
+    limits: InfoLimits
+    memory_policy: MemoryPolicy
+
+
+def model_names(info: ModelInfo) -> set[str]:
+    """Names a client may use for the served model."""
+    return {info.model_id, info.model_id.rsplit("/", 1)[-1]}
+
+
+def quote(value: Any) -> str:
+    """``repr(value)`` up to :data:`MAX_QUOTE_CHARS`, marked when cut: error messages never echo a whole input."""
+    text = repr(value) if not isinstance(value, int) or isinstance(value, bool) else _int_text(value)
+    return text if len(text) <= MAX_QUOTE_CHARS else f"{text[:MAX_QUOTE_CHARS]}... ({len(text)} characters)"
+
+
+def _int_text(value: int) -> str:
+    try:
+        return str(value)
+    except ValueError:  # more digits than Python converts
+        return "a number of thousands of digits"
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _type_name(value: Any) -> str:

@@ -2,13 +2,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
+import jsonschema_rs
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
 from app import components, create_app
+from app.backend import INPUT_TYPES
 from app.config import Settings
+from app.memory import CleanupRecord
+from app.schemas import (
+    ActivityResponse,
+    EmbedRequest,
+    EmbedResponse,
+    ErrorResponse,
+    HealthResponse,
+    InfoResponse,
+    OpenAIEmbeddingRequest,
+    OpenAIEmbeddingResponse,
+    ReadyResponse,
+)
 from tests.doubles import FakeBackend
 
 SETTINGS = Settings(model="fake", max_inputs=4, queue_size=16, max_body_bytes=2048)
@@ -103,6 +118,69 @@ def test_the_openapi_document_describes_every_route(client: FlaskClient, app: Fl
     assert document["openapi"].startswith("3.1")
     served = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
     assert set(document["paths"]) == served
+
+
+ANSWERS: list[tuple[str, str, dict[str, Any], int, type[Any]]] = [
+    ("post", "/embed", {"json": {"inputs": ["a", "b"], "dimensions": 4, "normalize": False}}, 200, EmbedResponse),
+    ("post", "/v1/embeddings", {"json": {"input": "a", "model": "fake/model"}}, 200, OpenAIEmbeddingResponse),
+    ("post", "/v1/embeddings", {"json": {"input": ["a"], "encoding_format": "base64"}}, 200, OpenAIEmbeddingResponse),
+    ("post", "/v1/embeddings", {"json": {"input": "a", "model": "other"}}, 404, ErrorResponse),
+    ("post", "/embed", {"json": {"inputs": 3}}, 400, ErrorResponse),
+    ("post", "/embed", {"json": {"inputs": []}}, 422, ErrorResponse),
+    ("get", "/info", {}, 200, InfoResponse),
+    ("get", "/health", {}, 200, HealthResponse),
+    ("get", "/ready", {}, 200, ReadyResponse),
+    ("get", "/activity", {}, 200, ActivityResponse),
+    ("get", "/activity?minutes=0", {}, 400, ErrorResponse),
+    ("post", "/cleanup", {}, 200, CleanupRecord),
+    ("post", "/cleanup", {"headers": {"Origin": "https://example.com"}}, 403, ErrorResponse),
+]
+
+
+@pytest.mark.parametrize("case", ANSWERS, ids=[f"{c[1]}-{c[3]}" for c in ANSWERS])
+def test_every_answer_is_what_the_openapi_document_says(
+    client: FlaskClient, case: tuple[str, str, dict[str, Any], int, type[Any]]
+) -> None:
+    """The routes build their answers by hand; the models (which forbid undeclared fields) are the document."""
+    method, path, kwargs, status, model = case
+    response = getattr(client, method)(path, **kwargs)
+    assert response.status_code == status
+    document = client.get("/openapi.json").get_json()
+    responses = next(iter(document["paths"][path.split("?", maxsplit=1)[0]].values()))["responses"]
+    schema = responses[str(status)]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": f"#/components/schemas/{model.__name__}"}
+    jsonschema_rs.Draft202012Validator({**schema, "components": document["components"]}).validate(response.get_json())
+
+
+def test_an_undocumented_field_in_an_answer_fails_the_check(client: FlaskClient) -> None:
+    """What the check above rejects: an answer with a field the document does not list, or one it lacks."""
+    components = client.get("/openapi.json").get_json()["components"]
+    validator = jsonschema_rs.Draft202012Validator(
+        {"$ref": "#/components/schemas/CleanupRecord", "components": components}
+    )
+    answer = client.post("/cleanup").get_json()
+    validator.validate(answer)
+    for wrong in ({**answer, "uptime_s": 3}, {k: v for k, v in answer.items() if k != "effective"}):
+        with pytest.raises(jsonschema_rs.ValidationError):
+            validator.validate(wrong)
+
+
+def test_the_documented_request_schema_is_the_models_with_this_services_limits(client: FlaskClient) -> None:
+    schemas = client.get("/openapi.json").get_json()["components"]["schemas"]
+    embed = schemas["EmbedRequest"]["properties"]
+    assert set(embed) == set(EmbedRequest.model_fields)
+    assert set(schemas["OpenAIEmbeddingRequest"]["properties"]) == set(OpenAIEmbeddingRequest.model_fields)
+    one, many = embed["inputs"]["anyOf"]
+    assert one["maxLength"] == many["items"]["maxLength"] == SETTINGS.max_input_chars
+    assert many["maxItems"] == SETTINGS.max_inputs
+    assert embed["input_type"]["enum"] == list(INPUT_TYPES)
+    assert "default" not in embed["dimensions"]  # null is refused, so the document offers no null default
+    assert schemas["OpenAIEmbeddingRequest"]["properties"]["model"]["enum"] == ["fake/model", "model"]
+
+
+@pytest.mark.parametrize("input_type", INPUT_TYPES)
+def test_every_documented_input_type_is_accepted(client: FlaskClient, input_type: str) -> None:
+    assert client.post("/embed", json={"inputs": "x", "input_type": input_type}).status_code == 200
 
 
 def test_activity_reports_recent_embedding_requests(client: FlaskClient) -> None:
