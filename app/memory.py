@@ -30,7 +30,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import psutil
 import structlog
@@ -207,6 +207,81 @@ class CleanupInProgress(Conflict):
     """A cleanup was asked for while another one runs."""
 
 
+# --- policies: when automatic cleanups run ---------------------------------------------
+
+
+class Policy:
+    """One ``EMBEDDING_MEMORY_POLICY``: which automatic cleanups it runs and when. The manager asks its policy
+    at three points (a request admitted, a monitor pass, the monitor's next wake-up) and does the rest the same
+    way for all: manual cleanups, the hard limit, shedding, the status and the metrics.
+    """
+
+    name: ClassVar[MemoryPolicy]
+    freezes_startup_objects: ClassVar[bool] = False
+    """``gc.freeze()`` the model's objects once it is loaded, so that full collections stop walking them."""
+    trims_between_batches: ClassVar[bool] = False
+    """Give freed heap back to the OS between batches (``EMBEDDING_TRIM_AFTER_BATCH`` can still turn it off)."""
+
+    def on_request(self, manager: MemoryManager, *, count_due: bool) -> None:
+        """A request was admitted; ``count_due`` once ``EMBEDDING_CLEANUP_EVERY_REQUESTS`` have been."""
+
+    def due_reason(self, manager: MemoryManager, rss: int, now: float) -> CleanupReason | None:
+        """Which automatic cleanup a monitor pass should run now, if any."""
+        return None
+
+    def seconds_to_next_cleanup(self, manager: MemoryManager, now: float) -> float | None:
+        """How long the monitor may sleep before a cleanup falls due by time alone (None: never)."""
+        return None
+
+
+class SmartPolicy(Policy):
+    """Every trigger: RSS over the high threshold (once per cooldown), every N requests, every interval;
+    trims between batches; runs cleanups on the monitor thread or between batches, never on a request."""
+
+    name = MemoryPolicy.SMART
+    freezes_startup_objects = True
+    trims_between_batches = True
+
+    def on_request(self, manager: MemoryManager, *, count_due: bool) -> None:
+        if count_due:
+            manager.wake_monitor()
+
+    def due_reason(self, manager: MemoryManager, rss: int, now: float) -> CleanupReason | None:
+        settings, last_threshold_at = manager.settings, manager.last_threshold_at
+        if rss > settings.memory_high_bytes and (
+            last_threshold_at is None or now - last_threshold_at >= settings.cleanup_cooldown_s
+        ):
+            return CleanupReason.THRESHOLD
+        if manager.requests_since_cleanup >= settings.cleanup_every_requests:
+            return CleanupReason.REQUEST_COUNT
+        if now - manager.last_cleanup_at >= settings.cleanup_interval_s:
+            return CleanupReason.PERIODIC
+        return None
+
+    def seconds_to_next_cleanup(self, manager: MemoryManager, now: float) -> float | None:
+        return manager.last_cleanup_at + manager.settings.cleanup_interval_s - now
+
+
+class LegacyPolicy(Policy):
+    """The old service's behaviour, kept for comparison: a plain ``gc.collect()`` on every request once RSS is
+    above 1.5 GB, on the request's own thread."""
+
+    name = MemoryPolicy.LEGACY
+
+    def on_request(self, manager: MemoryManager, *, count_due: bool) -> None:
+        if manager.rss() > LEGACY_THRESHOLD_BYTES:
+            manager.try_cleanup(CleanupReason.LEGACY)
+
+
+class OffPolicy(Policy):
+    """No automatic cleanup: only ``POST /cleanup`` and the hard limit run one."""
+
+    name = MemoryPolicy.OFF
+
+
+POLICIES: dict[MemoryPolicy, Policy] = {p.name: p for p in (SmartPolicy(), LegacyPolicy(), OffPolicy())}
+
+
 # --- the manager ------------------------------------------------------------------
 
 
@@ -228,6 +303,7 @@ class MemoryManager:
         self._settings = settings
         self._heap = heap or HeapActions()
         self.policy = MemoryPolicy(settings.memory_policy)
+        self._policy = POLICIES[self.policy]
         self._metrics = metrics
         self._engine = engine
         self._sampler = sampler or MemorySampler()
@@ -239,7 +315,7 @@ class MemoryManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.allocator = allocator.active()
-        self.trim_after_batch = self.policy is MemoryPolicy.SMART and settings.trim_after_batch
+        self.trim_after_batch = self._policy.trims_between_batches and settings.trim_after_batch
         self._next_trim_at = 0.0
         self._requests_since = 0
         self._last_cleanup_at = clock()
@@ -284,7 +360,7 @@ class MemoryManager:
     def start(self) -> None:
         """Hook into the engine and start the monitor thread."""
         self._log_allocator()
-        if self.policy is MemoryPolicy.SMART:
+        if self._policy.freezes_startup_objects:
             self._engine.add_ready_hook(self.freeze_startup_objects)
         self._engine.add_between_batches_hook(self.between_batches)
         self._engine.add_idle_hook(self.run_pending)
@@ -317,10 +393,7 @@ class MemoryManager:
         with self._state_lock:
             self._requests_since += 1
             due = self._requests_since >= self._settings.cleanup_every_requests
-        if self.policy is MemoryPolicy.SMART and due:
-            self._wake.set()
-        elif self.policy is MemoryPolicy.LEGACY:
-            self._legacy_collect()
+        self._policy.on_request(self, count_due=due)
 
     def _shed_above_limit(self, limit: int) -> None:
         rss = self._sampler.rss()
@@ -339,7 +412,7 @@ class MemoryManager:
         now = self._clock()
         if self._last_limit_at is None or now - self._last_limit_at >= self._settings.cleanup_cooldown_s:
             self._last_limit_at = self._last_release_at = now
-            self._try_cleanup(CleanupReason.LIMIT)
+            self.try_cleanup(CleanupReason.LIMIT)
         elif (
             self._last_release_at is None or now - self._last_release_at >= SHED_RELEASE_INTERVAL_S
         ) and self._release_lock.acquire(blocking=False):
@@ -361,28 +434,35 @@ class MemoryManager:
                 log.info("memory.shedding_stopped", rss_bytes=rss, limit_bytes=limit)
         return above
 
-    def _legacy_collect(self) -> None:
-        """The old service's behaviour: a plain gc.collect() on every request above 1.5 GB."""
-        if self._sampler.rss() > LEGACY_THRESHOLD_BYTES:
-            self._try_cleanup(CleanupReason.LEGACY)
-
     # --- decisions (monitor thread) --------------------------------------------------
 
     def due_reason(self, rss: int) -> CleanupReason | None:
-        """Which automatic cleanup is due now, if any (``smart`` policy only)."""
-        if self.policy is not MemoryPolicy.SMART:
-            return None
-        now = self._clock()
-        settings = self._settings
-        if rss > settings.memory_high_bytes and (
-            self._last_threshold_at is None or now - self._last_threshold_at >= settings.cleanup_cooldown_s
-        ):
-            return CleanupReason.THRESHOLD
-        if self._requests_since >= settings.cleanup_every_requests:
-            return CleanupReason.REQUEST_COUNT
-        if now - self._last_cleanup_at >= settings.cleanup_interval_s:
-            return CleanupReason.PERIODIC
-        return None
+        """Which automatic cleanup is due now, if any: the policy decides."""
+        return self._policy.due_reason(self, rss, self._clock())
+
+    # What a policy reads and does (see Policy).
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @property
+    def requests_since_cleanup(self) -> int:
+        return self._requests_since
+
+    @property
+    def last_cleanup_at(self) -> float:
+        return self._last_cleanup_at
+
+    @property
+    def last_threshold_at(self) -> float | None:
+        return self._last_threshold_at
+
+    def rss(self) -> int:
+        return self._sampler.rss()
+
+    def wake_monitor(self) -> None:
+        self._wake.set()
 
     def tick(self) -> CleanupReason | None:
         """One monitor pass: sample, update the status, run or schedule a due cleanup."""
@@ -400,7 +480,7 @@ class MemoryManager:
         if reason is CleanupReason.THRESHOLD:
             self._last_threshold_at = self._clock()
         if self._engine.is_idle():
-            self._try_cleanup(reason)
+            self.try_cleanup(reason)
         else:
             self._pending = reason  # the inference thread runs it after its current batch
         return reason
@@ -420,9 +500,9 @@ class MemoryManager:
         wait = self._settings.monitor_interval_s
         if self._shedding:
             wait = min(wait, SHED_CHECK_INTERVAL_S)
-        if self.policy is MemoryPolicy.SMART:
-            until_periodic = self._last_cleanup_at + self._settings.cleanup_interval_s - self._clock()
-            wait = min(wait, max(until_periodic, 0.01))
+        until_due = self._policy.seconds_to_next_cleanup(self, self._clock())
+        if until_due is not None:
+            wait = min(wait, max(until_due, 0.01))
         return wait
 
     # --- inference-thread hooks ---------------------------------------------------------
@@ -438,7 +518,7 @@ class MemoryManager:
         """Run the cleanup the monitor asked for, if any."""
         reason, self._pending = self._pending, None
         if reason is not None:
-            self._try_cleanup(reason)
+            self.try_cleanup(reason)
 
     def freeze_startup_objects(self) -> None:
         """Move the loaded model's objects out of the collector's reach (``gc.freeze``), give back load garbage.
@@ -507,7 +587,8 @@ class MemoryManager:
         self._record(record)
         return record
 
-    def _try_cleanup(self, reason: CleanupReason) -> CleanupRecord | None:
+    def try_cleanup(self, reason: CleanupReason) -> CleanupRecord | None:
+        """Clean up now unless a cleanup is already running (which does the same work): None then."""
         try:
             return self.cleanup(reason)
         except CleanupInProgress:

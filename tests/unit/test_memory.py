@@ -236,6 +236,20 @@ def test_legacy_collects_on_every_request_above_1_5_gb_and_nothing_else() -> Non
     assert (setup.heap.plain_collects, setup.heap.collects, setup.heap.releases) == (3, 0, [])
 
 
+@pytest.mark.parametrize("policy", list(MemoryPolicy))
+def test_each_policy_is_one_strategy_that_runs_only_the_cleanups_it_declares(policy: MemoryPolicy) -> None:
+    assert memory.POLICIES[policy].name is policy
+    setup = Setup(SETTINGS.replace(memory_policy=policy), rss=3 * GB)
+    for _ in range(SETTINGS.cleanup_every_requests + 1):
+        setup.manager.admit()
+    for _ in range(3):
+        setup.clock.advance(SETTINGS.cleanup_interval_s + SETTINGS.cleanup_cooldown_s)
+        setup.manager.tick()
+    ran = {reason for reason in CleanupReason if setup.value("embedding_cleanups_total", reason=reason)}
+    assert ran <= set(policy.reasons)
+    assert bool(ran) is (policy is not MemoryPolicy.OFF)
+
+
 def test_off_never_cleans_up_by_itself() -> None:
     setup = Setup(SETTINGS.replace(memory_policy="off"), rss=3 * GB)
     for _ in range(100):
