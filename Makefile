@@ -16,7 +16,7 @@ LOAD_DURATION_S ?= 1200
 LOAD_USERS ?= 6
 
 .PHONY: help install system-deps run lint typecheck hadolint alerts rules unit integration e2e test bench loadtest \
-	loadtest-compare throughput dashboard clean jemalloc
+	loadtest-compare throughput dashboard clean jemalloc unit-newest lock-check
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -92,6 +92,21 @@ e2e: $(STAMP) system-deps  ## end-to-end: two services, real Prometheus and Aler
 test: lint typecheck hadolint alerts  ## everything CI runs: lint, types, Dockerfile, rules, all tests
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
 
+# pythonX.Y from PATH, else the newest pyenv-installed X.Y (pyenv's shims answer only for the selected versions).
+find_python = $(shell if python$(1) -c '' 2>/dev/null; then command -v python$(1); \
+	elif command -v pyenv >/dev/null && v=$$(pyenv latest $(1) 2>/dev/null); then echo "$$(pyenv root)/versions/$$v/bin/python$(1)"; fi)
+
+unit-newest: system-deps  ## the unit tests on Python 3.13 (newest supported), in .venv-3.13; CI runs it after make test
+	@test -n "$(call find_python,3.13)" || { echo "Python 3.13 not found (PATH or pyenv)" >&2; exit 1; }
+	$(MAKE) --no-print-directory unit PYTHON=$(call find_python,3.13) VENV=.venv-3.13
+
+lock-check:  ## constraints.txt resolves on Python 3.12 too (pip --dry-run; 3.11 and 3.13 are installed for real)
+	@set -o pipefail; py="$(call find_python,3.12)"; test -n "$$py" || { echo "Python 3.12 not found (PATH or pyenv)" >&2; exit 1; }; \
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && "$$py" -m venv "$$tmp/venv" && \
+		"$$tmp/venv/bin/pip" install --quiet --disable-pip-version-check --dry-run -c constraints.txt \
+			'.[bundled,test,loadtest]' 2>&1 | { grep -v '^WARNING: Location' || true; } && \
+		echo "constraints.txt resolves on $$("$$py" --version)"
+
 bench: $(STAMP)  ## throughput in-process vs through the service (prints texts/s)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.bench
 
@@ -105,4 +120,4 @@ throughput: $(STAMP)  ## texts/s of policies off and smart, side by side in inte
 	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.throughput --policies off,smart
 
 clean:  ## remove the virtual environment and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache reports
+	rm -rf $(VENV) .venv-3.13 .pytest_cache .mypy_cache .ruff_cache reports
