@@ -16,7 +16,7 @@ LOAD_DURATION_S ?= 1200
 LOAD_USERS ?= 6
 
 .PHONY: help install system-deps run lint typecheck hadolint alerts rules unit integration e2e test bench loadtest \
-	loadtest-compare throughput dashboard clean jemalloc unit-newest lock-check
+	loadtest-compare throughput dashboard clean jemalloc unit-newest lock-check fidelity
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -107,8 +107,11 @@ lock-check:  ## constraints.txt resolves on Python 3.12 too (pip --dry-run; 3.11
 			'.[bundled,test,loadtest]' 2>&1 | { grep -v '^WARNING: Location' || true; } && \
 		echo "constraints.txt resolves on $$("$$py" --version)"
 
-bench: $(STAMP)  ## throughput in-process vs through the service (prints texts/s)
+bench: $(STAMP)  ## throughput in-process (float32 and the auto dtype) vs through the service (prints texts/s)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.bench
+
+fidelity: $(STAMP)  ## each dtype against float32 on the corpus: texts/s, RSS, min cosine, 10-NN overlap
+	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.fidelity
 
 loadtest: $(STAMP)  ## Locust indexing load (20 min), RSS sampled, verdict + plot in reports/loadtest
 	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.run --duration $(LOAD_DURATION_S) --users $(LOAD_USERS) --out reports/loadtest

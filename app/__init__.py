@@ -9,7 +9,7 @@ from collections.abc import Callable
 import structlog
 from flask import Flask
 
-from app import api, errors, instrumentation, ops
+from app import api, errors, instrumentation, jsonio, ops
 from app.activity import ActivityTracker
 from app.allocator import limit_glibc_arenas
 from app.backend import EmbeddingBackend, backend_for
@@ -38,7 +38,7 @@ def create_app(
     """
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider has it
+    jsonio.init_app(app)
     metrics = Metrics()
     engine = Engine(
         backend or backend_for(settings),

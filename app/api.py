@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from flask import Blueprint, Response, g, jsonify, request
 
 from app.activity import OPS_CHECK_HEADER
@@ -28,7 +26,7 @@ def embed() -> Response:
     result = _run(req, info)
     vectors = shape_vectors(result.embeddings, dimensions=req.dimensions, normalize=req.normalize)
     return jsonify(
-        embeddings=vectors.tolist(),
+        embeddings=vectors,  # float32 rows, written by app.jsonio without Python floats
         model=info.model_id,
         dimensions=int(vectors.shape[1]),
         usage={"tokens": result.total_tokens},
@@ -42,8 +40,12 @@ def openai_embeddings() -> Response:
     req = parse_openai(parse_json_object(request.get_data()), components().limits, info)
     result = _run(req, info)
     vectors = shape_vectors(result.embeddings, dimensions=req.dimensions, normalize=True)
-    encode = to_base64 if req.encoding_format == "base64" else _as_floats
-    data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
+    as_base64 = req.encoding_format == "base64"
+    # Float rows stay float32 arrays: app.jsonio writes them without Python floats.
+    data = [
+        {"object": "embedding", "index": i, "embedding": to_base64(v) if as_base64 else v}
+        for i, v in enumerate(vectors)
+    ]
     tokens = result.total_tokens
     return jsonify(
         object="list",
@@ -66,6 +68,8 @@ def info() -> Response:
         dimensions=model.dimensions if model else None,
         max_seq_length=model.max_seq_length if model else None,
         device=model.device if model else settings.device,
+        dtype=model.dtype if model else settings.dtype,
+        dtype_reason=model.dtype_reason if model else None,
         input_types=sorted(model.prompts) if model else [],
         batch_size=settings.batch_size,
         max_batch_tokens=settings.max_batch_tokens,
@@ -108,8 +112,3 @@ def _run(req: EmbeddingRequest, info: ModelInfo) -> EmbeddingResult:
     if gone is not None:  # served by app.server: a client that disconnects takes its texts off the queue
         gone.subscribe(lambda: job.fail(ClientClosed("the client closed the connection before the answer")))
     return job.wait(parts.settings.request_timeout_s)
-
-
-def _as_floats(vector: Any) -> list[float]:
-    floats: list[float] = vector.tolist()
-    return floats

@@ -22,6 +22,7 @@ PREFIX = "EMBEDDING_"
 DEFAULT_MODEL = "intfloat/multilingual-e5-small"
 MEMORY_POLICIES = tuple(MemoryPolicy)
 DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _BYTE_UNITS = {
@@ -71,6 +72,7 @@ class Settings:
 
     model: str = DEFAULT_MODEL
     device: str = "auto"
+    dtype: str = "auto"
     port: int = 5000
     batch_size: int = 32
     max_batch_tokens: int = 2048
@@ -101,6 +103,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         _check(self.device in DEVICES, "DEVICE", f"one of {', '.join(DEVICES)}")
+        _check(self.dtype in DTYPES, "DTYPE", f"one of {', '.join(DTYPES)}")
         _check(1 <= self.port <= 65535, "PORT", "a port number from 1 to 65535")
         _check(1 <= self.batch_size <= 4096, "BATCH_SIZE", "a whole number from 1 to 4096")
         _check(self.max_batch_tokens >= 1, "MAX_BATCH_TOKENS", "a whole number of at least 1")
@@ -149,6 +152,7 @@ class Settings:
         values: dict[str, Any] = {
             "model": reader.get("MODEL", str),
             "device": reader.get("DEVICE", _lower),
+            "dtype": reader.get("DTYPE", _lower),
             "port": reader.get("PORT", _parse_int, "a whole number"),
             "batch_size": reader.get("BATCH_SIZE", _parse_int, "a whole number"),
             "max_batch_tokens": reader.get("MAX_BATCH_TOKENS", _parse_int, "a whole number"),

@@ -284,7 +284,15 @@ class Engine:
     # --- request side -------------------------------------------------------
 
     def submit(self, texts: list[str], *, truncate: bool = True, request_id: str | None = None) -> Job:
-        """Queue texts for embedding; raise 429 when the queue is full, 503 when not serving."""
+        """Queue texts for embedding; raise 429 when the queue is full, 503 when not serving, 422 when a text
+        too long for the model must not be truncated.
+
+        Tokens are counted here, on the caller's thread (in parallel with inference), so the inference
+        thread tokenizes each text once, in ``prepare``.
+        """
+        lengths = self._count_tokens_here(texts)
+        if lengths is not None and not truncate and self.info is not None:
+            self._refuse_over_long(lengths, self.info.max_seq_length)
         with self._cond:
             if self._state != "ready" or self.info is None:
                 raise Unavailable(self._unavailable_reason(), retry_after_s=5)
@@ -295,11 +303,33 @@ class Engine:
                     retry_after_s=1,
                 )
             job = Job(list(texts), truncate, self.info.dimensions, request_id)
+            if lengths is not None:
+                job.lengths = list(lengths)
             self._jobs.append(job)
             self._pending += len(texts)
             self._metrics.queue_depth.set(self._pending)
             self._cond.notify()
         return job
+
+    def _count_tokens_here(self, texts: list[str]) -> list[int | None] | None:
+        """Each text's tokens, or None when the model is not serving or the tokenizer fails on some text
+        (the inference thread then counts one by one and fails only that request)."""
+        if self._state != "ready":
+            return None
+        try:
+            return list(self._backend.count_tokens(texts))
+        except Exception:  # noqa: BLE001  (the inference thread finds the text and answers for it)
+            return None
+
+    @staticmethod
+    def _refuse_over_long(lengths: list[int | None], limit: int) -> None:
+        for index, tokens in enumerate(lengths):
+            if tokens is not None and tokens > limit:
+                raise Unprocessable(
+                    f"input[{index}] has {tokens} tokens, more than the model's maximum of {limit}; "
+                    "shorten it or set truncate to true",
+                    param="input",
+                )
 
     def _unavailable_reason(self) -> str:
         if self._state in ("created", "loading"):
@@ -359,7 +389,9 @@ class Engine:
         warm_up = [*WARM_UP_TEXTS, " ".join(["warm"] * info.max_seq_length)]
         self._encode(warm_up)
         self._run_hooks(self._on_ready)
-        self._metrics.model_info.labels(model=info.model_id, device=info.device, dimensions=str(info.dimensions)).set(1)
+        self._metrics.model_info.labels(
+            model=info.model_id, device=info.device, dimensions=str(info.dimensions), dtype=info.dtype
+        ).set(1)
         with self._cond:
             if self._state == "loading":
                 self._state = "ready"
@@ -368,6 +400,8 @@ class Engine:
             "model.loaded",
             model=info.model_id,
             device=info.device,
+            dtype=info.dtype,
+            dtype_reason=info.dtype_reason,
             dimensions=info.dimensions,
             max_seq_length=info.max_seq_length,
             load_s=round(loaded - started, 3),
@@ -533,6 +567,8 @@ class Engine:
     def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         prepared = self._backend.prepare(texts)
         vectors = self._backend.finish(self._backend.encode(prepared))
+        if not np.isfinite(vectors).all():  # reduced precision can overflow; never answer NaN (or null) vectors
+            raise FloatingPointError("the model's output holds non-finite values")
         return vectors, prepared.token_counts
 
     def _observe(self, stats: BatchStats, token_counts: list[int]) -> None:

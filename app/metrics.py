@@ -92,7 +92,10 @@ class Metrics:
             registry=r,
         )
         self.model_info = Gauge(
-            "embedding_model_info", "The loaded model (value 1).", ["model", "device", "dimensions"], registry=r
+            "embedding_model_info",
+            "The loaded model (value 1).",
+            ["model", "device", "dimensions", "dtype"],
+            registry=r,
         )
         self.ready = Gauge("embedding_ready", "1 once the model is loaded and warmed up, else 0.", registry=r)
 

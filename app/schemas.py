@@ -360,6 +360,10 @@ class InfoResponse(_Answer):
     dimensions: int | None
     max_seq_length: int | None
     device: str
+    dtype: str = Field(
+        description="The precision the model computes in: float32, bfloat16 or float16 (auto until loaded)."
+    )
+    dtype_reason: str | None = Field(description="Why that dtype: the setting, or what auto found on this hardware.")
     input_types: list[InputType]
     batch_size: int
     max_batch_tokens: int

@@ -284,9 +284,9 @@ def overview(lay: Layout, settings: Settings) -> None:
         "Model",
         "The loaded model and the device it runs on.",
         "none",
-        f"max by (model, device, dimensions) ({selector('embedding_model_info')})",
+        f"max by (model, device, dimensions, dtype) ({selector('embedding_model_info')})",
         NEUTRAL,
-        legend="{{model}} on {{device}} ({{dimensions}}d)",
+        legend="{{model}} on {{device}} ({{dimensions}}d, {{dtype}})",
         color_mode="none",
     )
     model["options"]["textMode"] = "name"

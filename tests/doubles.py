@@ -45,10 +45,10 @@ class FakeBackend(EmbeddingBackend):
         return ModelInfo("fake/model", self.dimensions, self.max_seq_length, "cpu", dict(self.prompts))
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        return [len(text.split()) + 2 for text in texts]
+        return [self.tokens(text) for text in texts]
 
     def prepare(self, texts: list[str]) -> Prepared:
-        counts = [min(n, self.max_seq_length) for n in self.count_tokens(texts)]
+        counts = [min(self.tokens(text), self.max_seq_length) for text in texts]
         return Prepared(features=list(texts), token_counts=counts)
 
     def encode(self, prepared: Prepared) -> Any:
@@ -64,6 +64,11 @@ class FakeBackend(EmbeddingBackend):
 
     def release_caches(self) -> None:
         self.released += 1
+
+    @staticmethod
+    def tokens(text: str) -> int:
+        """The fake tokenizer: words, plus two special tokens."""
+        return len(text.split()) + 2
 
     def vector(self, text: str) -> np.ndarray:
         """The (unnormalised) vector this backend gives ``text``."""

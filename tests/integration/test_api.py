@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import requests
 
+from app.backend import pick_dtype
 from loadtest.service import ServiceProcess
 
 DIMS = 384
@@ -119,6 +120,10 @@ def test_info_reports_model_limits_and_version(service: ServiceProcess) -> None:
     assert info["batch_size"] == 32
     assert info["limits"]["max_inputs"] == 256
     assert info["version"] == "0.1.0"
+    expected, why = pick_dtype("auto", "cpu")  # what EMBEDDING_DTYPE=auto finds on this machine's CPU
+    assert (info["dtype"], info["dtype_reason"].split(";")[0]) == (expected, why)
+    labels = {"model": "sentence-transformers/all-MiniLM-L6-v2", "device": "cpu", "dtype": expected}
+    assert service.metric("embedding_model_info", **labels) == 1
 
 
 def test_metrics_show_requests_queue_and_batches(service: ServiceProcess) -> None:

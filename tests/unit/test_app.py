@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import base64
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import jsonschema_rs
+import numpy as np
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -244,3 +247,38 @@ def test_with_a_token_admin_routes_answer_any_host_that_presents_it(backend: Fak
         client.post("/cleanup", environ_base=ELSEWHERE, headers={"Authorization": "Bearer let-me-in"}).status_code
         == 200
     )
+
+
+def test_float_vectors_are_written_as_float32_and_read_back_exactly(client: FlaskClient) -> None:
+    texts = {"input": ["first text", "a second, longer text"]}
+    floats = client.post("/v1/embeddings", json=texts)
+    packed = client.post("/v1/embeddings", json={**texts, "encoding_format": "base64"}).get_json()
+    for as_float, as_base64 in zip(floats.get_json()["data"], packed["data"], strict=True):
+        exact = np.frombuffer(base64.b64decode(as_base64["embedding"]), dtype="<f4")
+        assert np.array_equal(np.asarray(as_float["embedding"], dtype=np.float32), exact)
+    # float32's shortest round-trip form (at most 9 significant digits), not a float64 expansion of it
+    numbers = re.findall(rb"-?\d+\.\d+(?:[eE][-+]?\d+)?", floats.get_data())
+    assert numbers
+    assert max(len(n.lstrip(b"-").replace(b".", b"").split(b"e")[0].lstrip(b"0")) for n in numbers) <= 9
+
+
+def test_a_model_output_that_is_not_finite_fails_the_request_instead_of_answering_nan() -> None:
+    class Overflowing(FakeBackend):  # the text "overflow" comes out as infinity, as in an fp16 overflow
+        def finish(self, encoded: Any) -> np.ndarray:
+            vectors = super().finish(encoded)
+            vectors[[text == "overflow" for text in self.batches[-1]], 0] = np.inf
+            return vectors
+
+    app = create_app(SETTINGS, backend=Overflowing())
+    engine = components(app).engine
+    deadline = time.monotonic() + 5
+    while not engine.ready:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    client = app.test_client()
+    response = client.post("/embed", json={"inputs": ["fine", "overflow"]})
+    fine = client.post("/embed", json={"inputs": ["fine"]})
+    engine.stop(5)
+    assert response.status_code == 500
+    assert response.get_json()["error"]["message"] == "the model failed on input[1]"
+    assert fine.status_code == 200

@@ -313,8 +313,15 @@ def test_a_small_request_is_not_stuck_behind_a_huge_one(backend: FakeBackend) ->
 
 def test_a_window_holds_a_few_batches_of_tokens_and_counts_each_text_once(backend: FakeBackend) -> None:
     counted: list[str] = []
+    counted_on: set[str] = set()
     count_tokens = backend.count_tokens
-    backend.count_tokens = lambda texts: counted.extend(texts) or count_tokens(texts)  # type: ignore[method-assign]
+
+    def counting(texts: list[str]) -> list[int]:
+        counted.extend(texts)
+        counted_on.add(threading.current_thread().name)
+        return count_tokens(texts)
+
+    backend.count_tokens = counting  # type: ignore[method-assign]
     backend.max_seq_length = 128
     engine, _, blocker = held_behind_a_blocker(backend, batch_size=8, max_batch_tokens=64)
     long_text = " ".join(["w"] * 28)  # 30 tokens: a window of 4 x 64 tokens holds 8 of them
@@ -323,11 +330,12 @@ def test_a_window_holds_a_few_batches_of_tokens_and_counts_each_text_once(backen
     batches = release(engine, backend, blocker, small, huge)
     assert "small" in batches[0]  # in the first window, and the shortest batch runs first
     assert len(batches) == 11  # 20 long texts two at a time, and the small one
-    # Each text counted twice: when its window is taken, and by the fake's prepare(). A text put back in
-    # the queue for a later window is not counted again.
+    # Each text counted once, on the submitting thread: the inference thread only tokenizes for the model
+    # (prepare), and a text put back in the queue for a later window is not counted again.
     assert Counter(text for text in counted if text in {"small", *huge.texts}) == dict.fromkeys(
-        ["small", *huge.texts], 2
+        ["small", *huge.texts], 1
     )
+    assert counted_on == {threading.current_thread().name}
 
 
 def test_the_texts_of_a_request_whose_client_left_are_not_computed(backend: FakeBackend) -> None:
