@@ -298,6 +298,11 @@ class SentenceTransformerBackend(EmbeddingBackend):
             )
         return dtype, f"{reason}; start-up probe min cosine to float32 {worst:.5f}, below {FIDELITY_MIN_COSINE}"
 
+    def weight_bytes(self) -> int:
+        """Bytes of the model's parameters and buffers (a constant once loaded)."""
+        tensors = itertools.chain(self._model.parameters(), self._model.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def cast_weights(self, dtype: str) -> None:
         """Cast the weights themselves to ``dtype`` (half their memory); the service uses autocast instead
         (``make fidelity`` measures both)."""

@@ -3,7 +3,8 @@
     make fidelity                      # 640 texts of the standard-library corpus
     FIDELITY_TEXTS=256 make fidelity
 
-For each variant it prints texts/s (length-sorted batches of 32, in-process), the process RSS after it,
+For each variant it prints texts/s (length-sorted batches of 32, in-process), the model's weight bytes, the
+process RSS after it (the variants load one after another in one process, so RSS only ever grows),
 the minimum and mean cosine of each text's vector to its float32 vector, and how many of each text's 10
 nearest neighbours among all the texts stay the same. Variants: float32; bfloat16 and float16 under
 autocast (weights stay float32, what the service runs); bfloat16 with the weights cast (half the weight
@@ -37,6 +38,7 @@ VARIANTS = ("float32", "bfloat16", "float16", "bfloat16-weights")
 class Fidelity:
     variant: str
     texts_per_s: float
+    weight_bytes: int
     rss_bytes: int
     min_cosine: float
     mean_cosine: float
@@ -91,13 +93,22 @@ def measure(texts: list[str], variants: tuple[str, ...] = VARIANTS) -> list[Fide
     reference: np.ndarray | None = None
     results = []
     for variant in ("float32", *(v for v in variants if v != "float32")):
-        vectors, rate = encode_all(load(variant), texts)
+        backend = load(variant)
+        vectors, rate = encode_all(backend, texts)
         if reference is None:
             reference = vectors
         cos = cosines(reference, vectors)
         rss = psutil.Process().memory_info().rss
         results.append(
-            Fidelity(variant, rate, rss, float(cos.min()), float(cos.mean()), knn_overlap(reference, vectors))
+            Fidelity(
+                variant,
+                rate,
+                backend.weight_bytes(),
+                rss,
+                float(cos.min()),
+                float(cos.mean()),
+                knn_overlap(reference, vectors),
+            )
         )
     return results
 
@@ -107,12 +118,14 @@ def main() -> None:
     texts = [d.text for d in sample(build_corpus(), n, seed=1)]
     auto, why = pick_dtype("auto", "cpu")
     print(f"fidelity: {n} texts, model {BUNDLED_MODEL}, {os.cpu_count()} CPUs; auto picks {auto} ({why})")
-    print(f"  {'variant':<18} {'texts/s':>8} {'RSS MB':>8} {'min cos':>9} {'mean cos':>9} {'10-NN':>7}")
+    print(
+        f"  {'variant':<18} {'texts/s':>8} {'weights MB':>10} {'RSS MB':>8} {'min cos':>9} {'mean cos':>9} {'10-NN':>7}"
+    )
     results = measure(texts)
     for r in results:
         print(
-            f"  {r.variant:<18} {r.texts_per_s:8.1f} {r.rss_bytes / 1e6:8.0f} {r.min_cosine:9.5f}"
-            f" {r.mean_cosine:9.6f} {r.knn_overlap:7.1%}  {'ok' if r.passes else 'below the bar'}"
+            f"  {r.variant:<18} {r.texts_per_s:8.1f} {r.weight_bytes / 1e6:10.1f} {r.rss_bytes / 1e6:8.0f}"
+            f" {r.min_cosine:9.5f} {r.mean_cosine:9.6f} {r.knn_overlap:7.1%}  {'ok' if r.passes else 'below the bar'}"
         )
     REPORTS.mkdir(exist_ok=True)
     report = {
