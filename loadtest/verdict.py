@@ -80,7 +80,7 @@ class Verdict:
             f"end {self.end_bytes / MB:.0f} MB, last-half median {self.steady_bytes / MB:.0f} MB, "
             f"slope {self.slope_bytes_per_min / MB:+.2f} MB/min",
             f"  throughput {self.texts_per_s:.1f} texts/s, {self.requests_per_s:.2f} requests/s",
-            f"  cleanups {self.cleanups}",
+            f"  cleanups: {', '.join(f'{k} {n}' for k, n in self.cleanups.items())}",
         ]
         for name, stats in self.latency_ms.items():
             lines.append(
@@ -143,7 +143,7 @@ def judge(
         slope_bytes_per_min=slope,
         requests_per_s=(last.requests - first.requests) / duration if duration else 0.0,
         texts_per_s=(last.inputs - first.inputs) / duration if duration else 0.0,
-        cleanups={r: int(getattr(last, f"cleanups_{r}") - getattr(first, f"cleanups_{r}")) for r in REASONS},
+        cleanups={str(r): int(getattr(last, f"cleanups_{r}") - getattr(first, f"cleanups_{r}")) for r in REASONS},
         checks=checks,
         latency_ms=latency_ms or {},
     )
