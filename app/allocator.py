@@ -41,12 +41,14 @@ _M_ARENA_MAX = -8  # glibc <malloc.h>
 
 
 @functools.cache
-def _process() -> Any:
+def process_library() -> Any:
+    """The symbols of the process itself (``mallctl`` when jemalloc replaces malloc)."""
     return ctypes.CDLL(None)
 
 
 @functools.cache
-def _libc() -> Any:
+def libc() -> Any:
+    """glibc, or None elsewhere."""
     if platform.libc_ver()[0] != "glibc":
         return None
     name = ctypes.util.find_library("c") or "libc.so.6"
@@ -60,9 +62,9 @@ def _libc() -> Any:
 @functools.cache
 def active() -> str:
     """The allocator serving ``malloc`` in this process: ``jemalloc``, ``glibc`` or ``other``."""
-    if hasattr(_process(), "mallctl"):  # exported only when jemalloc replaces malloc (preloaded or linked)
+    if hasattr(process_library(), "mallctl"):  # exported only when jemalloc replaces malloc (preloaded or linked)
         return "jemalloc"
-    return "glibc" if _libc() is not None else "other"
+    return "glibc" if libc() is not None else "other"
 
 
 def release_free_memory() -> bool:
@@ -72,9 +74,9 @@ def release_free_memory() -> bool:
     """
     allocator = active()
     if allocator == "jemalloc":
-        return int(_process().mallctl(_PURGE_ALL_ARENAS, None, None, None, ctypes.c_size_t(0))) == 0
+        return int(process_library().mallctl(_PURGE_ALL_ARENAS, None, None, None, ctypes.c_size_t(0))) == 0
     if allocator == "glibc":
-        _libc().malloc_trim(0)
+        libc().malloc_trim(0)
         return True
     return False
 
@@ -90,7 +92,7 @@ def limit_glibc_arenas(arenas: int) -> bool:
     """
     if active() != "glibc" or arenas <= 0:
         return False
-    return bool(_libc().mallopt(_M_ARENA_MAX, arenas))
+    return bool(libc().mallopt(_M_ARENA_MAX, arenas))
 
 
 def jemalloc_library() -> str | None:

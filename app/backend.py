@@ -62,6 +62,8 @@ class ModelInfo:
     dtype: str = "float32"
     """The precision the forward pass computes in (weights stay float32; see :func:`pick_dtype`)."""
     dtype_reason: str = ""
+    weight_bytes: int | None = None
+    """The model's parameters and buffers (elements x element size): constant once loaded."""
 
     def prefix_for(self, input_type: str | None) -> str:
         """The text prefix the model expects for an input type ("" when none)."""
@@ -277,6 +279,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
             prompts=self._prompts(model, source.model_id),
             dtype=dtype,
             dtype_reason=reason,
+            weight_bytes=self.weight_bytes(),
         )
 
     def _choose_dtype(self, device: str, flags: set[str] | None = None) -> tuple[str, str]:

@@ -38,6 +38,8 @@ from pydantic import ConfigDict, computed_field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from app import allocator
+from app.backend import ModelInfo
+from app.breakdown import allocator_accounts, free_but_kept, rss_by_kind
 from app.config import Settings
 from app.engine import BatchStats
 from app.errors import Conflict, TooManyRequests, Unavailable
@@ -172,6 +174,8 @@ class ManagedEngine(Protocol):
     def is_idle(self) -> bool: ...
     def exclusive(self) -> AbstractContextManager[None]: ...
     def release_model_caches(self) -> None: ...
+    @property
+    def info(self) -> ModelInfo | None: ...
 
 
 @pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -366,6 +370,7 @@ class MemoryManager:
         self._engine.add_idle_hook(self.run_pending)
         self._engine.add_batch_observer(self.observe_batch)
         self._update_status(self._sampler.rss())
+        self.breakdown()  # the breakdown's gauges have values from the start, not from the first monitor pass
         self._thread = threading.Thread(target=self._monitor, name="memory-monitor", daemon=True)
         self._thread.start()
 
@@ -468,6 +473,7 @@ class MemoryManager:
         """One monitor pass: sample, update the status, run or schedule a due cleanup."""
         sample = self._sampler.full()
         self._metrics.memory_uss.set(sample.uss_bytes or 0)
+        self.breakdown()
         rss = sample.rss_bytes
         if self._shedding and self.limit_bytes is not None:
             # Idle or not, give back what can be and stop shedding as soon as memory is under the limit.
@@ -647,6 +653,21 @@ class MemoryManager:
                 log.info("memory.status_changed", previous=previous, status=status, rss_bytes=rss)
         return status
 
+    def breakdown(self) -> dict[str, Any]:
+        """Where the memory is (app/breakdown.py); also sets the breakdown's gauges."""
+        kinds = rss_by_kind()
+        name, accounts = allocator_accounts()
+        if kinds is not None:
+            for kind in ("anon", "file", "shmem", "swap"):
+                self._metrics.memory_by_kind.labels(kind=kind).set(getattr(kinds, kind))
+        for account, value in accounts.items():
+            self._metrics.allocator_bytes.labels(allocator=name, account=account).set(value)
+        return {
+            "rss_by_kind": None if kinds is None else asdict(kinds),
+            "allocator": {"name": name, "accounts": accounts, "free_but_kept_bytes": free_but_kept(name, accounts)},
+            "weight_bytes": self._engine.info.weight_bytes if self._engine.info else None,
+        }
+
     def report(self) -> dict[str, Any]:
         """Everything ``GET /memory`` shows."""
         sample = self._sampler.full()
@@ -665,6 +686,7 @@ class MemoryManager:
             "allocator": self.allocator,
             "rss_bytes": sample.rss_bytes,
             "uss_bytes": sample.uss_bytes,
+            "breakdown": self.breakdown(),
             "cuda": cuda,
             "thresholds": {
                 "elevated_bytes": self._settings.memory_elevated_bytes,

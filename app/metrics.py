@@ -91,6 +91,20 @@ class Metrics:
             buckets=PADDED_TOKENS_BUCKETS,
             registry=r,
         )
+        self.memory_by_kind = Gauge(
+            "embedding_memory_rss_kind_bytes",
+            "Resident memory by kind (/proc/self/status): anon (heap, tensors), file (mapped weights, reclaimable "
+            "by the kernel), shmem; and swap. Sampled by the monitor thread.",
+            ["kind"],
+            registry=r,
+        )
+        self.allocator_bytes = Gauge(
+            "embedding_allocator_bytes",
+            "The allocator's own accounts: jemalloc allocated, active, resident, retained, mapped; glibc in_use, "
+            "free, mmapped. Sampled by the monitor thread.",
+            ["allocator", "account"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "embedding_model_info",
             "The loaded model (value 1).",

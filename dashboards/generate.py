@@ -352,6 +352,31 @@ def memory(lay: Layout) -> None:
     lay.panels[-1]["fieldConfig"]["overrides"].append(
         {"matcher": {"id": "byName", "options": "trims/s"}, "properties": [{"id": "unit", "value": "ops"}]}
     )
+    where = timeseries(
+        "Where the memory is",
+        "Resident memory by kind, stacked (it adds up to RSS): file-backed is mostly the memory-mapped weights "
+        "(the kernel can drop and re-read it), anonymous is the heap and tensors, shmem shared memory; swap "
+        "apart. Sampled by each instance's monitor thread (EMBEDDING_MONITOR_INTERVAL_S).",
+        "decbytes",
+        ("sum by (instance, kind) (" + selector("embedding_memory_rss_kind_bytes", 'kind!="swap"') + ")",
+         "{{kind}} {{instance}}"),
+        stacking={"mode": "normal", "group": "A"},
+        fillOpacity=40,
+    )  # fmt: skip
+    lay.add(where, 12, 7)
+    lay.add(
+        timeseries(
+            "Allocator accounts",
+            "The allocator's view of the heap. jemalloc: allocated (live objects), active, resident, retained, "
+            "mapped; glibc: in_use, free (freed but kept in its arenas), mmapped. Resident minus allocated "
+            "(jemalloc) or free (glibc) is what a cleanup can give back; allocated growing under steady load "
+            "is a leak (ops/runbooks.md).",
+            "decbytes",
+            (selector("embedding_allocator_bytes"), "{{account}} {{instance}}"),
+        ),
+        12,
+        7,
+    )
 
 
 def cleanup(lay: Layout, settings: Settings) -> None:

@@ -172,3 +172,21 @@ def test_the_ops_scripts_check_is_not_counted_as_activity(service: ServiceProces
     assert counted() == before
     assert embed(service, {"inputs": "indexing"}).status_code == 200
     assert counted() == before + 1
+
+
+def test_memory_breakdown_adds_up_and_orders_the_allocator_accounts(service: ServiceProcess) -> None:
+    embed(service, {"inputs": [f"text number {i} " * (i % 40 + 1) for i in range(64)]})
+    breakdown = requests.get(f"{service.url}/memory", timeout=10).json()["breakdown"]
+    kinds = breakdown["rss_by_kind"]
+    assert kinds["anon"] + kinds["file"] + kinds["shmem"] == pytest.approx(kinds["rss"], rel=0.01)
+    assert kinds["file"] > 50e6  # the memory-mapped weights (90.9 MB) stay file-backed
+    assert breakdown["weight_bytes"] == 90_861_056  # all-MiniLM-L6-v2: 22.7 M float32 parameters and buffers
+    allocator = breakdown["allocator"]
+    assert allocator["name"] == "jemalloc"  # make test installs it; the service re-executes under it
+    accounts = allocator["accounts"]
+    assert 0 < accounts["allocated"] <= accounts["active"] <= accounts["resident"] <= accounts["mapped"]
+    assert allocator["free_but_kept_bytes"] == accounts["resident"] - accounts["allocated"]
+    exported = service.metric("embedding_allocator_bytes", allocator="jemalloc", account="allocated")
+    assert exported is not None
+    assert exported > 0
+    assert service.metric("embedding_memory_rss_kind_bytes", kind="anon") > 100e6

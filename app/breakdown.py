@@ -1,0 +1,120 @@
+"""Where the resident memory is: RSS by kind (the kernel's accounts) and the allocator's own accounts.
+
+One RSS number cannot tell the model's weights from live objects, from memory the allocator freed but
+kept (what a cleanup can give back), from a leak. These accounts can:
+
+- RSS by kind, from ``/proc/self/status`` (``RssAnon``, ``RssFile``, ``RssShmem``, ``VmSwap``; they add
+  up to ``VmRSS``) with ``/proc/self/smaps_rollup`` for what is shared with other processes. File-backed
+  is mostly the memory-mapped weights (the kernel can drop and re-read it); anonymous is the heap,
+  tensors and stacks.
+- The allocator: jemalloc's ``stats.allocated`` (live), ``active``, ``resident``, ``retained`` and
+  ``mapped`` (``epoch`` refreshed first); glibc's ``mallinfo2`` (in use, free in its arenas, mmapped).
+  ``resident - allocated`` (jemalloc) or ``free`` (glibc) is memory freed but kept: a cleanup's target.
+
+Sampled by the memory manager's monitor thread, never on the request path (docs/architecture.md §5).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+from app import allocator
+
+PROC_SELF = Path("/proc/self")
+JEMALLOC_ACCOUNTS = ("allocated", "active", "resident", "retained", "mapped")
+GLIBC_ACCOUNTS = ("in_use", "free", "mmapped")
+
+
+@dataclass(frozen=True)
+class RssByKind:
+    """The process's resident memory by kind, in bytes (``shared`` overlaps the others)."""
+
+    rss: int
+    anon: int
+    file: int
+    shmem: int
+    swap: int
+    shared: int | None
+    source: str
+
+
+def _kb_fields(path: Path) -> dict[str, int]:
+    fields: dict[str, int] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return fields
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+            fields[name.strip()] = int(parts[0]) * 1024
+    return fields
+
+
+def rss_by_kind(proc: Path = PROC_SELF) -> RssByKind | None:
+    """RSS split by kind, or None where the kernel does not report it (not Linux)."""
+    status = _kb_fields(proc / "status")
+    if "VmRSS" not in status:
+        return None
+    rollup = _kb_fields(proc / "smaps_rollup")
+    shared = rollup.get("Shared_Clean", 0) + rollup.get("Shared_Dirty", 0) if rollup else None
+    return RssByKind(
+        rss=status["VmRSS"],
+        anon=status.get("RssAnon", 0),
+        file=status.get("RssFile", 0),
+        shmem=status.get("RssShmem", 0),
+        swap=status.get("VmSwap", 0),
+        shared=shared,
+        source="status+smaps_rollup" if rollup else "status",
+    )
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
+        )
+    ]  # fmt: skip
+
+
+def _jemalloc_stats() -> dict[str, int] | None:
+    mallctl = allocator.process_library().mallctl
+    epoch = ctypes.c_uint64(1)
+    if mallctl(b"epoch", None, None, ctypes.byref(epoch), ctypes.c_size_t(ctypes.sizeof(epoch))) != 0:
+        return None
+    stats: dict[str, int] = {}
+    for name in JEMALLOC_ACCOUNTS:
+        value, size = ctypes.c_size_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+        if mallctl(f"stats.{name}".encode(), ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)) != 0:
+            return None  # a jemalloc built without statistics
+        stats[name] = int(value.value)
+    return stats
+
+
+def _glibc_stats() -> dict[str, int] | None:
+    libc = allocator.libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):  # glibc before 2.33
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return {"in_use": int(info.uordblks) + int(info.hblkhd), "free": int(info.fordblks), "mmapped": int(info.hblkhd)}
+
+
+def allocator_accounts() -> tuple[str, dict[str, int]]:
+    """The active allocator and its accounts in bytes (empty where it reports none)."""
+    name = allocator.active()
+    stats = _jemalloc_stats() if name == "jemalloc" else _glibc_stats() if name == "glibc" else None
+    return name, stats or {}
+
+
+def free_but_kept(name: str, accounts: dict[str, int]) -> int | None:
+    """Memory the allocator holds resident but no object uses: what a cleanup can give back."""
+    if name == "jemalloc" and {"resident", "allocated"} <= accounts.keys():
+        return max(accounts["resident"] - accounts["allocated"], 0)
+    if name == "glibc" and "free" in accounts:
+        return accounts["free"]
+    return None
