@@ -1,0 +1,56 @@
+"""Parsing the kernel's and the allocators' accounts (the real ones: tests/integration/test_api.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.breakdown import free_but_kept, rss_by_kind
+
+STATUS = """Name:\tpython
+VmRSS:\t  648000 kB
+RssAnon:\t  430000 kB
+RssFile:\t  218000 kB
+RssShmem:\t       0 kB
+VmSwap:\t    1000 kB
+Threads:\t40
+"""
+ROLLUP = """5644ca083000-7ffc421d0000 ---p 00000000 00:00 0                          [rollup]
+Rss:              648000 kB
+Shared_Clean:      30000 kB
+Shared_Dirty:       1000 kB
+Anonymous:        430000 kB
+"""
+
+
+def test_rss_by_kind_reads_status_and_smaps_rollup(tmp_path: Path) -> None:
+    (tmp_path / "status").write_text(STATUS)
+    (tmp_path / "smaps_rollup").write_text(ROLLUP)
+    kinds = rss_by_kind(tmp_path)
+    assert kinds is not None
+    assert (kinds.rss, kinds.anon, kinds.file, kinds.shmem, kinds.swap) == (
+        648000 * 1024,
+        430000 * 1024,
+        218000 * 1024,
+        0,
+        1000 * 1024,
+    )
+    assert kinds.shared == 31000 * 1024
+    assert kinds.source == "status+smaps_rollup"
+
+
+def test_without_smaps_rollup_the_status_alone_answers(tmp_path: Path) -> None:
+    (tmp_path / "status").write_text(STATUS)
+    kinds = rss_by_kind(tmp_path)
+    assert kinds is not None
+    assert (kinds.shared, kinds.source) == (None, "status")
+
+
+def test_no_proc_means_no_breakdown(tmp_path: Path) -> None:
+    assert rss_by_kind(tmp_path) is None
+
+
+def test_free_but_kept_is_what_the_allocator_holds_beyond_live_objects() -> None:
+    assert free_but_kept("jemalloc", {"allocated": 100, "resident": 160}) == 60
+    assert free_but_kept("glibc", {"in_use": 100, "free": 25, "mmapped": 0}) == 25
+    assert free_but_kept("jemalloc", {}) is None  # a jemalloc built without statistics
+    assert free_but_kept("other", {}) is None
