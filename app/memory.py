@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -192,6 +192,9 @@ class CleanupRecord:
     rss_after_bytes: int
     freed_objects: int
     trimmed: bool
+    reduced_bytes: dict[str, int] = field(default_factory=dict)
+    """Which accounts the cleanup reduced, and by how much (before minus after; app/breakdown.py): RSS kinds
+    (``anon``, ``file``) and the allocator's (``jemalloc.resident``, ``glibc.free``, ...). Only decreases."""
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -284,6 +287,17 @@ class OffPolicy(Policy):
 
 
 POLICIES: dict[MemoryPolicy, Policy] = {p.name: p for p in (SmartPolicy(), LegacyPolicy(), OffPolicy())}
+
+
+def _accounts() -> dict[str, int]:
+    """RSS kinds and allocator accounts in one flat mapping, to compare before and after a cleanup."""
+    flat: dict[str, int] = {}
+    kinds = rss_by_kind(shared=False)
+    if kinds is not None:
+        flat.update(anon=kinds.anon, file=kinds.file)
+    name, accounts = allocator_accounts()
+    flat.update({f"{name}.{account}": value for account, value in accounts.items()})
+    return flat
 
 
 # --- the manager ------------------------------------------------------------------
@@ -603,6 +617,7 @@ class MemoryManager:
     def _run_cleanup(self, reason: CleanupReason) -> CleanupRecord:
         started_at, started = self._wall(), time.perf_counter()
         before = self._sampler.rss()
+        accounts_before = _accounts()
         if reason is CleanupReason.LEGACY:
             freed_objects, trimmed = self._heap.collect_once(), False
         else:
@@ -610,7 +625,14 @@ class MemoryManager:
             freed_objects = self._heap.collect()
             trimmed = self._heap.release()
         after = self._sampler.rss()
-        return CleanupRecord(reason, started_at, time.perf_counter() - started, before, after, freed_objects, trimmed)
+        accounts_after = _accounts()
+        reduced = {
+            name: value - accounts_after[name]
+            for name, value in accounts_before.items()
+            if name in accounts_after and value > accounts_after[name]
+        }
+        duration = time.perf_counter() - started
+        return CleanupRecord(reason, started_at, duration, before, after, freed_objects, trimmed, reduced)
 
     def _record(self, record: CleanupRecord) -> None:
         with self._state_lock:

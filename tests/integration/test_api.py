@@ -207,6 +207,9 @@ def test_a_cleanup_gives_back_what_the_allocator_kept(service: ServiceProcess) -
         time.sleep(float(cleanup.headers["Retry-After"]))
         cleanup = requests.post(f"{service.url}/cleanup", timeout=60)
     assert cleanup.status_code == 200
+    reduced = cleanup.json()["reduced_bytes"]  # the record names the accounts it reduced
+    assert reduced["jemalloc.resident"] > 0
+    assert "jemalloc.allocated" not in reduced or reduced["jemalloc.allocated"] < reduced["jemalloc.resident"]
     after = free_but_kept()
     print(f"\nfree but kept: {before / 1e6:.1f} MB before the cleanup, {after / 1e6:.1f} MB after")
     assert after < before
