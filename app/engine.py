@@ -290,32 +290,37 @@ class Engine:
         Tokens are counted here, on the caller's thread (in parallel with inference), so the inference
         thread tokenizes each text once, in ``prepare``.
         """
+        with self._cond:
+            self._refuse_unless_room(len(texts))  # refused before the tokenizer runs: overload costs no work
         lengths = self._count_tokens_here(texts)
         if lengths is not None and not truncate and self.info is not None:
             self._refuse_over_long(lengths, self.info.max_seq_length)
         with self._cond:
-            if self._state != "ready" or self.info is None:
-                raise Unavailable(self._unavailable_reason(), retry_after_s=5)
-            if self._pending + len(texts) > self._queue_size:
-                self._metrics.rejected.labels(reason="queue_full").inc()
-                raise QueueFull(
-                    f"inference queue is full ({self._pending} of {self._queue_size} texts waiting)",
-                    retry_after_s=1,
-                )
+            self._refuse_unless_room(len(texts))  # again: the queue may have filled while this thread counted
+            assert self.info is not None
             job = Job(list(texts), truncate, self.info.dimensions, request_id)
             if lengths is not None:
-                job.lengths = list(lengths)
+                job.lengths = lengths
             self._jobs.append(job)
             self._pending += len(texts)
             self._metrics.queue_depth.set(self._pending)
             self._cond.notify()
         return job
 
+    def _refuse_unless_room(self, texts: int) -> None:
+        """503 unless serving, 429 when ``texts`` more would overflow the queue; called holding ``_cond``."""
+        if self._state != "ready" or self.info is None:
+            raise Unavailable(self._unavailable_reason(), retry_after_s=5)
+        if self._pending + texts > self._queue_size:
+            self._metrics.rejected.labels(reason="queue_full").inc()
+            raise QueueFull(
+                f"inference queue is full ({self._pending} of {self._queue_size} texts waiting)",
+                retry_after_s=1,
+            )
+
     def _count_tokens_here(self, texts: list[str]) -> list[int | None] | None:
-        """Each text's tokens, or None when the model is not serving or the tokenizer fails on some text
-        (the inference thread then counts one by one and fails only that request)."""
-        if self._state != "ready":
-            return None
+        """Each text's tokens, or None when the tokenizer fails on some text (the inference thread then
+        counts one by one and fails only that request)."""
         try:
             return list(self._backend.count_tokens(texts))
         except Exception:  # noqa: BLE001  (the inference thread finds the text and answers for it)

@@ -134,8 +134,12 @@ def test_a_full_queue_is_refused_with_retry_after(backend: FakeBackend) -> None:
     wait_for(lambda: engine.queue_depth == 0)
     queued = engine.submit(["b"] * 10)
     assert engine.is_overloaded()
+    counted: list[str] = []
+    count_tokens = backend.count_tokens
+    backend.count_tokens = lambda texts: counted.extend(texts) or count_tokens(texts)  # type: ignore[method-assign]
     with pytest.raises(QueueFull) as caught:
         engine.submit(["c"])
+    assert counted == []  # refused before the tokenizer ran: an overloaded service does no work for it
     assert caught.value.status == 429
     assert caught.value.headers() == {"Retry-After": "1"}
     assert metrics.registry.get_sample_value("embedding_rejected_total", {"reason": "queue_full"}) == 1
