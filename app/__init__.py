@@ -9,13 +9,14 @@ from collections.abc import Callable
 import structlog
 from flask import Flask
 
-from app import api, errors, instrumentation, jsonio, ops
+from app import api, debug, errors, instrumentation, jsonio, ops
 from app.activity import ActivityTracker
 from app.allocator import limit_glibc_arenas
 from app.backend import EmbeddingBackend, backend_for
 from app.components import Components, components
 from app.config import Settings
 from app.engine import Engine
+from app.heaptrace import HeapTracer
 from app.memory import MemoryManager, rss_bytes
 from app.metrics import Metrics
 from app.version import __version__
@@ -50,11 +51,14 @@ def create_app(
         on_fatal=on_fatal,
     )
     manager = MemoryManager(settings, metrics=metrics, engine=engine)
-    Components(settings, engine, manager, metrics, ActivityTracker()).init_app(app)
+    heap_tracer = HeapTracer() if settings.debug_endpoints else None
+    Components(settings, engine, manager, metrics, ActivityTracker(), heap_tracer).init_app(app)
     instrumentation.init_app(app, metrics)
     errors.init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)
+    if settings.debug_endpoints:
+        app.register_blueprint(debug.bp)
     if start:
         limit_glibc_arenas(settings.malloc_arenas)  # before the engine's and the server's threads exist
         manager.start()

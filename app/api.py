@@ -88,7 +88,7 @@ def info() -> Response:
 def openapi() -> Response:
     """The OpenAPI document of this API."""
     parts = components()
-    return jsonify(openapi_document(__version__, parts.limits, parts.engine.info))
+    return jsonify(openapi_document(__version__, parts.limits, parts.engine.info, debug=parts.heap_tracer is not None))
 
 
 def _model_info() -> ModelInfo:

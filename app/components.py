@@ -9,6 +9,7 @@ from flask import Flask, current_app
 from app.activity import ActivityTracker
 from app.config import Settings
 from app.engine import Engine
+from app.heaptrace import HeapTracer
 from app.memory import MemoryManager
 from app.metrics import Metrics
 from app.schemas import Limits
@@ -25,6 +26,7 @@ class Components:
     memory: MemoryManager
     metrics: Metrics
     activity: ActivityTracker
+    heap_tracer: HeapTracer | None = None  # with EMBEDDING_DEBUG_ENDPOINTS=true
 
     @property
     def limits(self) -> Limits:

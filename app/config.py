@@ -99,6 +99,7 @@ class Settings:
     allocator: str = "jemalloc"
     malloc_arenas: int = 2
     admin_token: str | None = None
+    debug_endpoints: bool = False
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -141,6 +142,11 @@ class Settings:
         _check(self.malloc_arenas >= 0, "MALLOC_ARENAS", "0 (the C library's default) or more")
         _check(self.memory_policy in MEMORY_POLICIES, "MEMORY_POLICY", f"one of {', '.join(MEMORY_POLICIES)}")
         object.__setattr__(self, "memory_policy", MemoryPolicy(self.memory_policy))  # a plain string given: typed
+        _check(
+            not self.debug_endpoints or bool(self.admin_token),
+            "DEBUG_ENDPOINTS",
+            "false unless EMBEDDING_ADMIN_TOKEN is set (the debug routes answer only with the admin token)",
+        )
         _check(self.log_level in LOG_LEVELS, "LOG_LEVEL", f"one of {', '.join(LOG_LEVELS)}")
         _check(bool(self.model.strip()), "MODEL", "a hub model id, a local directory or a bundled model name")
 
@@ -179,6 +185,7 @@ class Settings:
             "allocator": reader.get("ALLOCATOR", _lower),
             "malloc_arenas": reader.get("MALLOC_ARENAS", _parse_int, "a whole number"),
             "admin_token": reader.get("ADMIN_TOKEN", str),
+            "debug_endpoints": reader.get("DEBUG_ENDPOINTS", _parse_bool, "true or false"),
             "log_level": reader.get("LOG_LEVEL", _lower),
         }
         return cls(**{name: value for name, value in values.items() if value is not None})

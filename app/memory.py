@@ -39,7 +39,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from app import allocator
 from app.backend import ModelInfo
-from app.breakdown import allocator_accounts, free_but_kept, rss_by_kind
+from app.breakdown import PythonObjects, allocator_accounts, free_but_kept, rss_by_kind
 from app.config import Settings
 from app.engine import BatchStats
 from app.errors import Conflict, TooManyRequests, Unavailable
@@ -325,6 +325,7 @@ class MemoryManager:
         self._metrics = metrics
         self._engine = engine
         self._sampler = sampler or MemorySampler()
+        self._python_objects = PythonObjects()
         self._clock = clock
         self._wall = wall_clock
         self._cleanup_lock = threading.Lock()
@@ -684,9 +685,14 @@ class MemoryManager:
                 self._metrics.memory_by_kind.labels(kind=kind).set(getattr(kinds, kind))
         for account, value in accounts.items():
             self._metrics.allocator_bytes.labels(allocator=name, account=account).set(value)
+        python = self._python_objects.sample()
+        for generation, count in python.gc_tracked_objects.items():
+            self._metrics.gc_tracked_objects.labels(generation=generation).set(count)
+        self._metrics.python_allocated_blocks.set(python.allocated_blocks)
         return {
             "rss_by_kind": None if kinds is None else asdict(kinds),
             "allocator": {"name": name, "accounts": accounts, "free_but_kept_bytes": free_but_kept(name, accounts)},
+            "python": asdict(python),
             "weight_bytes": self._engine.info.weight_bytes if self._engine.info else None,
         }
 

@@ -105,6 +105,20 @@ class Metrics:
             ["allocator", "account"],
             registry=r,
         )
+        self.gc_tracked_objects = Gauge(
+            "embedding_gc_tracked_objects",
+            "Objects the garbage collector tracks, by generation (0, 1, 2; the oldest counted at most once a minute) "
+            "and frozen out of its reach (the loaded model's). "
+            "Sampled by the monitor thread.",
+            ["generation"],
+            registry=r,
+        )
+        self.python_allocated_blocks = Gauge(
+            "embedding_python_allocated_blocks",
+            "Memory blocks the Python interpreter has allocated (sys.getallocatedblocks). Sampled by the monitor "
+            "thread.",
+            registry=r,
+        )
         self.model_info = Gauge(
             "embedding_model_info",
             "The loaded model (value 1).",

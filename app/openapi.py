@@ -23,6 +23,7 @@ from app.schemas import (
     EmbedResponse,
     ErrorResponse,
     HealthResponse,
+    HeapGrowthResponse,
     InfoResponse,
     Limits,
     OpenAIEmbeddingRequest,
@@ -41,6 +42,7 @@ _ANSWERS: tuple[type[Any], ...] = (
     ActivityResponse,
     InfoResponse,
     CleanupRecord,
+    HeapGrowthResponse,
 )
 _ERRORS = {
     "400": "Malformed JSON, a field of the wrong type, or text that is not valid Unicode.",
@@ -84,8 +86,9 @@ def _with_limits(schemas: dict[str, Any], limits: Limits, info: ModelInfo | None
         schemas[OpenAIEmbeddingRequest.__name__]["properties"]["model"]["enum"] = sorted(model_names(info))
 
 
-def openapi_document(version: str, limits: Limits, info: ModelInfo | None) -> dict[str, Any]:
-    """The API description, with the service version, its limits and (once loaded) the model's."""
+def openapi_document(version: str, limits: Limits, info: ModelInfo | None, *, debug: bool = False) -> dict[str, Any]:
+    """The API description, with the service version, its limits and (once loaded) the model's; the debug
+    route only where it is enabled."""
     schemas = copy.deepcopy(_component_schemas())
     _with_limits(schemas, limits, info)
     errors = {code: _json(ErrorResponse, text) for code, text in _ERRORS.items()}
@@ -149,6 +152,30 @@ def openapi_document(version: str, limits: Limits, info: ModelInfo | None) -> di
                 }
             },
             "/openapi.json": {"get": {"summary": "This document.", "responses": {"200": _json(None)}}},
+            **(_DEBUG_PATHS if debug else {}),
         },
         "components": {"schemas": schemas},
     }
+
+
+_DEBUG_PATHS = {
+    "/debug/memory/snapshot": {
+        "post": {
+            "summary": (
+                "Trace Python allocations for ?seconds=N (default 30, up to 120) and answer the ?top=K (default 20) "
+                "sites whose held memory grew most. Bearer EMBEDDING_ADMIN_TOKEN; one at a time."
+            ),
+            "parameters": [
+                {"name": "seconds", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 120}},
+                {"name": "top", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+            ],
+            "responses": {
+                "200": _json(HeapGrowthResponse, "The sites that grew."),
+                "400": _json(ErrorResponse, "Bad seconds or top value."),
+                "401": _json(ErrorResponse, "Missing or wrong admin token."),
+                "403": _json(ErrorResponse, "A browser's request."),
+                "409": _json(ErrorResponse, "A snapshot is already being taken."),
+            },
+        }
+    }
+}

@@ -43,14 +43,8 @@ def metrics() -> Response:
 @bp.get("/activity")
 def activity() -> Response:
     """Embedding requests in the last ``minutes`` (default 5) and the queue depth: is anyone indexing?"""
-    raw = request.args.get("minutes", "5")
-    # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 5) or not 1 <= int(raw) <= WINDOW_MINUTES:
-        raise BadRequest(
-            f"'minutes' must be a whole number from 1 to {WINDOW_MINUTES}, got {quote(raw)}", param="minutes"
-        )
+    minutes = whole_number_arg("minutes", 5, WINDOW_MINUTES)
     parts = components()
-    minutes = int(raw)
     return jsonify(
         minutes=minutes,
         requests=parts.activity.requests_within(minutes),
@@ -69,11 +63,11 @@ def memory() -> Response:
 def cleanup() -> Response:
     """Run a cleanup now (reason ``manual``); 409 while one runs, 429 within the manual interval; admin only."""
     parts = components()
-    _require_admin(parts.settings.admin_token)
+    require_admin(parts.settings.admin_token)
     return jsonify(parts.memory.manual_cleanup().to_dict())
 
 
-def _require_admin(token: str | None) -> None:
+def require_admin(token: str | None) -> None:
     """Admin routes answer no browser, and without a configured token no other host."""
     # Browsers send these with every cross-site (and same-origin) fetch or form post; curl, scripts and
     # HTTP clients do not. Refusing them makes a web page unable to drive an admin route, even on loopback.
@@ -97,3 +91,12 @@ def _is_loopback(address: str | None) -> bool:
         return address is not None and ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
+
+
+def whole_number_arg(name: str, default: int, maximum: int) -> int:
+    """Query parameter ``name``: a whole number from 1 to ``maximum`` (400 otherwise), ``default`` if absent."""
+    raw = request.args.get(name, str(default))
+    # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= maximum:
+        raise BadRequest(f"'{name}' must be a whole number from 1 to {maximum}, got {quote(raw)}", param=name)
+    return int(raw)

@@ -371,6 +371,30 @@ class InfoResponse(_Answer):
     memory_policy: MemoryPolicy
 
 
+class GrowthSite(_Answer):
+    """One allocation site (a line of code, reached through one chain of callers) and how much more memory
+    it held at the end of the window."""
+
+    file: str = Field(description="The source file, relative to its import path entry (e.g. torch/nn/functional.py).")
+    line: int
+    size_bytes: int = Field(description="Growth of the bytes allocated here and still held, over the window.")
+    count: int = Field(description="Growth of the number of blocks allocated here and still held.")
+    held_bytes: int = Field(description="Bytes allocated here since tracing started and held at the window's end.")
+    traceback: list[str] = Field(
+        description="file:line of the allocation and its callers, innermost first (up to 8 frames)."
+    )
+
+
+class HeapGrowthResponse(_Answer):
+    """``POST /debug/memory/snapshot``: the allocation sites whose held memory grew most, largest first."""
+
+    seconds: float = Field(description="The window measured (shorter when the service was shutting down).")
+    started_tracing: bool = Field(description="Whether tracing was started for this window and stopped after it.")
+    growth_bytes: int = Field(description="Total growth over every site that grew.")
+    tracemalloc_memory_bytes: int = Field(description="Memory the traces themselves took at the window's end.")
+    sites: list[GrowthSite]
+
+
 def model_names(info: ModelInfo) -> set[str]:
     """Names a client may use for the served model."""
     return {info.model_id, info.model_id.rsplit("/", 1)[-1]}

@@ -12,11 +12,13 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
+from flask import Flask
 from gunicorn.asgi import protocol as gunicorn_protocol
 from gunicorn.workers import gasgi
 
+from app.components import components
 from app.config import Settings
-from app.front import clip, error_body
+from app.front import WSGIFront, clip, error_body
 
 
 class Protocol(gunicorn_protocol.ASGIProtocol):  # type: ignore[misc]  # gunicorn is untyped
@@ -74,3 +76,24 @@ class Worker(gasgi.ASGIWorker):  # type: ignore[misc]  # gunicorn is untyped
         # worker) process it is ours.
         gasgi.ASGIProtocol = Protocol
         super().init_process()
+
+
+def serve(flask_app: Flask, settings: Settings) -> WSGIFront:
+    """``flask_app`` behind the front, stopped in order at shutdown (``app.asgi:app``, and the tests' leaky app)."""
+
+    def stop() -> None:
+        """After the last connection: end a heap trace, stop the memory monitor, then let the engine drain
+        its queue and stop."""
+        parts = components(flask_app)
+        if parts.heap_tracer is not None:
+            parts.heap_tracer.stop()
+        parts.memory.stop()
+        parts.engine.stop(timeout_s=max(30.0, settings.request_timeout_s))
+
+    return WSGIFront(
+        flask_app,
+        threads=settings.http_threads,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        on_shutdown=stop,
+    )

@@ -339,18 +339,18 @@ def memory(lay: Layout) -> None:
     )
     lay.add(
         timeseries(
-            "Heap given back after batches",
-            "Memory the smart policy's trims between batches returned to the operating system, per second "
-            "(at most one trim every EMBEDDING_TRIM_INTERVAL_S), and the trims per second.",
-            "Bps",
-            (rate("embedding_memory_trimmed_bytes_total"), "trimmed bytes/s"),
-            (rate("embedding_memory_trims_total"), "trims/s"),
+            "Python objects",
+            "Objects the garbage collector tracks, by generation (the oldest counted at most once a minute; "
+            "frozen: the model's, out of its reach), "
+            "and the interpreter's allocated blocks. Growing under steady load: a leak of Python objects "
+            "(POST /debug/memory/snapshot names the line); flat while the allocator's allocated grows: a leak "
+            "of tensors or buffers.",
+            "short",
+            (selector("embedding_gc_tracked_objects"), "gen {{generation}} {{instance}}"),
+            (selector("embedding_python_allocated_blocks"), "blocks {{instance}}"),
         ),
         12,
         7,
-    )
-    lay.panels[-1]["fieldConfig"]["overrides"].append(
-        {"matcher": {"id": "byName", "options": "trims/s"}, "properties": [{"id": "unit", "value": "ops"}]}
     )
     where = timeseries(
         "Where the memory is",
@@ -376,6 +376,22 @@ def memory(lay: Layout) -> None:
         ),
         12,
         7,
+    )
+
+    lay.add(
+        timeseries(
+            "Heap given back after batches",
+            "Memory the smart policy's trims between batches returned to the operating system, per second "
+            "(at most one trim every EMBEDDING_TRIM_INTERVAL_S), and the trims per second.",
+            "Bps",
+            (rate("embedding_memory_trimmed_bytes_total"), "trimmed bytes/s"),
+            (rate("embedding_memory_trims_total"), "trims/s"),
+        ),
+        24,
+        7,
+    )
+    lay.panels[-1]["fieldConfig"]["overrides"].append(
+        {"matcher": {"id": "byName", "options": "trims/s"}, "properties": [{"id": "unit", "value": "ops"}]}
     )
 
 

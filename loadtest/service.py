@@ -29,9 +29,17 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """gunicorn serving ``app.asgi:app`` exactly as ``make run`` does, logs captured to a file."""
+    """gunicorn serving ``app.asgi:app`` exactly as ``make run`` does, logs captured to a file (``target``:
+    another ASGI app built with :func:`app.server.serve`, such as the tests' leaky one)."""
 
-    def __init__(self, log_path: Path, env: dict[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        target: str = "app.asgi:app",
+    ) -> None:
+        self.target = target
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -49,7 +57,7 @@ class ServiceProcess:
         gunicorn = Path(sys.executable).with_name("gunicorn")
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [str(gunicorn), "-c", "python:app.gunicorn_conf", "--bind", f"127.0.0.1:{self.port}", "app.asgi:app"],
+            [str(gunicorn), "-c", "python:app.gunicorn_conf", "--bind", f"127.0.0.1:{self.port}", self.target],
             cwd=ROOT,
             env=self.env,
             stdout=self._log,
@@ -125,10 +133,10 @@ class ServiceProcess:
 
 @contextmanager
 def running_service(
-    log_path: Path, env: dict[str, str] | None = None, port: int | None = None
+    log_path: Path, env: dict[str, str] | None = None, port: int | None = None, target: str = "app.asgi:app"
 ) -> Iterator[ServiceProcess]:
     """A ready service for the ``with`` block (on ``port``, default a free one), stopped with SIGTERM after it."""
-    service = ServiceProcess(log_path, env, port).start()
+    service = ServiceProcess(log_path, env, port, target).start()
     try:
         service.wait_ready()
         yield service

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from typing import Any
 
 import numpy as np
+from flask import Flask
 
+from app import components
 from app.backend import EmbeddingBackend, ModelInfo, ModelLoadError, Prepared
 from app.memory import MemorySample, MemorySampler
 
@@ -104,3 +107,13 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def ready(app: Flask, timeout_s: float = 5.0) -> Flask:
+    """``app`` once its engine has loaded the (fake) model."""
+    engine = components(app).engine
+    deadline = time.monotonic() + timeout_s
+    while not engine.ready:
+        assert time.monotonic() < deadline, "the engine did not become ready"
+        time.sleep(0.005)
+    return app

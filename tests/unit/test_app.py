@@ -27,7 +27,7 @@ from app.schemas import (
     OpenAIEmbeddingResponse,
     ReadyResponse,
 )
-from tests.doubles import FakeBackend
+from tests.doubles import FakeBackend, ready
 
 SETTINGS = Settings(model="fake", max_inputs=4, queue_size=16, max_body_bytes=2048)
 
@@ -39,14 +39,9 @@ def backend() -> FakeBackend:
 
 @pytest.fixture
 def app(backend: FakeBackend) -> Iterator[Flask]:
-    app = create_app(SETTINGS, backend=backend)
-    engine = components(app).engine
-    deadline = time.monotonic() + 5
-    while not engine.ready:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    app = ready(create_app(SETTINGS, backend=backend))
     yield app
-    engine.stop(5)
+    components(app).engine.stop(5)
 
 
 @pytest.fixture

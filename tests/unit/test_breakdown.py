@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
-from app.breakdown import free_but_kept, rss_by_kind
+from app.breakdown import PythonObjects, free_but_kept, rss_by_kind
 
 STATUS = """Name:\tpython
 VmRSS:\t  648000 kB
@@ -54,3 +55,18 @@ def test_free_but_kept_is_what_the_allocator_holds_beyond_live_objects() -> None
     assert free_but_kept("glibc", {"in_use": 100, "free": 25, "mmapped": 0}) == 25
     assert free_but_kept("jemalloc", {}) is None  # a jemalloc built without statistics
     assert free_but_kept("other", {}) is None
+
+
+def test_the_oldest_generation_is_counted_at_most_once_per_interval() -> None:
+    now = [0.0]
+    objects = PythonObjects(oldest_every_s=60.0, clock=lambda: now[0])
+    first = objects.sample()
+    assert set(first.gc_tracked_objects) == {"0", "1", "2", "frozen"}
+    held = [[i] for i in range(50_000)]  # tracked containers; a collection moves them to the oldest generation
+    gc.collect()
+    now[0] = 59.0
+    assert objects.sample().gc_tracked_objects["2"] == first.gc_tracked_objects["2"]  # not counted again yet
+    now[0] = 60.0
+    assert objects.sample().gc_tracked_objects["2"] >= first.gc_tracked_objects["2"] + 50_000
+    assert objects.sample().allocated_blocks > 0
+    del held
