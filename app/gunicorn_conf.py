@@ -11,6 +11,7 @@ runs itself again with jemalloc preloaded, before it binds or forks
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from app.allocator import exec_under_jemalloc
 from app.config import ConfigError, Settings
@@ -37,3 +38,16 @@ logconfig_dict = gunicorn_logconfig(_settings.log_level)
 proc_name = "embedding-service"
 # The runtime control socket is not used; without this it is created under $HOME.
 control_socket_disable = True
+
+
+def on_starting(server: Any) -> None:
+    """Refuse more than one worker (``-w``/``--workers`` or ``GUNICORN_CMD_ARGS`` override ``workers`` above):
+    each would load its own model, answer ``/activity`` and ``/cleanup`` for itself only, and export metrics
+    that the other workers' scrapes contradict. Scale with more instances (replicas) instead."""
+    if server.cfg.workers != 1:
+        sys.stderr.write(
+            f"embedding service: configuration error: gunicorn workers: expected 1, got {server.cfg.workers} "
+            "(from --workers/-w or GUNICORN_CMD_ARGS): one process serves one model; run more instances "
+            "(replicas) to scale\n"
+        )
+        raise SystemExit(2)

@@ -427,6 +427,18 @@ class MemoryManager:
             retry_after_s=5,
         )
 
+    def over_limit(self) -> bool:
+        """For readiness: whether RSS is above the hard limit, so that new requests would be shed. Starts or
+        ends shedding as a request would, but gives nothing back on the caller's thread: the monitor, woken,
+        does that every 0.5 s while shedding."""
+        limit = self.limit_bytes
+        if limit is None:
+            return False
+        above = self._update_shedding(self._sampler.rss(), limit)
+        if above:
+            self._wake.set()
+        return above
+
     def _release_for_limit(self) -> int:
         """Above the hard limit: a full cleanup once per cooldown, else a purge at most every 0.5 s; RSS after."""
         now = self._clock()

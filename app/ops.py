@@ -24,12 +24,21 @@ def health() -> Response:
 
 @bp.get("/ready")
 def ready() -> tuple[Response, int]:
-    """Readiness: 200 once the model is loaded and warmed up, else 503."""
-    engine = components().engine
-    if engine.ready:
+    """Readiness: 200 once the model is loaded and warmed up, else 503; also 503 while memory is above the
+    hard limit (new requests would be shed), so that a load balancer sends them to another replica."""
+    parts = components()
+    engine = parts.engine
+    if engine.ready and not parts.memory.over_limit():
         return jsonify(status="ready"), 200
-    error = Unavailable(f"not ready: {engine.failure or engine.state}", retry_after_s=5)
-    response = jsonify(status=engine.state, **error.body())
+    if engine.ready:
+        status = "shedding"
+        error = Unavailable(
+            "shedding load: memory is above the service's limit; send requests elsewhere", retry_after_s=5
+        )
+    else:
+        status = engine.state
+        error = Unavailable(f"not ready: {engine.failure or engine.state}", retry_after_s=5)
+    response = jsonify(status=status, **error.body())
     response.headers["Retry-After"] = "5"
     return response, 503
 

@@ -330,7 +330,8 @@ class HealthResponse(_Answer):
 
 
 class ReadyResponse(_Answer):
-    """``status`` is the engine's state; while it is not ``ready`` the answer is a 503 with the error."""
+    """``status`` is the engine's state, or ``shedding`` while memory is above the hard limit; while it is
+    not ``ready`` the answer is a 503 with the error."""
 
     status: str
     error: ErrorDetail | SkipJsonSchema[None] = None

@@ -60,6 +60,15 @@ def test_a_bad_setting_stops_the_start_and_names_the_variable(tmp_path: Path) ->
     assert "EMBEDDING_BATCH_SIZE='thirty-two': expected a whole number" in service.log_text()
 
 
+def test_more_than_one_worker_stops_the_start_and_names_the_setting(tmp_path: Path) -> None:
+    """As a deployment that sets ``GUNICORN_CMD_ARGS=--workers=4`` would: refused before anything binds."""
+    service = ServiceProcess(tmp_path / "log", {"GUNICORN_CMD_ARGS": "--workers=4"}).start()
+    assert service.wait_exit(60) == 2
+    assert "gunicorn workers: expected 1, got 4" in service.log_text()
+    assert "replicas" in service.log_text()
+    assert not service.events("model.loaded")
+
+
 def test_a_model_that_cannot_be_loaded_stops_the_start(tmp_path: Path) -> None:
     not_a_model = tmp_path / "empty-model-dir"
     not_a_model.mkdir()

@@ -315,6 +315,21 @@ def test_an_idle_service_stops_shedding_on_its_own() -> None:
     assert setup.value("embedding_cleanups_total", reason="limit") == 1
 
 
+def test_readiness_follows_the_limit_without_cleaning_up_on_the_probe() -> None:
+    setup = Setup(SETTINGS.replace(memory_limit_bytes=3 * GB, monitor_interval_s=60), rss=GB)
+    assert setup.manager.over_limit() is False
+    setup.sampler.set(int(3.4 * GB))
+    assert setup.manager.over_limit() is True
+    assert setup.manager.report()["shedding"] is True
+    assert setup.manager._seconds_to_next_check() <= memory.SHED_CHECK_INTERVAL_S  # the monitor gives back
+    assert setup.heap.releases == []  # not the probe
+    assert setup.value("embedding_cleanups_total", reason="limit") == 0
+    setup.sampler.set(int(2.9 * GB))
+    assert setup.manager.over_limit() is False
+    assert setup.manager.report()["shedding"] is False
+    assert Setup(SETTINGS, rss=100 * GB).manager.over_limit() is False  # no limit, never
+
+
 def test_manual_cleanups_are_rate_limited(setup: Setup) -> None:
     assert setup.manager.manual_cleanup().reason == "manual"
     setup.clock.advance(4)
