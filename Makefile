@@ -14,9 +14,10 @@ RUN_MODEL ?= all-minilm-l6-v2
 # make loadtest: LOAD_DURATION_S=300 make loadtest for a shorter run; LOAD_USERS, LOAD_RAMP_S, LOAD_SOAK_S too.
 LOAD_DURATION_S ?= 1200
 LOAD_USERS ?= 6
+REHEARSAL_S ?= 120
 
 .PHONY: help install system-deps run lint typecheck hadolint alerts rules unit integration e2e test bench loadtest \
-	loadtest-compare throughput dashboard clean jemalloc unit-newest lock-check fidelity
+	loadtest-compare throughput dashboard deploy clean jemalloc unit-newest lock-check fidelity rehearsal
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -29,16 +30,18 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)  ## create the virtual environment and install the service with test tools
 
-system-deps:  ## Debian packages: prometheus, promtool, alertmanager and amtool for the tests, jemalloc for the service
+system-deps:  ## Debian packages: prometheus, promtool, alertmanager, amtool and haproxy for the tests, jemalloc for the service
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || \
 			! command -v prometheus-alertmanager >/dev/null || ! command -v amtool >/dev/null || \
+			! command -v haproxy >/dev/null || \
 			! /sbin/ldconfig -p | grep -q 'libjemalloc\.so\.2 '; then \
 		sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$sudo apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends \
-			prometheus prometheus-alertmanager libjemalloc2 >/dev/null; \
+			prometheus prometheus-alertmanager haproxy libjemalloc2 >/dev/null; \
 	fi
 	@promtool --version | head -1
+	@haproxy -v | head -1
 	@prometheus-alertmanager --version 2>&1 | head -1
 	@/sbin/ldconfig -p | grep 'libjemalloc\.so\.2 '
 
@@ -74,11 +77,18 @@ alerts: system-deps  ## promtool and amtool: check and unit-test the alert rules
 	promtool check config ops/prometheus.yml
 	amtool check-config ops/alertmanager.yml
 
-rules: $(STAMP)  ## regenerate alerts/embedding-service.rules.yml from alerts/generate.py
+rules: $(STAMP)  ## regenerate alerts/embedding-service.rules.yml from alerts/generate.py (and its PrometheusRule)
 	$(BIN)/python alerts/generate.py
+	$(BIN)/python deploy/kubernetes/generate.py
 
-dashboard: $(STAMP)  ## regenerate dashboards/embedding-service.json from dashboards/generate.py
+dashboard: $(STAMP)  ## regenerate dashboards/embedding-service.json from dashboards/generate.py (and its ConfigMap)
 	$(BIN)/python dashboards/generate.py
+	$(BIN)/python deploy/kubernetes/generate.py
+
+deploy: $(STAMP)  ## regenerate deploy/kubernetes/base's PrometheusRule and dashboard ConfigMap; render every kustomization
+	$(BIN)/python deploy/kubernetes/generate.py
+	kubectl kustomize deploy/kubernetes/base >/dev/null
+	kubectl kustomize deploy/kubernetes/overlays/example
 
 unit: $(STAMP) system-deps  ## fast tests with fakes (and one under jemalloc)
 	$(BIN)/pytest tests/unit
@@ -90,7 +100,7 @@ e2e: $(STAMP) system-deps  ## end-to-end: two services, real Prometheus and Aler
 	HF_HUB_OFFLINE=1 $(BIN)/pytest tests/e2e
 
 test: lint typecheck hadolint alerts  ## everything CI runs: lint, types, Dockerfile, rules, all tests
-	HF_HUB_OFFLINE=1 $(BIN)/pytest
+	HF_HUB_OFFLINE=1 $(BIN)/pytest --durations=15
 
 # pythonX.Y from PATH, else the newest pyenv-installed X.Y (pyenv's shims answer only for the selected versions).
 find_python = $(shell if python$(1) -c '' 2>/dev/null; then command -v python$(1); \
@@ -118,6 +128,9 @@ loadtest: $(STAMP)  ## Locust indexing load (20 min), RSS sampled, verdict + plo
 
 loadtest-compare: $(STAMP)  ## the same load under policies off, legacy, smart; one figure in reports/compare
 	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.compare --duration $(LOAD_DURATION_S) --users $(LOAD_USERS) --out reports/compare
+
+rehearsal: $(STAMP) system-deps  ## two replicas behind haproxy, one over its memory limit: no request fails (REHEARSAL_S, default 120)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.rehearsal --seconds $(REHEARSAL_S) --out reports/rehearsal
 
 throughput: $(STAMP)  ## texts/s of policies off and smart, side by side in interleaved rounds
 	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.throughput --policies off,smart

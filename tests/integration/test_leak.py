@@ -29,7 +29,7 @@ MB = 1_000_000
 
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
-    return [d.text for d in sample(build_corpus(), 320, seed=11)]
+    return [d.text for d in sample(build_corpus(), 192, seed=11)]
 
 
 @pytest.fixture(scope="module")

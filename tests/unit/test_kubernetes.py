@@ -1,0 +1,330 @@
+"""deploy/kubernetes: every kustomization renders, every object is valid against the Kubernetes and the
+Prometheus Operator schemas, and the invariants that keep it working hold (each check is also run on a
+deliberately broken copy, which it must reject)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema_rs
+import kubernetes_validate
+import pytest
+import yaml
+
+from app.config import Settings
+from app.memory import CGROUP_LIMIT_SHARE
+from app.metrics import Metrics
+from app.openapi import openapi_document
+from app.schemas import Limits
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy" / "kubernetes"
+KUSTOMIZATIONS = [DEPLOY / "base", DEPLOY / "overlays" / "example"]
+SETTINGS_MAP = "embedding-service-config"
+KUBERNETES_VERSIONS = ("1.30", "1.37")  # the oldest and newest the validator knows that we support
+Objects = list[dict[str, Any]]
+
+
+def render(kustomization: Path) -> Objects:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is needed to render the kustomizations (kubectl kustomize works offline)"
+    out = subprocess.run([kubectl, "kustomize", str(kustomization)], capture_output=True, text=True, check=True)
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+@pytest.fixture(scope="module", params=KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(DEPLOY)))
+def objects(request: pytest.FixtureRequest) -> Objects:
+    return render(request.param)
+
+
+def one(objects: Objects, kind: str) -> dict[str, Any]:
+    (found,) = (o for o in objects if o["kind"] == kind)
+    return found
+
+
+def container(objects: Objects) -> dict[str, Any]:
+    (main,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return main
+
+
+def settings_map(objects: Objects) -> dict[str, Any]:
+    """The generated ConfigMap of EMBEDDING_* settings (its name carries a content hash)."""
+    (found,) = (o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith(SETTINGS_MAP))
+    return found
+
+
+def dashboard_map(objects: Objects) -> dict[str, Any]:
+    (found,) = (
+        o for o in objects if o["kind"] == "ConfigMap" and "grafana_dashboard" in o["metadata"].get("labels", {})
+    )
+    return found
+
+
+def pod_spec(objects: Objects) -> dict[str, Any]:
+    spec: dict[str, Any] = one(objects, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def settings_of(objects: Objects) -> tuple[Settings, set[str]]:
+    """The service's settings as the pods get them, and the keys among them it never reads."""
+    data = settings_map(objects)["data"]
+    read: set[str] = set()
+
+    class Recording(dict[str, str]):
+        def get(self, key: str, default: Any = None) -> Any:
+            read.add(key)
+            return super().get(key, default)
+
+    return Settings.from_env(Recording(data)), set(data) - read
+
+
+# --- schemas ----------------------------------------------------------------------------------------------
+
+
+def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    schemas = {}
+    for path in (DEPLOY / "crds").glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        for version in crd["spec"]["versions"]:
+            api = f"{crd['spec']['group']}/{version['name']}"
+            schemas[(api, crd["spec"]["names"]["kind"])] = version["schema"]["openAPIV3Schema"]
+    return schemas
+
+
+def unknown_fields(value: Any, schema: dict[str, Any], path: str = "") -> list[str]:
+    """Fields a structural schema does not declare: the API server would drop them (or refuse, strict)."""
+    found: list[str] = []
+    if isinstance(value, dict) and "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        for key, item in value.items():
+            if key not in schema["properties"]:
+                found.append(f"{path}.{key}")
+            else:
+                found += unknown_fields(item, schema["properties"][key], f"{path}.{key}")
+    elif isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        for key, item in value.items():
+            found += unknown_fields(item, schema["additionalProperties"], f"{path}.{key}")
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            found += unknown_fields(item, schema["items"], f"{path}[{i}]")
+    return found
+
+
+def schema_errors(obj: dict[str, Any]) -> list[str]:
+    crds = crd_schemas()
+    key = (obj["apiVersion"], obj["kind"])
+    if key in crds:
+        schema = crds[key]
+        errors = [e.message for e in jsonschema_rs.validator_for(schema).iter_errors(obj)]
+        return errors + [f"unknown field {f}" for f in unknown_fields(obj, schema)]
+    errors = []
+    for version in KUBERNETES_VERSIONS:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            errors.append(f"{version}: {error.message}")
+    return errors
+
+
+def test_every_object_is_valid_against_its_schema(objects: Objects) -> None:
+    assert {o["kind"] for o in objects} >= {
+        "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor",
+        "PrometheusRule", "ConfigMap",
+    }  # fmt: skip
+    for obj in objects:
+        assert not schema_errors(obj), f"{obj['kind']} {obj['metadata']['name']}: {schema_errors(obj)}"
+
+
+@pytest.mark.parametrize(
+    ("kind", "break_it"),
+    [
+        ("Deployment", lambda o: o["spec"]["template"]["spec"]["containers"][0].update(livenessprobe={})),
+        ("Deployment", lambda o: o["spec"]["template"]["spec"].update(terminationGracePeriodSeconds="90")),
+        ("HorizontalPodAutoscaler", lambda o: o["spec"].update(minReplicas="two")),
+        ("ServiceMonitor", lambda o: o["spec"]["endpoints"][0].update(intervall="15s")),
+        ("ServiceMonitor", lambda o: o["spec"]["endpoints"][0].update(interval="15 seconds")),
+        ("PrometheusRule", lambda o: o["spec"]["groups"][0]["rules"][0].update(fore="5m")),
+    ],
+)
+def test_the_schema_check_rejects_a_broken_object(kind: str, break_it: Callable[[dict[str, Any]], None]) -> None:
+    obj = copy.deepcopy(one(render(DEPLOY / "base"), kind))
+    assert not schema_errors(obj)
+    break_it(obj)
+    assert schema_errors(obj)
+
+
+# --- invariants ----------------------------------------------------------------------------------------------
+
+
+def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def problems(objects: Objects) -> list[str]:
+    """What would make the deployment misbehave although every object is valid."""
+    pod = one(objects, "Deployment")["spec"]["template"]
+    return (
+        pod_problems(objects)
+        + wiring_problems(objects)
+        + monitoring_problems(objects)
+        + security_problems(pod["spec"], container(objects))
+    )
+
+
+def pod_problems(objects: Objects) -> list[str]:
+    """Settings, probes, shutdown and resources against what the service does."""
+    found = []
+    main = container(objects)
+    settings, unread = settings_of(objects)
+    if unread:
+        found.append(f"settings the service does not know: {sorted(unread)}")
+    routes = set(openapi_document("0", Limits(max_inputs=1, max_input_chars=1), None)["paths"])
+    ports = {p["name"] for p in main["ports"]}
+    for name, path in (("startupProbe", "/ready"), ("readinessProbe", "/ready"), ("livenessProbe", "/health")):
+        get = main.get(name, {}).get("httpGet", {})
+        if get.get("path") != path or path not in routes or get.get("port") not in ports:
+            found.append(f"{name} is not GET {path} on a container port: {get}")
+    pre_stop = main.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    pause = int(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0
+    drain = max(30, int(settings.request_timeout_s))  # gunicorn's graceful_timeout (app/gunicorn_conf.py)
+    grace = pod_spec(objects).get("terminationGracePeriodSeconds", 30)
+    if grace <= pause + drain:
+        found.append(f"grace period {grace} s does not exceed the preStop pause {pause} s + the drain {drain} s")
+    resources = main["resources"]
+    limit = parse_quantity(resources.get("limits", {}).get("memory", "0"))
+    if limit * CGROUP_LIMIT_SHARE <= settings.memory_high_bytes:
+        found.append(f"memory limit {limit:.0f} leaves no room above EMBEDDING_MEMORY_HIGH_BYTES before shedding")
+    if parse_quantity(resources["requests"]["memory"]) > limit:
+        found.append("memory request above the limit")
+    if settings.torch_threads != parse_quantity(resources["requests"]["cpu"]):
+        found.append(f"EMBEDDING_TORCH_THREADS={settings.torch_threads} is not the CPU request")
+    return found
+
+
+def wiring_problems(objects: Objects) -> list[str]:
+    """Labels and selectors, ports and names: every object reaches the one it is meant for."""
+    found = []
+    deployment, service = one(objects, "Deployment"), one(objects, "Service")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    if "replicas" in deployment["spec"]:
+        found.append("the Deployment sets replicas: every apply resets what the autoscaler chose")
+    if not selects(deployment["spec"]["selector"]["matchLabels"], pod_labels):
+        found.append("the Deployment's selector does not select its pods")
+    if not selects(service["spec"]["selector"], pod_labels):
+        found.append("the Service selects no pod")
+    ports = {p["name"] for p in container(objects)["ports"]}
+    if any(p["targetPort"] not in ports for p in service["spec"]["ports"]):
+        found.append("a Service port targets no container port")
+    if not selects(one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels):
+        found.append("the PodDisruptionBudget selects no pod")
+    monitor = one(objects, "ServiceMonitor")
+    if not selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"]):
+        found.append("the ServiceMonitor selects no Service")
+    service_ports = {p["name"] for p in service["spec"]["ports"]}
+    if any(e.get("port") not in service_ports or e.get("path") != "/metrics" for e in monitor["spec"]["endpoints"]):
+        found.append("a ServiceMonitor endpoint is not /metrics on a Service port")
+    if one(objects, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["name"] != deployment["metadata"]["name"]:
+        found.append("the HorizontalPodAutoscaler scales another Deployment")
+    return found
+
+
+def monitoring_problems(objects: Objects) -> list[str]:
+    """The autoscaler's metric, the rules and the dashboard: the same as the service and the repo's sources."""
+    found = []
+    adapter = yaml.safe_load((DEPLOY / "prometheus-adapter" / "rules.yaml").read_text())["rules"]
+    if pods_metric(objects)["name"] not in {rule["name"]["as"] for rule in adapter}:
+        found.append(f"the autoscaler reads {pods_metric(objects)['name']}, which no prometheus-adapter rule exposes")
+    ours = {family.name for family in Metrics().registry.collect()}
+    for rule in adapter:
+        series = re.match(r"\w+", rule["seriesQuery"])
+        if series is None or series.group(0) not in ours:
+            found.append(f"prometheus-adapter rule on a metric the service does not export: {rule['seriesQuery']}")
+    rules = yaml.safe_load((ROOT / "alerts" / "embedding-service.rules.yml").read_text())
+    if one(objects, "PrometheusRule")["spec"] != rules:
+        found.append("the PrometheusRule differs from alerts/embedding-service.rules.yml")
+    dashboard = json.loads((ROOT / "dashboards" / "embedding-service.json").read_text())
+    if [json.loads(text) for text in dashboard_map(objects)["data"].values()] != [dashboard]:
+        found.append("the dashboard ConfigMap differs from dashboards/embedding-service.json")
+    return found
+
+
+def security_problems(pod: dict[str, Any], main: dict[str, Any]) -> list[str]:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    user = re.findall(r"^USER (\d+)", dockerfile, re.MULTILINE)[-1]
+    workdir = re.findall(r"^WORKDIR (\S+)", dockerfile, re.MULTILINE)[-1]
+    security = {**pod.get("securityContext", {}), **main.get("securityContext", {})}
+    found = []
+    if not (security.get("runAsNonRoot") and str(security.get("runAsUser")) == user):
+        found.append(f"not run as the image's non-root user {user}")
+    if not security.get("readOnlyRootFilesystem") or security.get("allowPrivilegeEscalation", True):
+        found.append("the root filesystem is writable or privileges can be escalated")
+    mounts = {m["mountPath"] for m in main.get("volumeMounts", [])}
+    if workdir not in mounts:
+        found.append(f"nothing writable at {workdir}, where the service writes (gunicorn's heartbeat file)")
+    return found
+
+
+def parse_quantity(text: str | int) -> float:
+    """A Kubernetes quantity (1536Mi, 3Gi, 2, 500m) as a number."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 1e3, "M": 1e6, "G": 1e9, "m": 1e-3, "": 1}
+    number, unit = re.fullmatch(r"([\d.]+)([A-Za-z]*)", str(text)).groups()  # type: ignore[union-attr]
+    return float(number) * units[unit]
+
+
+def test_the_deployment_keeps_its_invariants(objects: Objects) -> None:
+    assert problems(objects) == []
+
+
+def probe(o: Objects, name: str) -> dict[str, Any]:
+    get: dict[str, Any] = container(o)[name]["httpGet"]
+    return get
+
+
+def pods_metric(o: Objects) -> dict[str, Any]:
+    (metric,) = (
+        m["pods"]["metric"] for m in one(o, "HorizontalPodAutoscaler")["spec"]["metrics"] if m["type"] == "Pods"
+    )
+    return metric  # type: ignore[no-any-return]
+
+
+BROKEN: list[tuple[str, Callable[[Objects], None]]] = [
+    ("GET /health", lambda o: probe(o, "livenessProbe").update(path="/healthz")),
+    ("GET /ready", lambda o: probe(o, "readinessProbe").update(path="/health")),
+    ("grace period", lambda o: pod_spec(o).update(terminationGracePeriodSeconds=60)),
+    ("no room above", lambda o: container(o)["resources"]["limits"].update(memory="2Gi")),
+    ("TORCH_THREADS", lambda o: container(o)["resources"]["requests"].update(cpu="4")),
+    ("selects no pod", lambda o: one(o, "Service")["spec"]["selector"].update({"app.kubernetes.io/component": "x"})),
+    ("sets replicas", lambda o: one(o, "Deployment")["spec"].update(replicas=3)),
+    ("no prometheus-adapter rule", lambda o: pods_metric(o).update(name="queue")),
+    ("differs from alerts", lambda o: one(o, "PrometheusRule")["spec"]["groups"][0]["rules"].pop()),
+    ("differs from dashboards", lambda o: dashboard_map(o)["data"].update({"embedding-service.json": "{}"})),
+    ("does not know", lambda o: settings_map(o)["data"].update(EMBEDDING_MEMORY_HIGH="3GB")),
+    ("writable", lambda o: container(o)["securityContext"].update(readOnlyRootFilesystem=False)),
+    ("nothing writable", lambda o: container(o).update(volumeMounts=[])),
+]
+
+
+@pytest.mark.parametrize(("expected", "break_it"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_each_invariant_rejects_a_broken_copy(expected: str, break_it: Callable[[Objects], None]) -> None:
+    broken = copy.deepcopy(render(DEPLOY / "base"))
+    break_it(broken)
+    assert any(expected in problem for problem in problems(broken)), problems(broken)
+
+
+def test_the_generated_files_are_up_to_date() -> None:
+    """deploy/kubernetes/generate.py's output is what is committed (run `make deploy` after changing the rules
+    or the dashboard)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deploy_generate", DEPLOY / "generate.py")
+    assert spec and spec.loader
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    for path, text in generate.rendered().items():
+        assert path.read_text() == text, f"{path.relative_to(ROOT)} is stale: run make deploy"
