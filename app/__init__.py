@@ -14,7 +14,7 @@ from app.activity import ActivityTracker
 from app.allocator import limit_glibc_arenas
 from app.backend import EmbeddingBackend, backend_for
 from app.components import Components, components
-from app.config import Settings
+from app.config import Settings, unknown_variables
 from app.engine import Engine
 from app.heaptrace import HeapTracer
 from app.memory import MemoryManager, rss_bytes
@@ -63,6 +63,14 @@ def create_app(
         limit_glibc_arenas(settings.malloc_arenas)  # before the engine's and the server's threads exist
         manager.start()
         engine.start()
+        unknown = unknown_variables()
+        if unknown:
+            log.warning(
+                "config.unknown_variables",
+                variables=unknown,
+                message="not settings of this service (README, Configuration): they change nothing; "
+                "each is shown with the setting it most resembles",
+            )
         log.info(
             "service.started",
             version=__version__,

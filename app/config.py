@@ -8,6 +8,7 @@ refuses to start instead of misbehaving later.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -15,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from app.allocator import ALLOCATORS
+from app.allocator import ALLOCATORS, REEXEC_MARK
 from app.reasons import MemoryPolicy
 
 PREFIX = "EMBEDDING_"
@@ -193,6 +194,38 @@ class Settings:
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]  # field types are checked in __post_init__
+
+
+# EMBEDDING_* variables that are not settings: the ops scripts' (ops/*.sh) and the allocator's re-exec mark.
+NOT_SETTINGS = frozenset({"EMBEDDING_HOME", "EMBEDDING_PIP_ARGS", REEXEC_MARK})
+
+
+def setting_variables() -> frozenset[str]:
+    """Every ``EMBEDDING_*`` variable :meth:`Settings.from_env` reads (recorded, so never out of step)."""
+    read: set[str] = set()
+
+    class Recording(dict[str, str]):
+        def get(self, key: str, default: Any = None) -> Any:
+            read.add(key)
+            return super().get(key, default)
+
+    Settings.from_env(Recording())
+    return frozenset(read)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """``EMBEDDING_*`` variables that are neither a setting nor one of :data:`NOT_SETTINGS` (a typo, most
+    likely: they change nothing), each with the setting it most resembles, if any."""
+    env = os.environ if environ is None else environ
+    known = setting_variables()
+    unknown = sorted(name for name in env if name.startswith(PREFIX) and name not in known | NOT_SETTINGS)
+    suffixes = [name.removeprefix(PREFIX) for name in known]  # the shared prefix would make everything alike
+
+    def closest(name: str) -> str | None:
+        match = difflib.get_close_matches(name.removeprefix(PREFIX), suffixes, n=1)
+        return PREFIX + match[0] if match else None
+
+    return {name: closest(name) for name in unknown}
 
 
 def _parse_bool(text: str) -> bool:

@@ -15,13 +15,17 @@ TEXTS = [f"Sentence {i} of a document that is being indexed, with a few more wor
 
 
 def test_health_answers_at_once_and_ready_only_after_warm_up(tmp_path: Path) -> None:
-    service = ServiceProcess(tmp_path / "log").start()
+    """Also: a misspelt setting (it changes nothing) is named at start, with the setting it resembles."""
+    service = ServiceProcess(tmp_path / "log", {"EMBEDDING_DTYPES": "bfloat16"}).start()
     try:
         seen = service.wait_ready()
         assert 503 in seen, "the service listens before the model is loaded, and says it is not ready"
         assert requests.get(f"{service.url}/health", timeout=5).status_code == 200
         loaded = service.events("model.loaded")[0]
         assert loaded["warm_up_s"] >= 0
+        (warning,) = service.events("config.unknown_variables")
+        assert warning["variables"] == {"EMBEDDING_DTYPES": "EMBEDDING_DTYPE"}
+        assert warning["level"] == "warning"
     finally:
         assert service.terminate() == 0
 

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from app.config import DEFAULT_MODEL, ConfigError, Settings, parse_bytes
+from app.config import DEFAULT_MODEL, ConfigError, Settings, parse_bytes, setting_variables, unknown_variables
 
 
 def test_defaults_match_the_design_contract() -> None:
@@ -79,3 +81,24 @@ def test_a_bad_value_names_the_variable_and_the_accepted_form(env: dict[str, str
         Settings.from_env(env)
     for part in names:
         assert part in str(caught.value)
+
+
+def test_unknown_embedding_variables_are_named_with_the_setting_they_resemble() -> None:
+    environ = {
+        "EMBEDDING_DTYPES": "bfloat16",  # a typo: does nothing
+        "EMBEDDING_MEMORY_HIGH": "3GB",
+        "EMBEDDING_DTYPE": "float32",  # a setting
+        "EMBEDDING_HOME": "/srv/embedding",  # the ops scripts'
+        "HOME": "/root",
+    }
+    assert unknown_variables(environ) == {
+        "EMBEDDING_DTYPES": "EMBEDDING_DTYPE",
+        "EMBEDDING_MEMORY_HIGH": "EMBEDDING_MEMORY_HIGH_BYTES",
+    }
+    assert unknown_variables({"EMBEDDING_ZZZ": "1"}) == {"EMBEDDING_ZZZ": None}
+    assert unknown_variables({"EMBEDDING_MODEL": "x", "EMBEDDING_PORT": "1"}) == {}
+
+
+def test_every_setting_has_its_variable() -> None:
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    assert setting_variables() == {f"EMBEDDING_{name.upper()}" for name in fields}

@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from app.config import Settings
+from app.config import Settings, setting_variables
 from app.memory import CGROUP_LIMIT_SHARE
 from app.metrics import Metrics
 from app.openapi import openapi_document
@@ -73,16 +73,9 @@ def pod_spec(objects: Objects) -> dict[str, Any]:
 
 
 def settings_of(objects: Objects) -> tuple[Settings, set[str]]:
-    """The service's settings as the pods get them, and the keys among them it never reads."""
+    """The service's settings as the pods get them, and the keys among them that are not settings."""
     data = settings_map(objects)["data"]
-    read: set[str] = set()
-
-    class Recording(dict[str, str]):
-        def get(self, key: str, default: Any = None) -> Any:
-            read.add(key)
-            return super().get(key, default)
-
-    return Settings.from_env(Recording(data)), set(data) - read
+    return Settings.from_env(data), set(data) - setting_variables()
 
 
 # --- schemas ----------------------------------------------------------------------------------------------
