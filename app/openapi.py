@@ -26,6 +26,7 @@ from app.schemas import (
     HeapGrowthResponse,
     InfoResponse,
     Limits,
+    MemoryResponse,
     OpenAIEmbeddingRequest,
     OpenAIEmbeddingResponse,
     ReadyResponse,
@@ -42,6 +43,7 @@ _ANSWERS: tuple[type[Any], ...] = (
     ActivityResponse,
     InfoResponse,
     CleanupRecord,
+    MemoryResponse,
     HeapGrowthResponse,
 )
 _ERRORS = {
@@ -124,8 +126,8 @@ def openapi_document(version: str, limits: Limits, info: ModelInfo | None, *, de
             },
             "/memory": {
                 "get": {
-                    "summary": "RSS/USS, thresholds, status (normal/elevated/high), last cleanup, cleanups by reason.",
-                    "responses": {"200": _json(None)},
+                    "summary": "RSS/USS and where it is, thresholds, status (normal/elevated/high), cleanups.",
+                    "responses": {"200": _json(MemoryResponse)},
                 }
             },
             "/cleanup": {

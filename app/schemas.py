@@ -32,6 +32,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from app.backend import INPUT_TYPES, InputType, ModelInfo
 from app.errors import BadRequest, NotFound, Unprocessable
+from app.memory import CleanupRecord
 from app.reasons import MemoryPolicy
 
 EncodingFormat = Literal["float", "base64"]
@@ -370,6 +371,86 @@ class InfoResponse(_Answer):
     max_batch_tokens: int
     limits: InfoLimits
     memory_policy: MemoryPolicy
+
+
+class RssKinds(_Answer):
+    """Resident memory by kind, in bytes (app/breakdown.py); ``shared`` overlaps the others."""
+
+    rss: int
+    anon: int
+    file: int
+    shmem: int
+    swap: int
+    shared: int | None
+    source: str
+
+
+class AllocatorBreakdown(_Answer):
+    name: str = Field(description="The allocator in use: jemalloc, glibc or other.")
+    accounts: dict[str, int] = Field(
+        description="jemalloc allocated/active/resident/retained/mapped or glibc in_use/free/mmapped, in bytes; "
+        "empty where the allocator reports none."
+    )
+    free_but_kept_bytes: int | None = Field(description="Freed but kept by the allocator: what a cleanup gives back.")
+
+
+class PythonBreakdown(_Answer):
+    gc_tracked_objects: dict[str, int] = Field(
+        description="Objects the garbage collector tracks by generation (0, 1, 2; 2 counted at most once a "
+        "minute) and frozen out of its reach."
+    )
+    allocated_blocks: int
+
+
+class MemoryBreakdown(_Answer):
+    """Where the memory is: the kernel's, the allocator's and the interpreter's accounts."""
+
+    rss_by_kind: RssKinds | None
+    allocator: AllocatorBreakdown
+    python: PythonBreakdown
+    weight_bytes: int | None = Field(description="The model's parameters and buffers (null until loaded).")
+
+
+class CudaMemory(_Answer):
+    allocated_bytes: int
+    reserved_bytes: int
+
+
+class MemoryThresholds(_Answer):
+    elevated_bytes: int
+    high_bytes: int
+    limit_bytes: int | None = Field(description="The hard limit above which new requests are shed; null if none.")
+    limit_source: str | None = Field(description="config (EMBEDDING_MEMORY_LIMIT_BYTES) or cgroup (90% of it).")
+
+
+class CleanupTriggers(_Answer):
+    interval_s: float
+    every_requests: int
+    cooldown_s: float
+    monitor_interval_s: float
+    trim_after_batch: bool
+    trim_interval_s: float
+
+
+class MemoryResponse(_Answer):
+    """``GET /memory``: memory now, its breakdown, the thresholds, the cleanups so far and the triggers."""
+
+    status: Literal["normal", "elevated", "high"]
+    policy: MemoryPolicy
+    allocator: str
+    rss_bytes: int
+    uss_bytes: int | None
+    breakdown: MemoryBreakdown
+    cuda: CudaMemory | None
+    thresholds: MemoryThresholds
+    cgroup_limit_bytes: int | None
+    shedding: bool = Field(description="Above the hard limit: new embedding requests get 503 and /ready 503.")
+    cleanup_running: bool
+    last_cleanup: CleanupRecord | None
+    cleanups: dict[str, int] = Field(description="Cleanups run so far, by reason.")
+    ineffective_cleanups: dict[str, int] = Field(description="Cleanups that left memory above the threshold.")
+    requests_since_cleanup: int
+    triggers: CleanupTriggers
 
 
 class GrowthSite(_Answer):

@@ -23,6 +23,7 @@ from app.schemas import (
     ErrorResponse,
     HealthResponse,
     InfoResponse,
+    MemoryResponse,
     OpenAIEmbeddingRequest,
     OpenAIEmbeddingResponse,
     ReadyResponse,
@@ -130,6 +131,7 @@ ANSWERS: list[tuple[str, str, dict[str, Any], int, type[Any]]] = [
     ("get", "/ready", {}, 200, ReadyResponse),
     ("get", "/activity", {}, 200, ActivityResponse),
     ("get", "/activity?minutes=0", {}, 400, ErrorResponse),
+    ("get", "/memory", {}, 200, MemoryResponse),
     ("post", "/cleanup", {}, 200, CleanupRecord),
     ("post", "/cleanup", {"headers": {"Origin": "https://example.com"}}, 403, ErrorResponse),
 ]
