@@ -25,6 +25,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
+
+from pydantic import ConfigDict
 
 from app import allocator
 
@@ -33,9 +36,15 @@ JEMALLOC_ACCOUNTS = ("allocated", "active", "resident", "retained", "mapped")
 GLIBC_ACCOUNTS = ("in_use", "free", "mmapped")
 
 
+# The breakdown's records are also the schema of GET /memory's answer (app/schemas.py): no undeclared field.
+_ANSWER = ConfigDict(extra="forbid")
+
+
 @dataclass(frozen=True)
 class RssByKind:
     """The process's resident memory by kind, in bytes (``shared`` overlaps the others)."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _ANSWER
 
     rss: int
     anon: int
@@ -129,8 +138,10 @@ def free_but_kept(name: str, accounts: dict[str, int]) -> int | None:
 
 @dataclass(frozen=True)
 class PythonSample:
-    """Tracked objects by generation ("0" youngest, "frozen" out of the collector's reach) and the
-    interpreter's allocated blocks."""
+    """Tracked objects by generation ("0" youngest, "2" counted at most once a minute, "frozen" out of the
+    collector's reach) and the interpreter's allocated blocks."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _ANSWER
 
     gc_tracked_objects: dict[str, int]
     allocated_blocks: int

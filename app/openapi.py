@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from app.backend import ModelInfo
+from app.heaptrace import MAX_SECONDS, MAX_TOP
 from app.memory import CleanupRecord
 from app.schemas import (
     ActivityResponse,
@@ -164,12 +165,13 @@ _DEBUG_PATHS = {
     "/debug/memory/snapshot": {
         "post": {
             "summary": (
-                "Trace Python allocations for ?seconds=N (default 30, up to 120) and answer the ?top=K (default 20) "
-                "sites whose held memory grew most. Bearer EMBEDDING_ADMIN_TOKEN; one at a time."
+                f"Trace Python allocations for ?seconds=N (default 30, up to {MAX_SECONDS}) and answer the ?top=K "
+                f"(default 20, up to {MAX_TOP}) sites whose held memory grew most. Bearer EMBEDDING_ADMIN_TOKEN; "
+                "one at a time."
             ),
             "parameters": [
-                {"name": "seconds", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 120}},
-                {"name": "top", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                {"name": "seconds", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_SECONDS}},
+                {"name": "top", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_TOP}},
             ],
             "responses": {
                 "200": _json(HeapGrowthResponse, "The sites that grew."),

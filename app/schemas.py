@@ -31,6 +31,7 @@ from pydantic import (
 from pydantic.json_schema import SkipJsonSchema
 
 from app.backend import INPUT_TYPES, InputType, ModelInfo
+from app.breakdown import PythonSample, RssByKind
 from app.errors import BadRequest, NotFound, Unprocessable
 from app.memory import CleanupRecord
 from app.reasons import MemoryPolicy
@@ -373,18 +374,6 @@ class InfoResponse(_Answer):
     memory_policy: MemoryPolicy
 
 
-class RssKinds(_Answer):
-    """Resident memory by kind, in bytes (app/breakdown.py); ``shared`` overlaps the others."""
-
-    rss: int
-    anon: int
-    file: int
-    shmem: int
-    swap: int
-    shared: int | None
-    source: str
-
-
 class AllocatorBreakdown(_Answer):
     name: str = Field(description="The allocator in use: jemalloc, glibc or other.")
     accounts: dict[str, int] = Field(
@@ -394,20 +383,12 @@ class AllocatorBreakdown(_Answer):
     free_but_kept_bytes: int | None = Field(description="Freed but kept by the allocator: what a cleanup gives back.")
 
 
-class PythonBreakdown(_Answer):
-    gc_tracked_objects: dict[str, int] = Field(
-        description="Objects the garbage collector tracks by generation (0, 1, 2; 2 counted at most once a "
-        "minute) and frozen out of its reach."
-    )
-    allocated_blocks: int
-
-
 class MemoryBreakdown(_Answer):
     """Where the memory is: the kernel's, the allocator's and the interpreter's accounts."""
 
-    rss_by_kind: RssKinds | None
+    rss_by_kind: RssByKind | None
     allocator: AllocatorBreakdown
-    python: PythonBreakdown
+    python: PythonSample
     weight_bytes: int | None = Field(description="The model's parameters and buffers (null until loaded).")
 
 

@@ -31,7 +31,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import requests
 import yaml
@@ -142,7 +141,7 @@ class Balancer:
         """Each logged request as [backend/server, status, retries, total ms, path]."""
         return [line.split() for line in self.log_path.read_text().splitlines() if re.match(r"^replicas/", line)]
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
         self._log.close()
@@ -183,7 +182,7 @@ class Prometheus:
             time.sleep(0.2)
         raise RuntimeError("Prometheus did not become ready")
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
         self._log.close()
@@ -227,7 +226,7 @@ def rehearse(work: Path, seconds: float, clients: int = 4) -> Summary:
     # Long texts (the model cuts them at its maximum length): big batches, big activations.
     texts = [(d.text * 20)[:4000] for d in sample(build_corpus(), 64, seed=3)]
     a = ServiceProcess(work / "a.log").start()
-    started: list[Any] = [a]
+    started: list[ServiceProcess | Balancer | Prometheus] = [a]
     try:
         a.wait_ready()
         idle = int(requests.get(f"{a.url}/memory", timeout=10).json()["rss_bytes"])
@@ -275,7 +274,7 @@ def rehearse(work: Path, seconds: float, clients: int = 4) -> Summary:
         return summary
     finally:
         for part in reversed(started):
-            part.stop() if hasattr(part, "stop") else part.terminate()
+            part.terminate()
 
 
 def judge(summary: Summary) -> list[str]:

@@ -316,7 +316,11 @@ def test_an_idle_service_stops_shedding_on_its_own() -> None:
 
 
 def test_readiness_follows_the_limit_without_cleaning_up_on_the_probe() -> None:
-    setup = Setup(SETTINGS.replace(memory_limit_bytes=3 * GB, monitor_interval_s=60), rss=GB)
+    setup = Setup(SETTINGS.replace(memory_limit_bytes=3 * GB, monitor_interval_s=60), rss=3 * GB)
+    assert setup.manager.over_limit() is False  # at the limit: still ready
+    setup.sampler.set(3 * GB + 1)
+    assert setup.manager.over_limit() is True  # one byte above: out
+    setup.sampler.set(GB)
     assert setup.manager.over_limit() is False
     setup.sampler.set(int(3.4 * GB))
     assert setup.manager.over_limit() is True
