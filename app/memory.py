@@ -614,10 +614,12 @@ class MemoryManager:
             # The old service's gc.collect() ran beside the model; every other cleanup holds the model
             # between two batches so it never competes with one.
             with contextlib.nullcontext() if reason is CleanupReason.LEGACY else self._engine.exclusive():
+                with self._state_lock:
+                    counted = self._requests_since  # requests admitted from here on count toward the next one
                 record = self._run_cleanup(reason)
         finally:
             self._cleanup_lock.release()
-        self._record(record)
+        self._record(record, counted)
         return record
 
     def try_cleanup(self, reason: CleanupReason) -> CleanupRecord | None:
@@ -647,9 +649,9 @@ class MemoryManager:
         duration = time.perf_counter() - started
         return CleanupRecord(reason, started_at, duration, before, after, freed_objects, trimmed, reduced)
 
-    def _record(self, record: CleanupRecord) -> None:
+    def _record(self, record: CleanupRecord, counted: int) -> None:
         with self._state_lock:
-            self._requests_since = 0
+            self._requests_since = max(0, self._requests_since - counted)
             self._last_cleanup_at = self._clock()
             self._last = record
             self._counts[record.reason] += 1

@@ -140,6 +140,26 @@ def test_request_count_trigger_after_n_requests_then_resets(setup: Setup) -> Non
     assert setup.manager.tick() is None
 
 
+def test_requests_admitted_while_a_cleanup_runs_count_toward_the_next_one(setup: Setup) -> None:
+    for _ in range(30):
+        setup.manager.admit()
+
+    def arrive_meanwhile() -> None:
+        for _ in range(3):
+            setup.manager.admit()
+
+    setup.heap.on_release = arrive_meanwhile
+    setup.clock.advance(301)
+    assert setup.manager.tick() == "periodic"
+    assert setup.manager.report()["requests_since_cleanup"] == 3  # the 30 before were cleaned up after
+    setup.heap.on_release = lambda: None
+    for _ in range(46):
+        setup.manager.admit()
+    assert setup.manager.tick() is None
+    setup.manager.admit()
+    assert setup.manager.tick() == "request_count"
+
+
 def test_a_cleanup_records_what_it_freed(setup: Setup) -> None:
     setup.sampler.set(1_500_000_000, 900_000_000)  # before, after
     record = setup.manager.cleanup(CleanupReason.MANUAL)
