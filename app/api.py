@@ -1,41 +1,53 @@
-"""Embedding routes: ``POST /embed``, ``POST /v1/embeddings``, ``GET /info``, ``GET /openapi.json``."""
+"""Embedding routes: ``POST /embed`` and ``POST /`` (text-embeddings-inference's), ``POST /v1/embeddings``
+(OpenAI's), ``POST /tokenize``, ``GET /info``, ``GET /openapi.json``."""
 
 from __future__ import annotations
+
+import time
+from typing import Any, get_args
 
 from flask import Blueprint, Response, g, jsonify, request
 
 from app.activity import OPS_CHECK_HEADER
-from app.backend import ModelInfo
+from app.backend import InputType, ModelInfo, Token
 from app.components import components
 from app.engine import EmbeddingResult
 from app.errors import ClientClosed, Unavailable
 from app.front import CLIENT_GONE
 from app.openapi import openapi_document
-from app.schemas import EmbeddingRequest, parse_embed, parse_json_object, parse_openai
+from app.schemas import (
+    EmbeddingRequest,
+    InfoLimits,
+    InfoResponse,
+    TokenizeRequest,
+    parse_embed,
+    parse_json_object,
+    parse_openai,
+)
 from app.vectors import shape_vectors, to_base64
 from app.version import __version__
 
 bp = Blueprint("api", __name__)
 
 
+@bp.post("/")
 @bp.post("/embed")
 def embed() -> Response:
-    """Embed one text or a list of texts."""
+    """Embed one text or a list of texts: text-embeddings-inference's route, answer and errors."""
+    started = time.perf_counter()
     info = _model_info()
     req = parse_embed(parse_json_object(request.get_data()), components().limits, info)
     result = _run(req, info)
     vectors = shape_vectors(result.embeddings, dimensions=req.dimensions, normalize=req.normalize)
-    return jsonify(
-        embeddings=vectors,  # float32 rows, written by app.jsonio without Python floats
-        model=info.model_id,
-        dimensions=int(vectors.shape[1]),
-        usage={"tokens": result.total_tokens},
-    )
+    response = jsonify(vectors)  # float32 rows, written by app.jsonio without Python floats
+    response.headers.update(_compute_headers(req, result, info, started))
+    return response
 
 
 @bp.post("/v1/embeddings")
 def openai_embeddings() -> Response:
     """OpenAI-compatible embeddings."""
+    started = time.perf_counter()
     info = _model_info()
     req = parse_openai(parse_json_object(request.get_data()), components().limits, info)
     result = _run(req, info)
@@ -47,12 +59,26 @@ def openai_embeddings() -> Response:
         for i, v in enumerate(vectors)
     ]
     tokens = result.total_tokens
-    return jsonify(
+    response = jsonify(
         object="list",
         data=data,
         model=info.model_id,
         usage={"prompt_tokens": tokens, "total_tokens": tokens},
     )
+    response.headers.update(_compute_headers(req, result, info, started))
+    return response
+
+
+@bp.post("/tokenize")
+def tokenize() -> Response:
+    """How the model tokenizes each text: text-embeddings-inference's route, answer and errors."""
+    info = _model_info()
+    req = TokenizeRequest.validated(parse_json_object(request.get_data()), components().limits, info)
+    prompt = info.prompts[req.prompt_name] if req.prompt_name else ""
+    texts = [prompt + text for text in req.texts]
+    tokenized = components().engine.tokenize(texts, add_special_tokens=req.add_special_tokens)
+    pairs = zip(tokenized, texts, strict=True)
+    return jsonify([[_tei_token(token, text) for token in tokens] for tokens, text in pairs])
 
 
 @bp.get("/info")
@@ -61,27 +87,41 @@ def info() -> Response:
     parts = components()
     settings = parts.settings
     model = parts.engine.info
-    return jsonify(
+    model_id = model.model_id if model else settings.model
+    dtype = model.dtype if model else settings.dtype
+    answer = InfoResponse(
         version=__version__,
         status=parts.engine.state,
-        model=model.model_id if model else settings.model,
+        model=model_id,
         dimensions=model.dimensions if model else None,
         max_seq_length=model.max_seq_length if model else None,
         device=model.device if model else settings.device,
-        dtype=model.dtype if model else settings.dtype,
+        dtype=dtype,
         dtype_reason=model.dtype_reason if model else None,
-        input_types=sorted(model.prompts) if model else [],
+        input_types=[kind for kind in get_args(InputType) if model and kind in model.prompts],
+        prompts=dict(model.prompts) if model else {},
         batch_size=settings.batch_size,
         max_batch_tokens=settings.max_batch_tokens,
-        limits={
-            "max_inputs": settings.max_inputs,
-            "max_input_chars": settings.max_input_chars,
-            "max_body_bytes": settings.max_body_bytes,
-            "queue_size": settings.queue_size,
-            "request_timeout_s": settings.request_timeout_s,
-        },
+        limits=InfoLimits(
+            max_inputs=settings.max_inputs,
+            max_input_chars=settings.max_input_chars,
+            max_body_bytes=settings.max_body_bytes,
+            queue_size=settings.queue_size,
+            request_timeout_s=settings.request_timeout_s,
+        ),
         memory_policy=settings.memory_policy,
+        model_id=model_id,
+        model_sha=None,
+        model_dtype=dtype,
+        model_type={"embedding": {"pooling": model.pooling if model else "unknown"}},
+        max_concurrent_requests=settings.http_threads,
+        max_input_length=model.max_seq_length if model else None,
+        max_batch_requests=settings.batch_size,
+        max_client_batch_size=settings.max_inputs,
+        auto_truncate=True,
+        tokenization_workers=settings.http_threads,
     )
+    return jsonify(answer.model_dump(mode="json"))
 
 
 @bp.get("/openapi.json")
@@ -105,10 +145,41 @@ def _run(req: EmbeddingRequest, info: ModelInfo) -> EmbeddingResult:
     parts.memory.admit()
     if OPS_CHECK_HEADER not in request.headers:  # the ops scripts' own check after a start is not indexing
         parts.activity.record()
-    prefix = info.prefix_for(req.input_type)
-    texts = [prefix + text for text in req.texts] if prefix else req.texts
+    prefix = info.prompts[req.prompt_name] if req.prompt_name else info.prefix_for(req.input_type)
+    texts = req.texts
+    if req.truncate and req.truncation_direction == "left":
+        texts = parts.engine.keep_ends(texts, prefix)
+    texts = [prefix + text for text in texts] if prefix else texts
     job = parts.engine.submit(texts, truncate=req.truncate, request_id=g.get("request_id"))
     gone = request.environ.get(CLIENT_GONE)
     if gone is not None:  # served by app.server: a client that disconnects takes its texts off the queue
         gone.subscribe(lambda: job.fail(ClientClosed("the client closed the connection before the answer")))
     return job.wait(parts.settings.request_timeout_s)
+
+
+def _compute_headers(req: EmbeddingRequest, result: EmbeddingResult, info: ModelInfo, started: float) -> dict[str, str]:
+    """What text-embeddings-inference reports of each request in its headers; times in whole milliseconds."""
+    total_ms = str(round((time.perf_counter() - started) * 1000))
+    return {
+        "x-compute-type": info.device,
+        "x-compute-tokens": str(result.total_tokens),
+        "x-compute-characters": str(sum(len(text) for text in req.texts)),
+        "x-compute-time": total_ms,
+        "x-total-time": total_ms,
+        "x-queue-time": str(round(result.queue_s * 1000)),
+        "x-inference-time": str(round(result.inference_s * 1000)),
+    }
+
+
+def _tei_token(token: Token, text: str) -> dict[str, Any]:
+    """A token as TEI's /tokenize answers it: offsets in bytes of the UTF-8 text."""
+    if token.start is None or token.stop is None:
+        return {"id": token.id, "text": token.text, "special": token.special, "start": None, "stop": None}
+    start = len(text[: token.start].encode())
+    return {
+        "id": token.id,
+        "text": token.text,
+        "special": token.special,
+        "start": start,
+        "stop": start + len(text[token.start : token.stop].encode()),
+    }

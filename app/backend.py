@@ -62,6 +62,8 @@ class ModelInfo:
     dtype: str = "float32"
     """The precision the forward pass computes in (weights stay float32; see :func:`pick_dtype`)."""
     dtype_reason: str = ""
+    pooling: str = "mean"
+    """How token vectors become the text's vector (sentence-transformers' pooling mode: mean, cls, ...)."""
     weight_bytes: int | None = None
     """The model's parameters and buffers (elements x element size): constant once loaded."""
 
@@ -70,6 +72,19 @@ class ModelInfo:
         if input_type is None:
             return ""
         return self.prompts.get(input_type, "")
+
+
+@dataclass(frozen=True)
+class Token:
+    """One token of a text, as ``POST /tokenize`` shows it."""
+
+    id: int
+    text: str
+    """The token's text in the input, or the special token itself (``[CLS]``)."""
+    special: bool
+    start: int | None
+    """Character offset of the token in the text; None for special tokens."""
+    stop: int | None
 
 
 @dataclass
@@ -217,6 +232,11 @@ class EmbeddingBackend(ABC):
         threads, concurrently with the inference thread and with each other: must be thread-safe."""
 
     @abstractmethod
+    def tokenize(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[Token]]:
+        """Each text's tokens without truncation, with their offsets in the text. Called from request threads,
+        like :meth:`count_tokens`: must be thread-safe."""
+
+    @abstractmethod
     def prepare(self, texts: list[str]) -> Prepared:
         """Tokenize one batch, truncating to the model's maximum sequence length."""
 
@@ -279,6 +299,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
             prompts=self._prompts(model, source.model_id),
             dtype=dtype,
             dtype_reason=reason,
+            pooling=self._pooling(model),
             weight_bytes=self.weight_bytes(),
         )
 
@@ -318,6 +339,14 @@ class SentenceTransformerBackend(EmbeddingBackend):
         return self.finish(self.encode(self.prepare(list(FIDELITY_PROBE))))
 
     @staticmethod
+    def _pooling(model: Any) -> str:
+        for module in model:
+            mode = getattr(module, "pooling_mode", None)
+            if isinstance(mode, str):
+                return mode
+        return "none"
+
+    @staticmethod
     def _prompts(model: Any, model_id: str) -> dict[str, str]:
         declared = {k: v for k, v in (getattr(model, "prompts", None) or {}).items() if v}
         if "document" in declared and "passage" not in declared:
@@ -332,6 +361,32 @@ class SentenceTransformerBackend(EmbeddingBackend):
         # borrowed"). This copy is only ever called one way, so concurrent calls only read it.
         encoded = self._counter(texts, add_special_tokens=True, truncation=False, verbose=False)
         return [len(ids) for ids in encoded["input_ids"]]
+
+    def tokenize(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[Token]]:
+        # The counter's copy again: these options leave its truncation and padding as they are, so it is
+        # still only read.
+        encoded = self._counter(
+            texts,
+            add_special_tokens=add_special_tokens,
+            truncation=False,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+            verbose=False,
+        )
+        found = []
+        for i, text in enumerate(texts):
+            pieces = encoded.tokens(i)
+            ids, offsets, specials = (encoded[key][i] for key in ("input_ids", "offset_mapping", "special_tokens_mask"))
+            spans = zip(ids, offsets, specials, strict=True)
+            found.append(
+                [
+                    Token(int(id_), pieces[j], True, None, None)
+                    if special
+                    else Token(int(id_), text[start:stop], False, int(start), int(stop))
+                    for j, (id_, (start, stop), special) in enumerate(spans)
+                ]
+            )
+        return found
 
     def prepare(self, texts: list[str]) -> Prepared:
         features = self._model.preprocess(texts)

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 
-from app.backend import EmbeddingBackend, ModelInfo
-from app.errors import QueueFull, ServiceError, Unavailable, Unprocessable
+from app.backend import EmbeddingBackend, ModelInfo, Token
+from app.errors import QueueFull, ServiceError, TokenizerFailed, Unavailable, Unprocessable
 from app.metrics import Metrics
 
 log = structlog.get_logger("app.engine")
@@ -108,6 +108,10 @@ class EmbeddingResult:
 
     embeddings: np.ndarray
     token_counts: list[int]
+    queue_s: float = 0.0
+    """Seconds from the request's enqueueing to the start of its first batch."""
+    inference_s: float = 0.0
+    """Seconds from the start of its first batch to its last text's vector."""
 
     @property
     def total_tokens(self) -> int:
@@ -125,6 +129,8 @@ class Job:
     enqueued_at: float = field(default_factory=time.perf_counter)
     queue_wait_s: float | None = None
     """Seconds from :attr:`enqueued_at` to the start of its first batch (or to being dropped unrun)."""
+    completed_at: float | None = None
+    """When its last text's vector was delivered."""
     embeddings: np.ndarray = field(init=False)
     token_counts: list[int] = field(init=False)
     error: ServiceError | None = None
@@ -155,6 +161,7 @@ class Job:
         self.token_counts[index] = tokens
         self._remaining -= 1
         if self._remaining == 0:
+            self.completed_at = time.perf_counter()
             self._done.set()
 
     def fail(self, error: ServiceError) -> None:
@@ -170,7 +177,9 @@ class Job:
             raise Unavailable(f"request timed out after {timeout_s:g}s in the inference queue", retry_after_s=5)
         if self.error is not None:
             raise self.error
-        return EmbeddingResult(self.embeddings, self.token_counts)
+        queue_s = self.queue_wait_s or 0.0
+        inference_s = max(0.0, (self.completed_at or self.enqueued_at) - self.enqueued_at - queue_s)
+        return EmbeddingResult(self.embeddings, self.token_counts, queue_s, inference_s)
 
 
 class Engine:
@@ -306,6 +315,42 @@ class Engine:
             self._metrics.queue_depth.set(self._pending)
             self._cond.notify()
         return job
+
+    def tokenize(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[Token]]:
+        """Each text's tokens (``POST /tokenize``), on the caller's thread; 422 if the tokenizer fails."""
+        self._require_serving()
+        try:
+            return self._backend.tokenize(texts, add_special_tokens=add_special_tokens)
+        except Exception as exc:  # noqa: BLE001  (a text the tokenizer cannot take is the client's)
+            log.warning("tokenizer.failed", error=str(exc), error_type=type(exc).__name__)
+            raise TokenizerFailed("the tokenizer could not encode the input") from None
+
+    def keep_ends(self, texts: list[str], prefix: str = "") -> list[str]:
+        """``truncation_direction=left``: each text too long for the model, with ``prefix`` before it, loses its
+        start instead of its end. Cut at the character where the kept tokens begin, on the caller's thread; the
+        prefix itself is kept whole."""
+        self._require_serving()
+        assert self.info is not None
+        limit = self.info.max_seq_length
+        try:
+            lengths = self._backend.count_tokens([prefix + text for text in texts])
+            over = [i for i, tokens in enumerate(lengths) if tokens > limit]
+            if not over:
+                return texts
+            room = limit - self._backend.count_tokens([prefix])[0]  # the special tokens and the prefix's
+            tokenized = self._backend.tokenize([texts[i] for i in over], add_special_tokens=False)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("tokenizer.failed", error=str(exc), error_type=type(exc).__name__)
+            raise TokenizerFailed("the tokenizer could not encode the input") from None
+        kept = list(texts)
+        for i, tokens in zip(over, tokenized, strict=True):
+            first = tokens[-room] if 0 < room <= len(tokens) else None
+            kept[i] = texts[i][first.start :] if first is not None and first.start is not None else texts[i]
+        return kept
+
+    def _require_serving(self) -> None:
+        if self._state != "ready" or self.info is None:
+            raise Unavailable(self._unavailable_reason(), retry_after_s=5)
 
     def _refuse_unless_room(self, texts: int) -> None:
         """503 unless serving, 429 when ``texts`` more would overflow the queue; called holding ``_cond``."""
@@ -531,7 +576,7 @@ class Engine:
             return self._backend.count_tokens([job.texts[index]])[0]
         except Exception as exc:  # noqa: BLE001  (a tokenizer failure fails this request only)
             log.warning("tokenizer.failed", index=index, error=str(exc), error_type=type(exc).__name__)
-            job.fail(Unprocessable(f"input[{index}] could not be tokenized", param="input"))
+            job.fail(TokenizerFailed(f"input[{index}] could not be tokenized", param="input"))
             return 0
 
     def _run_batch(self, batch: list[tuple[Job, int]]) -> None:

@@ -1,7 +1,11 @@
-"""Error types and their JSON bodies: ``{"error": {"message", "type", "code"}}``.
+"""Error types and their JSON bodies, in the two shapes clients expect.
 
-The ``type`` values follow the OpenAI API where one fits, so OpenAI clients
-raise their usual exception classes.
+Everywhere but text-embeddings-inference's routes: ``{"error": {"message", "type", "code"}}``, whose
+``type`` values follow the OpenAI API where one fits, so OpenAI clients raise their usual exception
+classes. On TEI's routes (:data:`TEI_PATHS`): TEI's ``{"error": "...", "error_type": "..."}`` with TEI's
+statuses, so TEI clients (``huggingface_hub``, the LangChain/LlamaIndex/Haystack embedders) read them
+as they read TEI's: 400 empty, 413 too many inputs, 422 validation or tokenizer, 424 inference failed,
+429 overloaded, 503 unhealthy.
 """
 
 from __future__ import annotations
@@ -9,11 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 
 log = structlog.get_logger("app.errors")
+
+
+TEI_PATHS = frozenset({"/", "/embed", "/tokenize"})
+"""Routes that answer errors in text-embeddings-inference's shape and statuses."""
 
 
 class ServiceError(Exception):
@@ -21,6 +29,10 @@ class ServiceError(Exception):
 
     status = 500
     type = "internal_error"
+    tei_status: int | None = 424
+    """The status on TEI's routes (None: the same as :attr:`status`); TEI answers a failed inference 424."""
+    tei_type = "backend"
+    """TEI's ``error_type``: unhealthy, backend, overloaded, validation, tokenizer or empty."""
 
     def __init__(
         self,
@@ -41,6 +53,20 @@ class ServiceError(Exception):
             error["param"] = self.param
         return {"error": error}
 
+    def tei_body(self) -> dict[str, str]:
+        """The JSON body of the error on TEI's routes."""
+        return {"error": self.message, "error_type": self.tei_type}
+
+    def status_for(self, path: str) -> int:
+        """The HTTP status on the route at ``path``."""
+        if path in TEI_PATHS and self.tei_status is not None:
+            return self.tei_status
+        return self.status
+
+    def body_for(self, path: str) -> dict[str, Any]:
+        """The JSON body on the route at ``path``."""
+        return self.tei_body() if path in TEI_PATHS else self.body()
+
     def headers(self) -> dict[str, str]:
         """Extra response headers (``Retry-After`` for errors worth retrying, a challenge for 401)."""
         headers = {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
@@ -50,10 +76,18 @@ class ServiceError(Exception):
 
 
 class BadRequest(ServiceError):
-    """Malformed JSON or a field of the wrong type."""
+    """A field of the wrong type (TEI: 422, as its JSON extractor answers one), or text that is not text."""
 
     status = 400
     type = "invalid_request_error"
+    tei_status: int | None = 422
+    tei_type = "validation"
+
+
+class MalformedBody(BadRequest):
+    """A body that is not a JSON object (TEI: 400, as its JSON extractor answers a syntax error)."""
+
+    tei_status: int | None = None
 
 
 class Unauthorized(ServiceError):
@@ -61,6 +95,8 @@ class Unauthorized(ServiceError):
 
     status = 401
     type = "authentication_error"
+    tei_status: int | None = None
+    tei_type = "validation"
 
 
 class Forbidden(ServiceError):
@@ -68,6 +104,8 @@ class Forbidden(ServiceError):
 
     status = 403
     type = "permission_error"
+    tei_status: int | None = None
+    tei_type = "validation"
 
 
 class NotFound(ServiceError):
@@ -75,6 +113,8 @@ class NotFound(ServiceError):
 
     status = 404
     type = "not_found_error"
+    tei_status: int | None = None
+    tei_type = "validation"
 
 
 class MethodNotAllowed(ServiceError):
@@ -82,6 +122,8 @@ class MethodNotAllowed(ServiceError):
 
     status = 405
     type = "invalid_request_error"
+    tei_status: int | None = None
+    tei_type = "validation"
 
 
 class Conflict(ServiceError):
@@ -89,6 +131,8 @@ class Conflict(ServiceError):
 
     status = 409
     type = "conflict_error"
+    tei_status: int | None = None
+    tei_type = "overloaded"
 
 
 class PayloadTooLarge(ServiceError):
@@ -96,6 +140,8 @@ class PayloadTooLarge(ServiceError):
 
     status = 413
     type = "invalid_request_error"
+    tei_status: int | None = None
+    tei_type = "validation"
 
 
 class RequestTimeout(ServiceError):
@@ -103,6 +149,8 @@ class RequestTimeout(ServiceError):
 
     status = 408
     type = "timeout_error"
+    tei_status: int | None = None
+    tei_type = "validation"
 
 
 class ClientClosed(ServiceError):
@@ -110,6 +158,8 @@ class ClientClosed(ServiceError):
 
     status = 499
     type = "client_closed_request"
+    tei_status: int | None = None
+    tei_type = "validation"
 
 
 class TooManyRequests(ServiceError):
@@ -117,13 +167,36 @@ class TooManyRequests(ServiceError):
 
     status = 429
     type = "rate_limit_error"
+    tei_status: int | None = None
+    tei_type = "overloaded"
 
 
 class Unprocessable(ServiceError):
-    """Well-formed input the service will not embed: empty, too many, too long."""
+    """Well-formed input the service will not embed: too long, token ids, an impossible option."""
 
     status = 422
     type = "invalid_request_error"
+    tei_status: int | None = None
+    tei_type = "validation"
+
+
+class EmptyInput(Unprocessable):
+    """No text, or a text of white space only (TEI: 400 ``empty``)."""
+
+    tei_status: int | None = 400
+    tei_type = "empty"
+
+
+class TooManyInputs(Unprocessable):
+    """More texts in one request than the limit (TEI: 413)."""
+
+    tei_status: int | None = 413
+
+
+class TokenizerFailed(Unprocessable):
+    """The tokenizer could not encode a text (TEI: 422 ``tokenizer``)."""
+
+    tei_type = "tokenizer"
 
 
 class QueueFull(ServiceError):
@@ -131,6 +204,8 @@ class QueueFull(ServiceError):
 
     status = 429
     type = "rate_limit_error"
+    tei_status: int | None = None
+    tei_type = "overloaded"
 
 
 class Unavailable(ServiceError):
@@ -138,10 +213,12 @@ class Unavailable(ServiceError):
 
     status = 503
     type = "service_unavailable_error"
+    tei_status: int | None = None
+    tei_type = "unhealthy"
 
 
 _HTTP_ERRORS: dict[int, type[ServiceError]] = {
-    400: BadRequest,
+    400: MalformedBody,
     404: NotFound,
     405: MethodNotAllowed,
     408: RequestTimeout,
@@ -154,6 +231,7 @@ def error_for_status(status: int, message: str) -> ServiceError:
     """The service's error for an HTTP status decided outside a route (by Werkzeug or the HTTP front)."""
     error = _HTTP_ERRORS.get(status, BadRequest if 400 <= status < 500 else ServiceError)(message)
     error.status = status
+    error.tei_status = None  # decided before any route: the same status on every route
     return error
 
 
@@ -186,7 +264,8 @@ def init_app(app: Flask) -> None:
 
 
 def _respond(error: ServiceError) -> Response:
-    response = jsonify(error.body())
-    response.status_code = error.status
+    path = request.path if has_request_context() else ""
+    response = jsonify(error.body_for(path))
+    response.status_code = error.status_for(path)
     response.headers.update(error.headers())
     return response

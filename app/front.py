@@ -54,9 +54,9 @@ MAX_DETAIL_CHARS = 200
 """Longest quote of client input in an error message."""
 
 
-def error_body(status: int, message: str) -> bytes:
-    """The service's JSON error body, ``{"error": {"message", "type", "code"}}``."""
-    return json.dumps(error_for_status(status, message).body()).encode()
+def error_body(status: int, message: str, path: str = "") -> bytes:
+    """The service's JSON error body for the route at ``path`` (TEI's shape on TEI's routes)."""
+    return json.dumps(error_for_status(status, message).body_for(path)).encode()
 
 
 def clip(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
@@ -167,7 +167,7 @@ class WSGIFront:
         """The whole body, or None after answering 408, 413 or 503 (or when the client left)."""
         declared = _content_length(scope)
         if declared is not None and declared > self._max_body:
-            await self._refuse(send, 413, self._too_large())
+            await self._refuse(scope, send, 413, self._too_large())
             await self._discard(receive)
             return None
         loop = asyncio.get_running_loop()
@@ -178,21 +178,25 @@ class WSGIFront:
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - loop.time()))
             except TimeoutError:
-                await self._refuse(send, 408, f"the request body did not arrive within {self._body_timeout:g} s")
+                await self._refuse(scope, send, 408, f"the request body did not arrive within {self._body_timeout:g} s")
                 return None
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._max_body:
-                await self._refuse(send, 413, self._too_large())
+                await self._refuse(scope, send, 413, self._too_large())
                 await self._discard(receive)
                 return None
             try:
                 await asyncio.wait_for(self._buffered.take(len(chunk)), timeout=max(0.0, deadline - loop.time()))
             except TimeoutError:
                 await self._refuse(
-                    send, 503, "the service holds as many request bodies as it may; retry shortly", retry_after_s=5
+                    scope,
+                    send,
+                    503,
+                    "the service holds as many request bodies as it may; retry shortly",
+                    retry_after_s=5,
                 )
                 return None
             held[0] += len(chunk)
@@ -203,8 +207,10 @@ class WSGIFront:
     def _too_large(self) -> str:
         return f"request body is larger than the limit of {self._max_body} bytes (EMBEDDING_MAX_BODY_BYTES)"
 
-    async def _refuse(self, send: Send, status: int, message: str, retry_after_s: int | None = None) -> None:
-        body = error_body(status, message)
+    async def _refuse(
+        self, scope: Scope, send: Send, status: int, message: str, retry_after_s: int | None = None
+    ) -> None:
+        body = error_body(status, message, scope["path"])
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

@@ -2,8 +2,8 @@
 
 The models give every field, type and fixed constraint; this module adds what the settings and the loaded
 model decide (the number and length of texts, ``dimensions`` up to the model's, the served model's
-names) and the routes. One rule the document cannot state: with ``truncate: false``, a text longer than
-the model's maximum sequence length (counted in tokens) is a 422.
+names and prompts) and the routes. One rule the document cannot state: with ``truncate: false``, a text
+longer than the model's maximum sequence length (counted in tokens) is a 422.
 """
 
 from __future__ import annotations
@@ -31,12 +31,21 @@ from app.schemas import (
     OpenAIEmbeddingRequest,
     OpenAIEmbeddingResponse,
     ReadyResponse,
+    TeiErrorResponse,
+    TokenizeRequest,
+    TokenizeResponse,
     model_names,
 )
 
-_REQUESTS: tuple[type[EmbedRequest] | type[OpenAIEmbeddingRequest], ...] = (EmbedRequest, OpenAIEmbeddingRequest)
+_REQUESTS: tuple[type[EmbedRequest] | type[OpenAIEmbeddingRequest] | type[TokenizeRequest], ...] = (
+    EmbedRequest,
+    OpenAIEmbeddingRequest,
+    TokenizeRequest,
+)
 _ANSWERS: tuple[type[Any], ...] = (
     EmbedResponse,
+    TokenizeResponse,
+    TeiErrorResponse,
     OpenAIEmbeddingResponse,
     ErrorResponse,
     HealthResponse,
@@ -54,6 +63,15 @@ _ERRORS = {
     "422": "Empty input, too many inputs, a text too long, or dimensions out of range.",
     "429": "Inference queue full; retry after Retry-After seconds.",
     "503": "Not ready, shutting down, over the memory limit, or timed out in the queue.",
+}
+_TEI_ERRORS = {
+    "400": "Empty input or an empty text (error_type empty), or a body that is not a JSON object.",
+    "413": "More texts than the limit, or a body over the size limit (error_type validation).",
+    "422": "A field of the wrong type, a text too long, token ids, an unknown prompt_name (validation), or a text "
+    "the tokenizer cannot take (tokenizer).",
+    "424": "The model failed on an input (error_type backend).",
+    "429": "Inference queue full; retry after Retry-After seconds (error_type overloaded).",
+    "503": "Not ready, shutting down, over the memory limit, or timed out in the queue (error_type unhealthy).",
 }
 
 
@@ -83,10 +101,16 @@ def _with_limits(schemas: dict[str, Any], limits: Limits, info: ModelInfo | None
         one_text, many = properties[model.texts_field]["anyOf"]
         one_text["maxLength"] = many["items"]["maxLength"] = limits.max_input_chars
         many["maxItems"] = limits.max_inputs
-        if info is not None:
+        if info is not None and "dimensions" in properties:
             properties["dimensions"]["maximum"] = info.dimensions
     if info is not None:
         schemas[OpenAIEmbeddingRequest.__name__]["properties"]["model"]["enum"] = sorted(model_names(info))
+        for model in (EmbedRequest, TokenizeRequest):
+            properties = schemas[model.__name__]["properties"]
+            if info.prompts:
+                properties["prompt_name"]["enum"] = sorted(info.prompts)
+            else:  # a model without prompts takes no prompt_name
+                del properties["prompt_name"]
 
 
 def openapi_document(version: str, limits: Limits, info: ModelInfo | None, *, debug: bool = False) -> dict[str, Any]:
@@ -95,18 +119,33 @@ def openapi_document(version: str, limits: Limits, info: ModelInfo | None, *, de
     schemas = copy.deepcopy(_component_schemas())
     _with_limits(schemas, limits, info)
     errors = {code: _json(ErrorResponse, text) for code, text in _ERRORS.items()}
+    tei_errors = {code: _json(TeiErrorResponse, text) for code, text in _TEI_ERRORS.items()}
 
     def embedding_route(summary: str, request: type[BaseModel], answer: type[BaseModel]) -> dict[str, Any]:
         body = {"required": True, "content": {"application/json": {"schema": _ref(request)}}}
-        return {"post": {"summary": summary, "requestBody": body, "responses": {"200": _json(answer), **errors}}}
+        failed = tei_errors if request is not OpenAIEmbeddingRequest else errors
+        return {"post": {"summary": summary, "requestBody": body, "responses": {"200": _json(answer), **failed}}}
+
+    tei_embed = embedding_route(
+        "Embed one text or a list of texts (text-embeddings-inference's API): an array of vectors; tokens, "
+        "characters and times in the x-compute-* and x-*-time headers.",
+        EmbedRequest,
+        EmbedResponse,
+    )
 
     return {
         "openapi": "3.1.0",
         "info": {"title": "Embedding service", "version": version},
         "paths": {
-            "/embed": embedding_route("Embed one text or a list of texts.", EmbedRequest, EmbedResponse),
+            "/": tei_embed,
+            "/embed": tei_embed,
             "/v1/embeddings": embedding_route(
                 "OpenAI-compatible embeddings.", OpenAIEmbeddingRequest, OpenAIEmbeddingResponse
+            ),
+            "/tokenize": embedding_route(
+                "Each text's tokens, as the model's tokenizer splits it (text-embeddings-inference's API).",
+                TokenizeRequest,
+                TokenizeResponse,
             ),
             "/info": {"get": {"summary": "Model, limits and version.", "responses": {"200": _json(InfoResponse)}}},
             "/health": {"get": {"summary": "Liveness.", "responses": {"200": _json(HealthResponse)}}},

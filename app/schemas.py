@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, Self, get_args
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    RootModel,
     StringConstraints,
     ValidationError,
     ValidationInfo,
@@ -32,7 +33,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from app.backend import INPUT_TYPES, InputType, ModelInfo
 from app.breakdown import PythonSample, RssByKind
-from app.errors import BadRequest, NotFound, Unprocessable
+from app.errors import BadRequest, EmptyInput, MalformedBody, NotFound, TooManyInputs, Unprocessable
 from app.memory import CleanupRecord
 from app.reasons import MemoryPolicy
 
@@ -60,6 +61,10 @@ class EmbeddingRequest:
     input_type: str | None = None
     dimensions: int | None = None
     encoding_format: str = "float"
+    truncation_direction: str = "right"
+    """Which end of an over-long text goes: ``right`` (the end) or ``left`` (the start)."""
+    prompt_name: str | None = None
+    """A key of the model's prompts, whose text is put before each input (TEI's ``prompt_name``)."""
 
 
 # --- requests ---------------------------------------------------------------------
@@ -88,14 +93,19 @@ class _Request(BaseModel):
         return body
 
     @classmethod
-    def parse(cls, body: dict[str, Any], limits: Limits, info: ModelInfo) -> EmbeddingRequest:
+    def validated(cls, body: dict[str, Any], limits: Limits, info: ModelInfo) -> Self:
         """Validate a decoded JSON body against this route's model, the settings' limits and the model's."""
         try:
-            return cls.model_validate(body, context={"limits": limits, "info": info}).to_request()
+            return cls.model_validate(body, context={"limits": limits, "info": info})
         except ValidationError as exc:  # the field validators answer first; this is a safety net, never a 500
             error = exc.errors()[0]
             field = ".".join(str(part) for part in error["loc"])
             raise BadRequest(f"'{field}': {error['msg']}", param=str(error["loc"][0])) from None
+
+    @classmethod
+    def parse(cls, body: dict[str, Any], limits: Limits, info: ModelInfo) -> EmbeddingRequest:
+        """The validated embedding request of a decoded JSON body."""
+        return cls.validated(body, limits, info).to_request()
 
     def to_request(self) -> EmbeddingRequest:
         raise NotImplementedError
@@ -111,15 +121,40 @@ def _model(info: ValidationInfo) -> ModelInfo:
     return model
 
 
+TOKEN_IDS_HINT = {
+    "inputs": "send the texts themselves (POST /tokenize shows how this model tokenizes a text)",
+    "input": (
+        "ids from another tokenizer mean nothing to this model (LangChain's OpenAIEmbeddings sends tiktoken's "
+        "unless it is built with check_embedding_ctx_length=False): send the texts themselves"
+    ),
+}
+"""How to avoid the 422 on token ids, by the route's texts field (``inputs``: TEI's, ``input``: OpenAI's)."""
+
+
+def _is_token_ids(value: Any) -> bool:
+    """A list of whole numbers, or a list of such lists: token ids, as TEI's and OpenAI's APIs allow."""
+
+    def ids(items: Any) -> bool:
+        return isinstance(items, list) and bool(items) and all(_is_int(i) for i in items)
+
+    return ids(value) or (isinstance(value, list) and bool(value) and all(ids(item) for item in value))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_texts(value: Any, info: ValidationInfo) -> list[str]:
     key, limits = str(info.field_name), _limits(info)
+    if _is_token_ids(value):
+        raise Unprocessable(f"'{key}' holds token ids; this service embeds text only: {TOKEN_IDS_HINT[key]}", param=key)
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list):
         raise BadRequest(f"'{key}' must be a string or a list of strings, got {_type_name(value)}", param=key)
     if not texts:
-        raise Unprocessable(f"'{key}' is empty; send at least one text", param=key)
+        raise EmptyInput(f"'{key}' is empty; send at least one text", param=key)
     if len(texts) > limits.max_inputs:
-        raise Unprocessable(f"'{key}' has {len(texts)} texts, more than the limit of {limits.max_inputs}", param=key)
+        raise TooManyInputs(f"'{key}' has {len(texts)} texts, more than the limit of {limits.max_inputs}", param=key)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise BadRequest(f"{key}[{i}] must be a string, got {_type_name(text)}", param=key)
@@ -129,7 +164,7 @@ def _check_texts(value: Any, info: ValidationInfo) -> list[str]:
                 param=key,
             )
         if not text.strip():
-            raise Unprocessable(f"{key}[{i}] is empty", param=key)
+            raise EmptyInput(f"{key}[{i}] is empty", param=key)
         if len(text) > limits.max_input_chars:
             raise Unprocessable(
                 f"{key}[{i}] has {len(text)} characters, more than the limit of {limits.max_input_chars}",
@@ -166,6 +201,32 @@ def _check_dimensions(value: Any, info: ValidationInfo) -> int:
     return value
 
 
+TruncationDirection = Literal["right", "left"]
+TRUNCATION_DIRECTIONS: tuple[str, ...] = get_args(TruncationDirection)
+
+
+def _check_truncation_direction(value: Any) -> str:
+    if isinstance(value, str) and value.lower() in TRUNCATION_DIRECTIONS:
+        return value.lower()  # TEI takes Left and Right too
+    raise BadRequest(
+        f"'truncation_direction' must be one of {', '.join(TRUNCATION_DIRECTIONS)}, got {quote(value)}",
+        param="truncation_direction",
+    )
+
+
+def _check_prompt_name(value: Any, info: ValidationInfo) -> str:
+    if not isinstance(value, str):
+        raise BadRequest(f"'prompt_name' must be a string, got {_type_name(value)}", param="prompt_name")
+    model = _model(info)
+    if value not in model.prompts:
+        offered = ", ".join(sorted(model.prompts)) or "none: it declares no prompts"
+        raise Unprocessable(
+            f"prompt_name {quote(value)} is not one of model {model.model_id!r}'s prompts ({offered})",
+            param="prompt_name",
+        )
+    return value
+
+
 _INPUT_TYPE_DOC = (
     "Adds the prefix the model was trained with (e5: 'query: ' / 'passage: '); nothing for models without one."
 )
@@ -173,23 +234,41 @@ _DIMENSIONS_DOC = "Keep the first N components, re-normalised (at most the model
 
 
 class EmbedRequest(_Request):
-    """``POST /embed``: text-embeddings-inference's request fields."""
+    """``POST /embed`` and ``POST /``: text-embeddings-inference's request fields (and ``input_type``)."""
 
     texts_field = "inputs"
     inputs: Texts
     normalize: bool = True
     truncate: bool = Field(True, description="false: a text longer than the model's maximum sequence length is a 422.")
+    truncation_direction: TruncationDirection = Field(
+        "right", description="Which end of an over-long text is cut: right (its end) or left (its start)."
+    )
+    prompt_name: str | SkipJsonSchema[None] = Field(
+        None, description="A key of the model's prompts (GET /info's prompts): its text is put before each input."
+    )
     input_type: InputType | SkipJsonSchema[None] = Field(None, description=_INPUT_TYPE_DOC)
     dimensions: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = Field(None, description=_DIMENSIONS_DOC)
 
     _inputs = field_validator("inputs", mode="before")(_check_texts)
     _flags = field_validator("normalize", "truncate", mode="before")(_check_bool)
+    _direction = field_validator("truncation_direction", mode="before")(_check_truncation_direction)
+    _prompt_name = field_validator("prompt_name", mode="before")(_check_prompt_name)
     _input_type = field_validator("input_type", mode="before")(_check_input_type)
     _dimensions = field_validator("dimensions", mode="before")(_check_dimensions)
 
     def to_request(self) -> EmbeddingRequest:
+        if self.prompt_name is not None and self.input_type is not None:
+            raise Unprocessable("send prompt_name or input_type, not both: each puts a prompt before the text")
         texts = [self.inputs] if isinstance(self.inputs, str) else self.inputs
-        return EmbeddingRequest(texts, self.normalize, self.truncate, self.input_type, self.dimensions)
+        return EmbeddingRequest(
+            texts,
+            self.normalize,
+            self.truncate,
+            self.input_type,
+            self.dimensions,
+            truncation_direction=self.truncation_direction,
+            prompt_name=self.prompt_name,
+        )
 
 
 class OpenAIEmbeddingRequest(_Request):
@@ -245,20 +324,39 @@ class OpenAIEmbeddingRequest(_Request):
         )
 
 
+class TokenizeRequest(_Request):
+    """``POST /tokenize``: text-embeddings-inference's request."""
+
+    texts_field = "inputs"
+    inputs: Texts
+    add_special_tokens: bool = True
+    prompt_name: str | SkipJsonSchema[None] = Field(
+        None, description="A key of the model's prompts: its text is put before each input, and tokenized with it."
+    )
+
+    _inputs = field_validator("inputs", mode="before")(_check_texts)
+    _flags = field_validator("add_special_tokens", mode="before")(_check_bool)
+    _prompt_name = field_validator("prompt_name", mode="before")(_check_prompt_name)
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.inputs] if isinstance(self.inputs, str) else self.inputs
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """Decode a request body that must be a JSON object."""
     if not raw.strip():
-        raise BadRequest("request body is empty; send a JSON object")
+        raise MalformedBody("request body is empty; send a JSON object")
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        raise MalformedBody(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
-        raise BadRequest("request body is not valid JSON: nested too deeply") from None
+        raise MalformedBody("request body is not valid JSON: nested too deeply") from None
     except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
-        raise BadRequest("request body is not valid JSON: a number is too long") from None
+        raise MalformedBody("request body is not valid JSON: a number is too long") from None
     if not isinstance(body, dict):
-        raise BadRequest(f"request body must be a JSON object, got {_type_name(body)}")
+        raise MalformedBody(f"request body must be a JSON object, got {_type_name(body)}")
     return body
 
 
@@ -281,17 +379,28 @@ class _Answer(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra=_no_null_defaults)
 
 
-class EmbedUsage(_Answer):
-    tokens: int
+class EmbedResponse(RootModel[list[list[float]]]):
+    """``POST /embed`` and ``POST /``: one vector per text, in order (also for a single string), as TEI answers.
+    The tokens, characters and times are in the x-compute-* and x-*-time headers."""
 
 
-class EmbedResponse(_Answer):
-    """``POST /embed``: one vector per text, in order."""
+class SimpleToken(_Answer):
+    id: int
+    text: str = Field(description="The token's text in the input, or the special token itself.")
+    special: bool
+    start: int | None = Field(description="Byte offset of the token in the UTF-8 input (null for special tokens).")
+    stop: int | None = Field(description="Byte offset just past the token (null for special tokens).")
 
-    embeddings: list[list[float]]
-    model: str
-    dimensions: int
-    usage: EmbedUsage
+
+class TokenizeResponse(RootModel[list[list[SimpleToken]]]):
+    """``POST /tokenize``: each input's tokens, in order, as TEI answers."""
+
+
+class TeiErrorResponse(_Answer):
+    """Every error on TEI's routes (``/``, ``/embed``, ``/tokenize``), in TEI's shape."""
+
+    error: str
+    error_type: Literal["unhealthy", "backend", "overloaded", "validation", "tokenizer", "empty"]
 
 
 class OpenAIEmbedding(_Answer):
@@ -368,10 +477,22 @@ class InfoResponse(_Answer):
     )
     dtype_reason: str | None = Field(description="Why that dtype: the setting, or what auto found on this hardware.")
     input_types: list[InputType]
+    prompts: dict[str, str] = Field(description="The model's prompts: the prompt_name values /embed takes.")
     batch_size: int
     max_batch_tokens: int
     limits: InfoLimits
     memory_policy: MemoryPolicy
+    # text-embeddings-inference's fields, for its clients
+    model_id: str
+    model_sha: None = Field(description="Always null: the model is loaded from a directory or a package.")
+    model_dtype: str
+    model_type: dict[str, dict[str, str]] = Field(description='{"embedding": {"pooling": ...}}, as TEI says.')
+    max_concurrent_requests: int = Field(description="Requests served at once (more wait for a request thread).")
+    max_input_length: int | None = Field(description="The model's maximum sequence length in tokens.")
+    max_batch_requests: int = Field(description="Texts per model batch.")
+    max_client_batch_size: int = Field(description="Texts per request.")
+    auto_truncate: bool = Field(description="Whether texts are truncated when a request does not say (it is).")
+    tokenization_workers: int = Field(description="Threads that tokenize: the request threads.")
 
 
 class AllocatorBreakdown(_Answer):

@@ -281,7 +281,8 @@ wait_ready() {  # wait_ready [TIMEOUT_S]: 0 once /ready answers 200, 1 if the pr
     return 1
 }
 
-# One real embedding request; 0 when it answers one vector (as an array, or under "embeddings").
+# One real embedding request; 0 when it answers one vector: as an array (text-embeddings-inference's answer), or
+# under "embeddings" (the object versions before it answered, so a rollback to one still checks).
 smoke_test() {
     local answer
     answer=$(http POST /embed '{"inputs": ["upgrade check: one real embedding"]}')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 from flask import Flask
 
 from app import components
-from app.backend import EmbeddingBackend, ModelInfo, ModelLoadError, Prepared
+from app.backend import EmbeddingBackend, ModelInfo, ModelLoadError, Prepared, Token
 from app.memory import MemorySample, MemorySampler
 
 
@@ -49,6 +50,21 @@ class FakeBackend(EmbeddingBackend):
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         return [self.tokens(text) for text in texts]
+
+    def tokenize(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[Token]]:
+        found = []
+        for text in texts:
+            words = [
+                Token(self.word_id(m.group()), m.group(), False, m.start(), m.end()) for m in re.finditer(r"\S+", text)
+            ]
+            if add_special_tokens:
+                words = [Token(101, "[CLS]", True, None, None), *words, Token(102, "[SEP]", True, None, None)]
+            found.append(words)
+        return found
+
+    @staticmethod
+    def word_id(word: str) -> int:
+        return 1000 + int.from_bytes(hashlib.sha256(word.encode()).digest()[:2], "little")
 
     def prepare(self, texts: list[str]) -> Prepared:
         counts = [min(self.tokens(text), self.max_seq_length) for text in texts]

@@ -13,32 +13,51 @@ from loadtest.service import ServiceProcess
 JSON = {"Content-Type": "application/json"}
 
 CASES = [
-    # (route, raw body, status, fragment of the message)
+    # (route, raw body, status, fragment of the message): /embed answers as text-embeddings-inference does
+    # (400 for a body that is not a JSON object or an empty input, 422 for a field of the wrong type),
+    # /v1/embeddings as OpenAI's API does (400 for a wrong type, 422 for a value it will not embed).
     ("/embed", b"{not json", 400, "not valid JSON"),
-    ("/embed", b'{"inputs": 42}', 400, "got number"),
-    ("/embed", b'{"inputs": [1, 2]}', 400, "inputs[0] must be a string, got number"),
-    ("/embed", b'{"inputs": [["nested"]]}', 400, "got array"),
-    ("/embed", b'{"inputs": null}', 400, "got null"),
-    ("/embed", b'{"inputs": ["ok", null]}', 400, "inputs[1] must be a string, got null"),
+    ("/embed", b'{"inputs": 42}', 422, "got number"),
+    ("/embed", b'{"inputs": [1, 2]}', 422, "'inputs' holds token ids"),
+    ("/embed", b'{"inputs": [["nested"]]}', 422, "got array"),
+    ("/embed", b'{"inputs": null}', 422, "got null"),
+    ("/embed", b'{"inputs": ["ok", null]}', 422, "inputs[1] must be a string, got null"),
     ("/embed", b'["inputs"]', 400, "must be a JSON object"),
-    ("/embed", b'{"inputs": []}', 422, "is empty"),
-    ("/embed", b'{"inputs": "x", "normalize": "no"}', 400, "true or false"),
+    ("/embed", b'{"inputs": []}', 400, "is empty"),
+    ("/", b'{"inputs": ["fine", " "]}', 400, "inputs[1] is empty"),
+    ("/embed", b'{"inputs": "x", "normalize": "no"}', 422, "true or false"),
+    ("/embed", b'{"inputs": "x", "truncation_direction": "up"}', 422, "'truncation_direction' must be one of"),
+    ("/embed", b'{"inputs": "x", "prompt_name": "query"}', 422, "declares no prompts"),
+    ("/tokenize", b'{"inputs": []}', 400, "is empty"),
     ("/v1/embeddings", b'{"input": []}', 422, "is empty"),
     ("/v1/embeddings", b'{"input": "x", "encoding_format": "int8"}', 400, "unsupported encoding_format"),
     ("/v1/embeddings", b'{"input": "x", "dimensions": 385}', 422, "from 1 to 384"),
     ("/v1/embeddings", b'{"input": "x", "dimensions": 0}', 422, "from 1 to 384"),
-    ("/v1/embeddings", b'{"input": [[101, 2023]]}', 400, "must be a string"),
+    ("/v1/embeddings", b'{"input": [[101, 2023]]}', 422, "check_embedding_ctx_length=False"),
     # What a fuzzer or a careless client sends: never a 500, never the internals, never the input echoed whole.
     ("/embed", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
     ("/v1/embeddings", b'{"input": "x", "dimensions": 1' + b"0" * 4999 + b"}", 400, "a number is too long"),
     ("/v1/embeddings", b'{"input": "x", "dimensions": 1' + b"0" * 3999 + b"}", 422, "(4000 characters)"),
-    ("/embed", b'{"inputs": ["fine", "\\ud800 alone"]}', 400, "inputs[1] is not valid Unicode"),
+    ("/embed", b'{"inputs": ["fine", "\\ud800 alone"]}', 422, "inputs[1] is not valid Unicode"),
     ("/v1/embeddings", b'{"input": "x", "dimensions": null}', 400, "got null"),
     ("/v1/embeddings", b'{"input": "x", "model": null}', 400, "'model' must be a string, got null"),
-    ("/embed", b'{"inputs": "x", "truncate": null}', 400, "'truncate' must be true or false, got null"),
+    ("/embed", b'{"inputs": "x", "truncate": null}', 422, "'truncate' must be true or false, got null"),
     ("/v1/embeddings", b'{"input": "x", "user": 7}', 400, "'user' must be a string"),
     ("/v1/embeddings", b'{"input": "x", "model": "' + b"m" * 1_000_000 + b'"}', 404, "(1000002 characters)"),
 ]
+TEI_ROUTES = {"/", "/embed", "/tokenize"}
+
+
+def message_of(route: str, response: requests.Response) -> str:
+    """The error's message, checked to be in the route's shape: TEI's, or OpenAI's (with the status in it)."""
+    body = response.json()
+    if route in TEI_ROUTES:
+        assert set(body) == {"error", "error_type"}
+        message: str = body["error"]
+    else:
+        assert body["error"]["code"] == response.status_code
+        message = body["error"]["message"]
+    return message
 
 
 @pytest.mark.parametrize(("route", "body", "status", "fragment"), CASES)
@@ -47,10 +66,9 @@ def test_bad_input_gets_a_json_error(
 ) -> None:
     response = requests.post(f"{service.url}{route}", data=body, headers=JSON, timeout=30)
     assert response.status_code == status
-    error = response.json()["error"]
-    assert error["code"] == status
-    assert fragment in error["message"]
-    assert len(error["message"]) < 400
+    message = message_of(route, response)
+    assert fragment in message
+    assert len(message) < 400
 
 
 @pytest.mark.parametrize("minutes", ["\u00b2", "1441", "0", "99999999999999", "1.5", "-1"])
@@ -68,27 +86,31 @@ def test_a_whole_number_written_as_a_float_is_a_whole_number(service: ServicePro
 
 def test_too_many_inputs(service: ServiceProcess) -> None:
     response = requests.post(f"{service.url}/embed", json={"inputs": ["x"] * 257}, timeout=30)
-    assert response.status_code == 422
-    assert "257 texts, more than the limit of 256" in response.json()["error"]["message"]
+    assert response.status_code == 413  # text-embeddings-inference's status for too large a batch
+    assert "257 texts, more than the limit of 256" in message_of("/embed", response)
+    openai = requests.post(f"{service.url}/v1/embeddings", json={"input": ["x"] * 257}, timeout=30)
+    assert openai.status_code == 422
+    assert "257 texts, more than the limit of 256" in message_of("/v1/embeddings", openai)
 
 
 def test_a_text_over_the_character_limit(service: ServiceProcess) -> None:
     response = requests.post(f"{service.url}/embed", json={"inputs": ["y" * 20001]}, timeout=30)
     assert response.status_code == 422
-    assert "20001 characters" in response.json()["error"]["message"]
+    assert "20001 characters" in message_of("/embed", response)
 
 
 def test_a_body_over_the_size_limit(service: ServiceProcess) -> None:
     body = b'{"inputs": ["' + b"z" * (1024 * 1024 + 10) + b'"]}'
     response = requests.post(f"{service.url}/embed", data=body, headers=JSON, timeout=30)
     assert response.status_code == 413
-    assert "larger than the limit of 1048576 bytes" in response.json()["error"]["message"]
+    assert "larger than the limit of 1048576 bytes" in message_of("/embed", response)
 
 
 def test_unknown_routes_and_methods_are_json_too(service: ServiceProcess) -> None:
     assert requests.get(f"{service.url}/nope", timeout=5).json()["error"]["code"] == 404
     wrong_method = requests.get(f"{service.url}/embed", timeout=5)
-    assert wrong_method.json()["error"]["code"] == 405
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error_type"] == "validation"
     assert wrong_method.headers["Allow"] == "OPTIONS, POST"
     assert requests.put(f"{service.url}/health", timeout=5).headers["Allow"] == "GET, HEAD, OPTIONS"
 

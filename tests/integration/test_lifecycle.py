@@ -105,7 +105,7 @@ def test_a_full_queue_answers_429_with_retry_after_and_loses_no_accepted_work(tm
         assert refused, "48 concurrent 32-text requests must overflow a 64-text queue"
         assert len(refused) + len(accepted) == 48
         assert all(r.headers["Retry-After"] == "1" for r in refused)
-        assert all(len(r.json()["embeddings"]) == 32 for r in accepted)
+        assert all(len(r.json()) == 32 for r in accepted)
         assert service.metric("embedding_rejected_total", reason="queue_full") == len(refused)
         assert requests.post(f"{service.url}/embed", json={"inputs": "after"}, timeout=30).status_code == 200
     finally:

@@ -12,6 +12,7 @@ import pytest
 
 from loadtest.service import running_service
 
+CONFIG = Path(__file__).with_name("schemathesis.toml")
 EXAMPLES_PER_OPERATION = 100
 SEED = 20261126  # fixed, so a failure in CI is reproducible with the same command
 # The limits as the document states them. Texts of at most 254 characters: with truncate false, a text
@@ -30,8 +31,8 @@ def test_the_api_keeps_to_its_openapi_document(tmp_path: Path) -> None:
     st = Path(sys.executable).with_name("st")  # the virtual environment's, like its gunicorn
     with running_service(tmp_path / "service.log", ENV) as service:
         result = subprocess.run(
-            [str(st), "run", f"{service.url}/openapi.json", "--checks", "all", "--max-examples",
-             str(EXAMPLES_PER_OPERATION), "--seed", str(SEED), "--workers", "1", "--no-color",
+            [str(st), "--config-file", str(CONFIG), "run", f"{service.url}/openapi.json", "--checks", "all",
+             "--max-examples", str(EXAMPLES_PER_OPERATION), "--seed", str(SEED), "--workers", "1", "--no-color",
              "--generation-database", "none", "--request-timeout", "60"],
             capture_output=True, text=True, timeout=900, cwd=tmp_path, check=False,
         )  # fmt: skip

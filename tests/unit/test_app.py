@@ -3,7 +3,6 @@ from __future__ import annotations
 import base64
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jsonschema_rs
@@ -27,8 +26,10 @@ from app.schemas import (
     OpenAIEmbeddingRequest,
     OpenAIEmbeddingResponse,
     ReadyResponse,
+    TeiErrorResponse,
+    TokenizeResponse,
 )
-from tests.doubles import FakeBackend, ready
+from tests.doubles import FakeBackend
 
 SETTINGS = Settings(model="fake", max_inputs=4, queue_size=16, max_body_bytes=2048)
 
@@ -39,15 +40,8 @@ def backend() -> FakeBackend:
 
 
 @pytest.fixture
-def app(backend: FakeBackend) -> Iterator[Flask]:
-    app = ready(create_app(SETTINGS, backend=backend))
-    yield app
-    components(app).engine.stop(5)
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+def settings() -> Settings:
+    return SETTINGS
 
 
 def test_input_type_adds_the_model_prefix(client: FlaskClient, backend: FakeBackend) -> None:
@@ -61,9 +55,10 @@ def test_input_type_adds_the_model_prefix(client: FlaskClient, backend: FakeBack
     ("method", "path", "kwargs", "status"),
     [
         ("get", "/nowhere", {}, 404),
-        ("get", "/embed", {}, 405),
-        ("post", "/embed", {"data": b'{"inputs": "' + b"x" * 3000 + b'"}'}, 413),
-        ("post", "/embed", {"data": b"{bad"}, 400),
+        ("get", "/v1/embeddings", {}, 405),
+        ("post", "/v1/embeddings", {"data": b'{"input": "' + b"x" * 3000 + b'"}'}, 413),
+        ("post", "/v1/embeddings", {"data": b"{bad"}, 400),
+        ("post", "/v1/embeddings", {"json": {"input": []}}, 422),
     ],
 )
 def test_every_error_is_a_json_error_body(
@@ -75,6 +70,27 @@ def test_every_error_is_a_json_error_body(
     assert error["code"] == status
     assert isinstance(error["message"], str) and error["message"]
     assert isinstance(error["type"], str)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "error_type"),
+    [
+        ("get", "/embed", {}, 405, "validation"),
+        ("post", "/embed", {"data": b'{"inputs": "' + b"x" * 3000 + b'"}'}, 413, "validation"),
+        ("post", "/embed", {"data": b"{bad"}, 400, "validation"),
+        ("post", "/", {"json": {"inputs": []}}, 400, "empty"),
+        ("post", "/tokenize", {"json": {"inputs": 3}}, 422, "validation"),
+    ],
+)
+def test_errors_on_text_embeddings_inference_routes_have_its_body(
+    client: FlaskClient, method: str, path: str, kwargs: dict[str, bytes], *, status: int, error_type: str
+) -> None:
+    response = getattr(client, method)(path, **kwargs)
+    assert response.status_code == status
+    body = response.get_json()
+    assert set(body) == {"error", "error_type"}
+    assert isinstance(body["error"], str) and body["error"]
+    assert body["error_type"] == error_type
 
 
 def test_a_request_id_is_echoed_or_generated(client: FlaskClient) -> None:
@@ -89,7 +105,7 @@ def test_requests_are_counted_by_route_and_code(client: FlaskClient, app: Flask)
     client.post("/embed", json={"inputs": []})
     registry = components(app).metrics.registry
     assert registry.get_sample_value("embedding_requests_total", {"route": "/embed", "code": "200"}) == 1
-    assert registry.get_sample_value("embedding_requests_total", {"route": "/embed", "code": "422"}) == 1
+    assert registry.get_sample_value("embedding_requests_total", {"route": "/embed", "code": "400"}) == 1
     assert registry.get_sample_value("embedding_request_duration_seconds_count", {"route": "/embed"}) == 2
 
 
@@ -124,8 +140,20 @@ ANSWERS: list[tuple[str, str, dict[str, Any], int, type[Any]]] = [
     ("post", "/v1/embeddings", {"json": {"input": "a", "model": "fake/model"}}, 200, OpenAIEmbeddingResponse),
     ("post", "/v1/embeddings", {"json": {"input": ["a"], "encoding_format": "base64"}}, 200, OpenAIEmbeddingResponse),
     ("post", "/v1/embeddings", {"json": {"input": "a", "model": "other"}}, 404, ErrorResponse),
-    ("post", "/embed", {"json": {"inputs": 3}}, 400, ErrorResponse),
-    ("post", "/embed", {"json": {"inputs": []}}, 422, ErrorResponse),
+    (
+        "post",
+        "/",
+        {"json": {"inputs": "a", "prompt_name": "query", "truncation_direction": "left"}},
+        200,
+        EmbedResponse,
+    ),
+    ("post", "/embed", {"json": {"inputs": 3}}, 422, TeiErrorResponse),
+    ("post", "/embed", {"json": {"inputs": []}}, 400, TeiErrorResponse),
+    ("post", "/embed", {"json": {"inputs": ["a"] * 5}}, 413, TeiErrorResponse),
+    ("post", "/embed", {"data": b"[1, 2]"}, 400, TeiErrorResponse),
+    ("post", "/v1/embeddings", {"json": {"input": [[1, 2]]}}, 422, ErrorResponse),
+    ("post", "/tokenize", {"json": {"inputs": ["é b", "c"], "add_special_tokens": False}}, 200, TokenizeResponse),
+    ("post", "/tokenize", {"json": {"inputs": "a", "prompt_name": "nope"}}, 422, TeiErrorResponse),
     ("get", "/info", {}, 200, InfoResponse),
     ("get", "/health", {}, 200, HealthResponse),
     ("get", "/ready", {}, 200, ReadyResponse),
@@ -174,6 +202,8 @@ def test_the_documented_request_schema_is_the_models_with_this_services_limits(c
     assert one["maxLength"] == many["items"]["maxLength"] == SETTINGS.max_input_chars
     assert many["maxItems"] == SETTINGS.max_inputs
     assert embed["input_type"]["enum"] == list(INPUT_TYPES)
+    assert embed["prompt_name"]["enum"] == schemas["TokenizeRequest"]["properties"]["prompt_name"]["enum"]
+    assert embed["prompt_name"]["enum"] == ["passage", "query"]  # the model's prompts
     assert "default" not in embed["dimensions"]  # null is refused, so the document offers no null default
     assert schemas["OpenAIEmbeddingRequest"]["properties"]["model"]["enum"] == ["fake/model", "model"]
 
@@ -273,9 +303,12 @@ def test_a_model_output_that_is_not_finite_fails_the_request_instead_of_answerin
         assert time.monotonic() < deadline
         time.sleep(0.005)
     client = app.test_client()
-    response = client.post("/embed", json={"inputs": ["fine", "overflow"]})
+    response = client.post("/v1/embeddings", json={"input": ["fine", "overflow"]})
+    tei = client.post("/embed", json={"inputs": ["overflow"]})
     fine = client.post("/embed", json={"inputs": ["fine"]})
     engine.stop(5)
     assert response.status_code == 500
     assert response.get_json()["error"]["message"] == "the model failed on input[1]"
+    assert tei.status_code == 424  # text-embeddings-inference's status for a failed inference
+    assert tei.get_json() == {"error": "the model failed on input[0]", "error_type": "backend"}
     assert fine.status_code == 200

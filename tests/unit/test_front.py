@@ -33,7 +33,7 @@ class Seen:
         return [b"done"]
 
 
-def scope(path: str = "/embed", headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
+def scope(path: str = "/v1/embeddings", headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
     return {
         "type": "http",
         "http_version": "1.1",
@@ -91,7 +91,11 @@ def test_a_body_in_chunks_reaches_the_app_whole_with_its_length() -> None:
     environ = app.environs[0]
     assert environ["CONTENT_LENGTH"] == "19"
     assert "HTTP_TRANSFER_ENCODING" not in environ
-    assert (environ["REQUEST_METHOD"], environ["PATH_INFO"], environ["QUERY_STRING"]) == ("POST", "/embed", "a=1")
+    assert (environ["REQUEST_METHOD"], environ["PATH_INFO"], environ["QUERY_STRING"]) == (
+        "POST",
+        "/v1/embeddings",
+        "a=1",
+    )
     assert environ["REMOTE_ADDR"] == "127.0.0.1"
     assert sent[0]["status"] == 200
     assert (b"x-seen", b"yes") in sent[0]["headers"]
@@ -115,6 +119,14 @@ def test_a_declared_length_over_the_limit_is_refused_before_reading() -> None:
     assert headers[b"connection"] == b"close"
     assert received[:2] == [600, 600]  # what the client still sent was read and dropped, so it can read the 413
     assert app.environs == []
+
+
+def test_a_refusal_on_a_text_embeddings_inference_route_has_its_body() -> None:
+    feed = client(b"x" * 600, b"x" * 600, then_wait=0)
+    start, body = run(front_for(Seen()), feed, scope("/embed", headers=[(b"content-length", b"1200")]))
+    answer = json.loads(body["body"])
+    assert (start["status"], answer["error_type"]) == (413, "validation")
+    assert "larger than the limit of 1000 bytes" in answer["error"]
 
 
 def test_a_chunked_body_over_the_limit_is_a_413_not_a_cut_body() -> None:

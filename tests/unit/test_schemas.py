@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from app.backend import ModelInfo
-from app.errors import BadRequest, NotFound, ServiceError, Unprocessable
+from app.errors import BadRequest, EmptyInput, NotFound, ServiceError, TooManyInputs, Unprocessable
 from app.schemas import Limits, parse_embed, parse_json_object, parse_openai
 from app.vectors import shape_vectors, to_base64
 
@@ -27,9 +27,16 @@ def test_a_single_string_becomes_one_text() -> None:
         ({"inputs": None}, BadRequest, "got null"),
         ({"inputs": [["nested"]]}, BadRequest, "inputs[0] must be a string, got array"),
         ({"inputs": ["ok", None]}, BadRequest, "inputs[1] must be a string, got null"),
-        ({"inputs": []}, Unprocessable, "empty"),
-        ({"inputs": ["  "]}, Unprocessable, "inputs[0] is empty"),
-        ({"inputs": ["x"] * 5}, Unprocessable, "5 texts, more than the limit of 4"),
+        ({"inputs": []}, EmptyInput, "empty"),
+        ({"inputs": ["  "]}, EmptyInput, "inputs[0] is empty"),
+        ({"inputs": ["x"] * 5}, TooManyInputs, "5 texts, more than the limit of 4"),
+        ({"inputs": [101, 7592, 102]}, Unprocessable, "'inputs' holds token ids; this service embeds text only"),
+        ({"inputs": [[101, 102], [101]]}, Unprocessable, "POST /tokenize shows how this model tokenizes"),
+        ({"inputs": [1, "x"]}, BadRequest, "inputs[0] must be a string, got number"),
+        ({"inputs": "x", "truncation_direction": "middle"}, BadRequest, "must be one of right, left, got 'middle'"),
+        ({"inputs": "x", "prompt_name": "passage"}, Unprocessable, "not one of model 'org/some-model''s prompts"),
+        ({"inputs": "x", "prompt_name": 3}, BadRequest, "'prompt_name' must be a string"),
+        ({"inputs": "x", "prompt_name": "query", "input_type": "query"}, Unprocessable, "not both"),
         ({"inputs": ["x" * 51]}, Unprocessable, "51 characters"),
         ({"inputs": "x", "normalize": "yes"}, BadRequest, "'normalize' must be true or false"),
         ({"inputs": "x", "truncate": 1}, BadRequest, "'truncate' must be true or false"),
@@ -51,13 +58,21 @@ def test_embed_body_errors(body: dict[str, Any], error: type[ServiceError], frag
         ({"input": "x", "encoding_format": "int8"}, BadRequest, "unsupported encoding_format 'int8'"),
         ({"input": "x", "model": "text-embedding-3-small"}, NotFound, "serves 'org/some-model' only"),
         ({"input": "x", "model": 7}, BadRequest, "'model' must be a string"),
-        ({"input": [1, 2, 3]}, BadRequest, "input[0] must be a string"),
+        ({"input": [1, 2, 3]}, Unprocessable, "check_embedding_ctx_length=False"),
+        ({"input": [[1, 2], [3]]}, Unprocessable, "'input' holds token ids"),
+        ({"input": ["a", 3]}, BadRequest, "input[1] must be a string"),
     ],
 )
 def test_openai_body_errors(body: dict[str, Any], error: type[ServiceError], fragment: str) -> None:
     with pytest.raises(error) as caught:
         parse_openai(body, LIMITS, INFO)
     assert fragment in caught.value.message
+
+
+def test_text_embeddings_inference_fields_are_read() -> None:
+    request = parse_embed({"inputs": "x", "truncation_direction": "Left", "prompt_name": "query"}, LIMITS, INFO)
+    assert (request.truncation_direction, request.prompt_name) == ("left", "query")
+    assert parse_embed({"inputs": "x"}, LIMITS, INFO).truncation_direction == "right"
 
 
 def test_the_served_model_may_be_named_with_or_without_its_organisation() -> None:
