@@ -32,7 +32,10 @@ RUNBOOK_BASE = "https://runbooks.example.com/embedding-service/runbooks.md"
 
 JOB_NAME = "embedding-service"
 JOB = f'job="{JOB_NAME}"'
-EMBED_ROUTES = 'route=~"/embed|/v1/embeddings"'
+EMBED_ROUTES = 'route=~"/|/embed|/v1/embeddings"'
+"""The embedding routes: text-embeddings-inference's (``/`` and ``/embed``) and OpenAI's."""
+SERVER_ERRORS = 'code=~"5..|424"'
+"""Failed answers: 5xx, and the 424 text-embeddings-inference's routes answer for a failed inference."""
 MIN_TRAFFIC_RPS = 0.05
 """Ratios of fewer requests than this (3 a minute) are noise: ratio alerts need at least this much traffic."""
 
@@ -194,13 +197,13 @@ and {requests_rate("10m")} > {MIN_TRAFFIC_RPS}
         alert(
             "EmbeddingErrorRate",
             f"""
-{requests_rate("5m", 'code=~"5.."')}
+{requests_rate("5m", SERVER_ERRORS)}
   / {requests_rate("5m")} > 0.05
 and {requests_rate("5m")} > {MIN_TRAFFIC_RPS}
 """,
             "The embedding service answers embedding requests with errors.",
             "{{ $value | humanizePercentage }} of the embedding requests to {{ $labels.instance }} "
-            "got a 5xx answer over the last 5 minutes.",
+            "failed (5xx, or 424 for a failed inference on TEI's routes) over the last 5 minutes.",
             severity="critical",
             for_="5m",
         ),

@@ -33,9 +33,11 @@ from app.config import Settings
 OUT = Path(__file__).with_name("embedding-service.json")
 DS = {"type": "prometheus", "uid": "${datasource}"}
 INSTANCE = 'instance=~"$instance"'
-EMBED_ROUTES = 'route=~"/embed|/v1/embeddings"'
+EMBED_ROUTES = 'route=~"/|/embed|/v1/embeddings"'
+"""The embedding routes: text-embeddings-inference's (``/`` and ``/embed``) and OpenAI's."""
 RI = "$__rate_interval"
-SERVER_ERRORS = 'code=~"5.."'
+SERVER_ERRORS = 'code=~"5..|424"'
+"""Failed answers: 5xx, and the 424 text-embeddings-inference's routes answer for a failed inference."""
 COUNT_INTERVAL = "1m"
 """Least width of one bar of the per-interval count panels (4 scrapes at the default 15 s)."""
 
@@ -271,7 +273,8 @@ def overview(lay: Layout, settings: Settings) -> None:
     lay.add(
         stat(
             "Error ratio",
-            "Share of embedding requests answered with a 5xx status (EmbeddingErrorRate pages above 5%).",
+            "Share of embedding requests that failed: 5xx, or 424 from a failed inference on TEI's routes "
+            "(EmbeddingErrorRate pages above 5%).",
             "percentunit",
             f"({rate('embedding_requests_total', extra=f'{EMBED_ROUTES},{SERVER_ERRORS}')} or vector(0)) / "
             f"{rate('embedding_requests_total', extra=EMBED_ROUTES)}",

@@ -6,8 +6,9 @@
 Over the same mixed-length texts, each run after its own warm-up:
   1. in-process in float32, and in-process at the dtype ``EMBEDDING_DTYPE=auto`` picks on this machine
      (length-sorted batches of 32, the service's own backend);
-  2. the service at the auto dtype: 4 clients x 32-text requests, 16 clients x single texts, and 8 clients
-     x 1-64 random texts.
+  2. the service at the auto dtype: 4 clients x 32-text requests (through OpenAI's /v1/embeddings with
+     base64 vectors, then text-embeddings-inference's /embed with JSON numbers), 16 clients x single texts,
+     and 8 clients x 1-64 random texts.
 It prints texts/s and each service run's ratio to in-process at the same dtype, and writes
 ``reports/bench.json``. Numbers only: nothing here passes or fails.
 """
@@ -39,14 +40,18 @@ def in_process(texts: list[str], dtype: str) -> float:
     return rate
 
 
-def through_service(url: str, requests_: Sequence[list[str]], clients: int) -> float:
-    """Texts per second when ``clients`` threads send the given requests."""
+def through_service(url: str, requests_: Sequence[list[str]], clients: int, protocol: str = "openai") -> float:
+    """Texts per second when ``clients`` threads send the given requests: OpenAI's (base64 vectors, what its
+    client asks for) or text-embeddings-inference's (vectors as JSON numbers)."""
     sessions = [requests.Session() for _ in range(clients)]
 
     def send(i: int) -> int:
-        response = sessions[i % clients].post(
-            f"{url}/v1/embeddings", json={"input": requests_[i], "encoding_format": "base64"}, timeout=300
-        )
+        if protocol == "tei":
+            response = sessions[i % clients].post(f"{url}/embed", json={"inputs": requests_[i]}, timeout=300)
+        else:
+            response = sessions[i % clients].post(
+                f"{url}/v1/embeddings", json={"input": requests_[i], "encoding_format": "base64"}, timeout=300
+            )
         response.raise_for_status()
         return len(requests_[i])
 
@@ -93,6 +98,9 @@ def main() -> None:
     try:
         service.wait_ready()
         batched = timed("service, 4 clients x 32 texts", lambda: through_service(service.url, chunks(texts, 32), 4))
+        tei = timed(
+            "  the same through TEI's /embed", lambda: through_service(service.url, chunks(texts, 32), 4, "tei")
+        )
         single = timed("service, 16 clients x 1 text", lambda: through_service(service.url, chunks(texts, 1), 16))
         mixed = timed(
             "service, 8 clients x 1-64 texts", lambda: through_service(service.url, random_requests(texts), 8)
@@ -106,6 +114,7 @@ def main() -> None:
         "in_process_float32_texts_per_s": round(fp32, 1),
         "in_process_auto_texts_per_s": round(base, 1),
         "service_32_texts_per_s": round(batched, 1),
+        "service_32_texts_tei_per_s": round(tei, 1),
         "service_single_texts_per_s": round(single, 1),
         "service_random_1_64_texts_per_s": round(mixed, 1),
         "ratio_32_texts": round(batched / base, 3),

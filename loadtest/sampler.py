@@ -14,6 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.reasons import CleanupReason
 
+EMBED_ROUTES = ("/", "/embed", "/v1/embeddings")
+"""The embedding routes: text-embeddings-inference's and OpenAI's."""
 REASONS = tuple(CleanupReason)  # a column each (cleanups_<reason>); a test keeps Sample's fields in step
 
 
@@ -47,7 +49,7 @@ def read_metrics(url: str, t_s: float) -> Sample:
                 values["rss_bytes"] = s.value
             elif s.name == "embedding_inputs_total":
                 values["inputs"] = s.value
-            elif s.name == "embedding_requests_total" and s.labels.get("route") in ("/embed", "/v1/embeddings"):
+            elif s.name == "embedding_requests_total" and s.labels.get("route") in EMBED_ROUTES:
                 values["requests"] += s.value
             elif s.name == "embedding_cleanups_total" and s.labels.get("reason") in REASONS:
                 values[f"cleanups_{s.labels['reason']}"] = s.value

@@ -135,7 +135,7 @@ def send_load(service: ServiceProcess) -> None:
             for t in texts[80:]
         ]
         assert {job.result().status_code for job in jobs} == {200}
-    requests.post(f"{service.url}/embed", json={"inputs": []}, timeout=10)  # a 422 for the error panels
+    requests.post(f"{service.url}/embed", json={"inputs": []}, timeout=10)  # a 400 for the error panels
     requests.get(f"{service.url}/memory", timeout=10)
 
 

@@ -114,7 +114,7 @@ class Mutation:
         rule[self.field] = text.replace(self.old, self.new)
 
 
-ROUTES = 'route=~"/embed|/v1/embeddings"'
+ROUTES = 'route=~"/|/embed|/v1/embeddings"'
 CEILING = (
     '(embedding_memory_threshold_bytes{level="limit"} or ignoring(level) '
     'embedding_memory_threshold_bytes{level="high"})'
@@ -197,7 +197,9 @@ MUTATIONS = [
     Mutation("EmbeddingCleanupIneffective", "expr", ">= 3", ">= 2", "two page"),
     Mutation("EmbeddingCleanupIneffective", "expr", "[30m]", "[10m]", "a shorter window"),
     Mutation("EmbeddingCleanupIneffective", "for", "10m", "5m", "pages before the `for`"),
-    Mutation("EmbeddingErrorRate", "expr", 'code=~"5.."', 'code=~"[45].."', "client errors page"),
+    Mutation("EmbeddingErrorRate", "expr", 'code=~"5..|424"', 'code=~"[45].."', "client errors page"),
+    Mutation("EmbeddingErrorRate", "expr", 'code=~"5..|424"', 'code=~"5.."', "TEI's failed inferences missed"),
+    Mutation("EmbeddingErrorRate", "expr", f"{{{ROUTES}, code", '{route=~"/embed|/v1/embeddings", code', "/ missed"),
     Mutation("EmbeddingErrorRate", "expr", "[5m])) > 0.05\nand", "[5m])) > 0.04\nand", "4.9% pages"),
     Mutation("EmbeddingErrorRate", "expr", "[5m])) > 0.05\nand", "[5m])) > 0.06\nand", "5.1% does not page"),
     Mutation(
