@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_a_short_load_run_produces_samples_a_verdict_and_a_plot(tmp_path: Path) -> None:
     out = tmp_path / "loadtest"
-    command = [sys.executable, "-m", "loadtest.run", "--duration", "75", "--ramp", "10", "--users", "3"]
+    command = [sys.executable, "-m", "loadtest.run", "--duration", "60", "--ramp", "10", "--users", "3"]
     result = subprocess.run(
         [*command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
     )
