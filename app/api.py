@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Callable
 from typing import Any, get_args
 
 from flask import Blueprint, Response, g, jsonify, request
@@ -77,8 +79,11 @@ def tokenize() -> Response:
     prompt = info.prompts[req.prompt_name] if req.prompt_name else ""
     texts = [prompt + text for text in req.texts]
     tokenized = components().engine.tokenize(texts, add_special_tokens=req.add_special_tokens)
-    pairs = zip(tokenized, texts, strict=True)
-    return jsonify([[_tei_token(token, text) for token in tokens] for tokens, text in pairs])
+    answer = []
+    for tokens, text in zip(tokenized, texts, strict=True):
+        to_bytes = _byte_offsets(text)
+        answer.append([_tei_token(token, to_bytes) for token in tokens])
+    return jsonify(answer)
 
 
 @bp.get("/info")
@@ -171,15 +176,15 @@ def _compute_headers(req: EmbeddingRequest, result: EmbeddingResult, info: Model
     }
 
 
-def _tei_token(token: Token, text: str) -> dict[str, Any]:
-    """A token as TEI's /tokenize answers it: offsets in bytes of the UTF-8 text."""
-    if token.start is None or token.stop is None:
-        return {"id": token.id, "text": token.text, "special": token.special, "start": None, "stop": None}
-    start = len(text[: token.start].encode())
-    return {
-        "id": token.id,
-        "text": token.text,
-        "special": token.special,
-        "start": start,
-        "stop": start + len(text[token.start : token.stop].encode()),
-    }
+def _byte_offsets(text: str) -> Callable[[int], int]:
+    """Character offset in ``text`` -> byte offset in its UTF-8 encoding."""
+    if text.isascii():
+        return int
+    return list(itertools.accumulate((len(char.encode()) for char in text), initial=0)).__getitem__
+
+
+def _tei_token(token: Token, to_bytes: Callable[[int], int]) -> dict[str, Any]:
+    """A token as TEI's /tokenize answers it: offsets in bytes of the UTF-8 text, null for special tokens."""
+    start = None if token.start is None else to_bytes(token.start)
+    stop = None if token.stop is None else to_bytes(token.stop)
+    return {"id": token.id, "text": token.text, "special": token.special, "start": start, "stop": stop}
