@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import requests
 from huggingface_hub import InferenceClient
+from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError
 from openai import OpenAI
 
@@ -24,6 +25,17 @@ LONG = " ".join(f"sentence {i} of a long report about the harbour's history." fo
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.atleast_2d(a), np.atleast_2d(b)
     return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def clients_may_reach_the_service() -> Iterator[None]:
+    """The tests run with HF_HUB_OFFLINE=1 (nothing may download a model), which also makes
+    ``huggingface_hub``'s client refuse every URL, this loopback service's included. A user's client
+    process runs online; here the switch is turned off for this module's clients only (the services
+    under test still start with it on)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+        yield
 
 
 @pytest.fixture(scope="module", params=["/", "/embed"], ids=["root", "embed"])
