@@ -24,15 +24,18 @@ TEI_PATHS = frozenset({"/", "/embed", "/tokenize"})
 """Routes that answer errors in text-embeddings-inference's shape and statuses."""
 
 
+_TEI_TYPES = {429: "overloaded", 503: "unhealthy"}
+
+
 class ServiceError(Exception):
     """An error with an HTTP status and a JSON body; raised anywhere, answered by the API."""
 
     status = 500
     type = "internal_error"
-    tei_status: int | None = 424
-    """The status on TEI's routes (None: the same as :attr:`status`); TEI answers a failed inference 424."""
-    tei_type = "backend"
-    """TEI's ``error_type``: unhealthy, backend, overloaded, validation, tokenizer or empty."""
+    tei_status: int | None = None
+    """The status on TEI's routes where it differs from :attr:`status`."""
+    tei_error_type: str | None = None
+    """TEI's ``error_type`` where :attr:`tei_type`'s rule by status does not give it."""
 
     def __init__(
         self,
@@ -52,6 +55,14 @@ class ServiceError(Exception):
         if self.param is not None:
             error["param"] = self.param
         return {"error": error}
+
+    @property
+    def tei_type(self) -> str:
+        """TEI's ``error_type``: unhealthy (503), overloaded (429), backend (other 5xx), validation (4xx),
+        unless the class says otherwise (empty, tokenizer)."""
+        if self.tei_error_type is not None:
+            return self.tei_error_type
+        return _TEI_TYPES.get(self.status, "backend" if self.status >= 500 else "validation")
 
     def tei_body(self) -> dict[str, str]:
         """The JSON body of the error on TEI's routes."""
@@ -81,7 +92,6 @@ class BadRequest(ServiceError):
     status = 400
     type = "invalid_request_error"
     tei_status: int | None = 422
-    tei_type = "validation"
 
 
 class MalformedBody(BadRequest):
@@ -95,8 +105,6 @@ class Unauthorized(ServiceError):
 
     status = 401
     type = "authentication_error"
-    tei_status: int | None = None
-    tei_type = "validation"
 
 
 class Forbidden(ServiceError):
@@ -104,8 +112,6 @@ class Forbidden(ServiceError):
 
     status = 403
     type = "permission_error"
-    tei_status: int | None = None
-    tei_type = "validation"
 
 
 class NotFound(ServiceError):
@@ -113,8 +119,6 @@ class NotFound(ServiceError):
 
     status = 404
     type = "not_found_error"
-    tei_status: int | None = None
-    tei_type = "validation"
 
 
 class MethodNotAllowed(ServiceError):
@@ -122,8 +126,6 @@ class MethodNotAllowed(ServiceError):
 
     status = 405
     type = "invalid_request_error"
-    tei_status: int | None = None
-    tei_type = "validation"
 
 
 class Conflict(ServiceError):
@@ -131,8 +133,6 @@ class Conflict(ServiceError):
 
     status = 409
     type = "conflict_error"
-    tei_status: int | None = None
-    tei_type = "overloaded"
 
 
 class PayloadTooLarge(ServiceError):
@@ -140,8 +140,6 @@ class PayloadTooLarge(ServiceError):
 
     status = 413
     type = "invalid_request_error"
-    tei_status: int | None = None
-    tei_type = "validation"
 
 
 class RequestTimeout(ServiceError):
@@ -149,8 +147,6 @@ class RequestTimeout(ServiceError):
 
     status = 408
     type = "timeout_error"
-    tei_status: int | None = None
-    tei_type = "validation"
 
 
 class ClientClosed(ServiceError):
@@ -158,8 +154,6 @@ class ClientClosed(ServiceError):
 
     status = 499
     type = "client_closed_request"
-    tei_status: int | None = None
-    tei_type = "validation"
 
 
 class TooManyRequests(ServiceError):
@@ -167,8 +161,6 @@ class TooManyRequests(ServiceError):
 
     status = 429
     type = "rate_limit_error"
-    tei_status: int | None = None
-    tei_type = "overloaded"
 
 
 class Unprocessable(ServiceError):
@@ -176,15 +168,13 @@ class Unprocessable(ServiceError):
 
     status = 422
     type = "invalid_request_error"
-    tei_status: int | None = None
-    tei_type = "validation"
 
 
 class EmptyInput(Unprocessable):
     """No text, or a text of white space only (TEI: 400 ``empty``)."""
 
     tei_status: int | None = 400
-    tei_type = "empty"
+    tei_error_type = "empty"
 
 
 class TooManyInputs(Unprocessable):
@@ -196,7 +186,13 @@ class TooManyInputs(Unprocessable):
 class TokenizerFailed(Unprocessable):
     """The tokenizer could not encode a text (TEI: 422 ``tokenizer``)."""
 
-    tei_type = "tokenizer"
+    tei_error_type = "tokenizer"
+
+
+class ModelFailed(ServiceError):
+    """The model failed on an input, or the inference thread died (TEI: 424 ``backend``)."""
+
+    tei_status: int | None = 424
 
 
 class QueueFull(ServiceError):
@@ -204,8 +200,6 @@ class QueueFull(ServiceError):
 
     status = 429
     type = "rate_limit_error"
-    tei_status: int | None = None
-    tei_type = "overloaded"
 
 
 class Unavailable(ServiceError):
@@ -213,8 +207,6 @@ class Unavailable(ServiceError):
 
     status = 503
     type = "service_unavailable_error"
-    tei_status: int | None = None
-    tei_type = "unhealthy"
 
 
 _HTTP_ERRORS: dict[int, type[ServiceError]] = {
