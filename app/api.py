@@ -151,11 +151,13 @@ def _run(req: EmbeddingRequest, info: ModelInfo) -> EmbeddingResult:
     if OPS_CHECK_HEADER not in request.headers:  # the ops scripts' own check after a start is not indexing
         parts.activity.record()
     prefix = info.prompts[req.prompt_name] if req.prompt_name else info.prefix_for(req.input_type)
-    texts = req.texts
-    if req.truncate and req.truncation_direction == "left":
-        texts = parts.engine.keep_ends(texts, prefix)
-    texts = [prefix + text for text in texts] if prefix else texts
-    job = parts.engine.submit(texts, truncate=req.truncate, request_id=g.get("request_id"))
+    job = parts.engine.submit(
+        req.texts,
+        truncate=req.truncate,
+        keep_end=req.truncation_direction == "left",
+        prefix=prefix,
+        request_id=g.get("request_id"),
+    )
     gone = request.environ.get(CLIENT_GONE)
     if gone is not None:  # served by app.server: a client that disconnects takes its texts off the queue
         gone.subscribe(lambda: job.fail(ClientClosed("the client closed the connection before the answer")))

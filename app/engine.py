@@ -29,7 +29,7 @@ import numpy as np
 import structlog
 
 from app.backend import EmbeddingBackend, ModelInfo, Token
-from app.errors import QueueFull, ServiceError, TokenizerFailed, Unavailable, Unprocessable
+from app.errors import ModelFailed, QueueFull, ServiceError, TokenizerFailed, Unavailable, Unprocessable
 from app.metrics import Metrics
 
 log = structlog.get_logger("app.engine")
@@ -292,22 +292,34 @@ class Engine:
 
     # --- request side -------------------------------------------------------
 
-    def submit(self, texts: list[str], *, truncate: bool = True, request_id: str | None = None) -> Job:
-        """Queue texts for embedding; raise 429 when the queue is full, 503 when not serving, 422 when a text
-        too long for the model must not be truncated.
+    def submit(
+        self,
+        texts: list[str],
+        *,
+        truncate: bool = True,
+        keep_end: bool = False,
+        prefix: str = "",
+        request_id: str | None = None,
+    ) -> Job:
+        """Queue texts, each with ``prefix`` before it, for embedding; raise 429 when the queue is full, 503
+        when not serving, 422 when a text too long for the model must not be truncated. With ``keep_end``
+        (``truncation_direction=left``) a text too long loses its start instead of its end; the prefix stays.
 
         Tokens are counted here, on the caller's thread (in parallel with inference), so the inference
         thread tokenizes each text once, in ``prepare``.
         """
         with self._cond:
             self._refuse_unless_room(len(texts))  # refused before the tokenizer runs: overload costs no work
-        lengths = self._count_tokens_here(texts)
-        if lengths is not None and not truncate and self.info is not None:
+        assert self.info is not None
+        full = [prefix + text for text in texts] if prefix else list(texts)
+        lengths = self._count_tokens_here(full)
+        if lengths is not None and not truncate:
             self._refuse_over_long(lengths, self.info.max_seq_length)
+        if lengths is not None and truncate and keep_end:
+            self._keep_ends(texts, prefix, full, lengths)
         with self._cond:
             self._refuse_unless_room(len(texts))  # again: the queue may have filled while this thread counted
-            assert self.info is not None
-            job = Job(list(texts), truncate, self.info.dimensions, request_id)
+            job = Job(full, truncate, self.info.dimensions, request_id)
             if lengths is not None:
                 job.lengths = lengths
             self._jobs.append(job)
@@ -315,6 +327,28 @@ class Engine:
             self._metrics.queue_depth.set(self._pending)
             self._cond.notify()
         return job
+
+    def _keep_ends(self, texts: list[str], prefix: str, full: list[str], lengths: list[int | None]) -> None:
+        """Cut the start of each text whose count is over the model's maximum, where its kept last tokens
+        begin (the tokenizer's offsets), and put the cut text and its count in ``full`` and ``lengths``."""
+        assert self.info is not None
+        limit = self.info.max_seq_length
+        over = [i for i, tokens in enumerate(lengths) if tokens is not None and tokens > limit]
+        if not over:
+            return
+        try:
+            room = limit - self._backend.count_tokens([prefix])[0]  # the special tokens' and the prefix's
+            tokenized = self._backend.tokenize([texts[i] for i in over], add_special_tokens=False)
+            for i, tokens in zip(over, tokenized, strict=True):
+                start = tokens[-room].start if 0 < room <= len(tokens) else None
+                if start is not None:
+                    full[i] = prefix + texts[i][start:]
+            counts = self._backend.count_tokens([full[i] for i in over])
+        except Exception as exc:  # noqa: BLE001  (the count just succeeded; a failure here is the client's text)
+            log.warning("tokenizer.failed", error=str(exc), error_type=type(exc).__name__)
+            raise TokenizerFailed("the tokenizer could not encode the input") from None
+        for i, count in zip(over, counts, strict=True):
+            lengths[i] = count
 
     def tokenize(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[Token]]:
         """Each text's tokens (``POST /tokenize``), on the caller's thread; 422 if the tokenizer fails."""
@@ -325,37 +359,13 @@ class Engine:
             log.warning("tokenizer.failed", error=str(exc), error_type=type(exc).__name__)
             raise TokenizerFailed("the tokenizer could not encode the input") from None
 
-    def keep_ends(self, texts: list[str], prefix: str = "") -> list[str]:
-        """``truncation_direction=left``: each text too long for the model, with ``prefix`` before it, loses its
-        start instead of its end. Cut at the character where the kept tokens begin, on the caller's thread; the
-        prefix itself is kept whole."""
-        self._require_serving()
-        assert self.info is not None
-        limit = self.info.max_seq_length
-        try:
-            lengths = self._backend.count_tokens([prefix + text for text in texts])
-            over = [i for i, tokens in enumerate(lengths) if tokens > limit]
-            if not over:
-                return texts
-            room = limit - self._backend.count_tokens([prefix])[0]  # the special tokens and the prefix's
-            tokenized = self._backend.tokenize([texts[i] for i in over], add_special_tokens=False)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("tokenizer.failed", error=str(exc), error_type=type(exc).__name__)
-            raise TokenizerFailed("the tokenizer could not encode the input") from None
-        kept = list(texts)
-        for i, tokens in zip(over, tokenized, strict=True):
-            first = tokens[-room] if 0 < room <= len(tokens) else None
-            kept[i] = texts[i][first.start :] if first is not None and first.start is not None else texts[i]
-        return kept
-
     def _require_serving(self) -> None:
         if self._state != "ready" or self.info is None:
             raise Unavailable(self._unavailable_reason(), retry_after_s=5)
 
     def _refuse_unless_room(self, texts: int) -> None:
         """503 unless serving, 429 when ``texts`` more would overflow the queue; called holding ``_cond``."""
-        if self._state != "ready" or self.info is None:
-            raise Unavailable(self._unavailable_reason(), retry_after_s=5)
+        self._require_serving()
         if self._pending + texts > self._queue_size:
             self._metrics.rejected.labels(reason="queue_full").inc()
             raise QueueFull(
@@ -417,7 +427,7 @@ class Engine:
                 self._process(window)
             except BaseException:
                 for job, _ in window:
-                    job.fail(ServiceError(CRASH_MESSAGE))
+                    job.fail(ModelFailed(CRASH_MESSAGE))
                 raise
 
     def _crash(self, exc: BaseException) -> None:
@@ -427,7 +437,7 @@ class Engine:
             jobs, self._jobs = list(self._jobs), deque()
         log.critical("engine.crashed", error=str(exc), error_type=type(exc).__name__, exc_info=exc)
         for job in jobs:
-            job.fail(ServiceError(CRASH_MESSAGE))
+            job.fail(ModelFailed(CRASH_MESSAGE))
         if self._on_fatal is not None:
             self._on_fatal(EngineCrashed(self.failure))
 
@@ -608,7 +618,7 @@ class Engine:
     def _retry_one_by_one(self, batch: list[tuple[Job, int]]) -> None:
         if len(batch) == 1:
             job, index = batch[0]
-            job.fail(ServiceError(f"the model failed on input[{index}]"))
+            job.fail(ModelFailed(f"the model failed on input[{index}]"))
             return
         for item in batch:
             if not item[0].finished:
