@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -93,20 +94,26 @@ def test_errors_take_text_embeddings_inference_statuses(client: FlaskClient, bac
     assert client.post("/embed", json={"inputs": ["a"] * 5}).status_code == 413
     assert client.post("/v1/embeddings", json={"input": ["a"] * 5}).status_code == 422  # OpenAI's keeps its own
     backend.gate.clear()  # the model holds its batch: the queue fills
-    waiting = [
-        threading.Thread(
-            target=client.application.test_client().post, args=("/embed",), kwargs={"json": {"inputs": ["q"] * 3}}
+    engine = components(client.application).engine
+
+    def send(texts: list[str]) -> threading.Thread:
+        thread = threading.Thread(
+            target=client.application.test_client().post, args=("/embed",), kwargs={"json": {"inputs": texts}}
         )
-        for _ in range(2)
-    ]
-    for thread in waiting:
         thread.start()
-    try:
-        engine = components(client.application).engine
+        return thread
+
+    def wait_for(condition: Callable[[], bool]) -> None:
         deadline = time.monotonic() + 5
-        while engine.queue_depth < 3:  # one request's texts in the held batch, the other's waiting
+        while not condition():
             assert time.monotonic() < deadline
             time.sleep(0.005)
+
+    waiting = [send(["blocker"])]
+    try:
+        wait_for(lambda: engine.queue_depth == 0 and not engine.is_idle())  # in the held batch
+        waiting.append(send(["q"] * 3))
+        wait_for(lambda: engine.queue_depth == 3)  # waiting behind it: 3 of the queue's 6
         full = client.post("/embed", json={"inputs": ["x"] * 4})
         assert (full.status_code, full.get_json()["error_type"]) == (429, "overloaded")
         assert full.headers["Retry-After"] == "1"
