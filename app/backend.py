@@ -51,6 +51,22 @@ class ModelSource:
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """The transformer's width and depth: what one batch's activations cost in memory (app/budget.py)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    attention: str = "sdpa"
+    """How attention is computed: ``sdpa`` never holds the (tokens x tokens) score matrix; ``eager`` does."""
+
+
+DEFAULT_SHAPE = ModelShape(hidden=768, intermediate=3072, layers=12, heads=12)
+"""Assumed for a model whose configuration does not say (BERT-base's shape)."""
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What a loaded model is: reported by ``/info`` and used to validate requests."""
 
@@ -66,6 +82,9 @@ class ModelInfo:
     """How token vectors become the text's vector (sentence-transformers' pooling mode: mean, cls, ...)."""
     weight_bytes: int | None = None
     """The model's parameters and buffers (elements x element size): constant once loaded."""
+    special_tokens: int = 2
+    """Tokens the tokenizer adds to every text (BERT's [CLS] and [SEP])."""
+    shape: ModelShape = DEFAULT_SHAPE
 
     def prefix_for(self, input_type: str | None) -> str:
         """The text prefix the model expects for an input type ("" when none)."""
@@ -220,21 +239,22 @@ def make_resident(model: Any) -> None:
 
 
 class EmbeddingBackend(ABC):
-    """One embedding model, used from the engine's inference thread (``count_tokens`` excepted)."""
+    """One embedding model, used from the engine's inference thread (``token_spans`` and ``tokenize`` excepted)."""
 
     @abstractmethod
     def load(self) -> ModelInfo:
         """Load the model; raise :class:`ModelLoadError` when it cannot be loaded."""
 
     @abstractmethod
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        """Token count of each text without truncation (special tokens included). Called from request
-        threads, concurrently with the inference thread and with each other: must be thread-safe."""
+    def token_spans(self, texts: list[str]) -> list[list[tuple[int, int]]]:
+        """Each text's tokens as (start, stop) character offsets, without special tokens or truncation
+        (app/truncation.py cuts texts with them). Called from request threads, concurrently with the inference
+        thread and with each other: must be thread-safe."""
 
     @abstractmethod
     def tokenize(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[Token]]:
         """Each text's tokens without truncation, with their offsets in the text. Called from request threads,
-        like :meth:`count_tokens`: must be thread-safe."""
+        like :meth:`token_spans`: must be thread-safe."""
 
     @abstractmethod
     def prepare(self, texts: list[str]) -> Prepared:
@@ -283,7 +303,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
         make_resident(model)
         self._model = model
         self._counter = copy.deepcopy(model.tokenizer)
-        self.count_tokens(["settles the copy's configuration before request threads share it"])
+        self.token_spans(["settles the copy's configuration before request threads share it"])
         dimensions: int | None = model.get_embedding_dimension()
         if dimensions is None or dimensions < 1:
             raise ModelLoadError(f"model {self._name!r} does not report its embedding dimension")
@@ -301,6 +321,8 @@ class SentenceTransformerBackend(EmbeddingBackend):
             dtype_reason=reason,
             pooling=self._pooling(model),
             weight_bytes=self.weight_bytes(),
+            special_tokens=int(self._counter.num_special_tokens_to_add(pair=False)),
+            shape=self._shape(model),
         )
 
     def _choose_dtype(self, device: str, flags: set[str] | None = None) -> tuple[str, str]:
@@ -339,6 +361,22 @@ class SentenceTransformerBackend(EmbeddingBackend):
         return self.finish(self.encode(self.prepare(list(FIDELITY_PROBE))))
 
     @staticmethod
+    def _shape(model: Any) -> ModelShape:
+        """Width and depth from the transformer's configuration (BERT, MPNet, XLM-R and most encoders name
+        them alike); BERT-base's where it does not say."""
+        config = getattr(getattr(model[0], "auto_model", None), "config", None)
+        hidden = getattr(config, "hidden_size", None)
+        if not isinstance(hidden, int):
+            return DEFAULT_SHAPE
+        return ModelShape(
+            hidden=hidden,
+            intermediate=int(getattr(config, "intermediate_size", None) or 4 * hidden),
+            layers=int(getattr(config, "num_hidden_layers", None) or DEFAULT_SHAPE.layers),
+            heads=int(getattr(config, "num_attention_heads", None) or DEFAULT_SHAPE.heads),
+            attention="eager" if getattr(config, "_attn_implementation", "sdpa") == "eager" else "sdpa",
+        )
+
+    @staticmethod
     def _pooling(model: Any) -> str:
         for module in model:
             mode = getattr(module, "pooling_mode", None)
@@ -355,12 +393,15 @@ class SentenceTransformerBackend(EmbeddingBackend):
             return dict(_E5_PROMPTS)
         return declared
 
-    def count_tokens(self, texts: list[str]) -> list[int]:
+    def token_spans(self, texts: list[str]) -> list[list[tuple[int, int]]]:
         # A copy of the tokenizer of its own: prepare() on the inference thread switches the model's tokenizer
         # to truncation, and a Rust tokenizer reconfigured while another thread encodes fails ("Already
-        # borrowed"). This copy is only ever called one way, so concurrent calls only read it.
-        encoded = self._counter(texts, add_special_tokens=True, truncation=False, verbose=False)
-        return [len(ids) for ids in encoded["input_ids"]]
+        # borrowed"). This copy is only ever called without truncation, so concurrent calls only read it.
+        encoded = self._counter(
+            texts, add_special_tokens=False, truncation=False, return_offsets_mapping=True, verbose=False
+        )
+        spans: list[list[tuple[int, int]]] = encoded["offset_mapping"]
+        return spans
 
     def tokenize(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[Token]]:
         # The counter's copy again: these options leave its truncation and padding as they are, so it is

@@ -31,6 +31,7 @@ import structlog
 from app.backend import EmbeddingBackend, ModelInfo, Token
 from app.errors import ModelFailed, QueueFull, ServiceError, TokenizerFailed, Unavailable, Unprocessable
 from app.metrics import Metrics
+from app.truncation import Fitted, Fitter
 
 log = structlog.get_logger("app.engine")
 
@@ -131,14 +132,14 @@ class Job:
     """Seconds from :attr:`enqueued_at` to the start of its first batch (or to being dropped unrun)."""
     completed_at: float | None = None
     """When its last text's vector was delivered."""
+    lengths: list[int] = field(default_factory=list)
+    """Tokens the model reads of each text (special tokens included), counted when it was submitted."""
     embeddings: np.ndarray = field(init=False)
     token_counts: list[int] = field(init=False)
     error: ServiceError | None = None
     cancelled: bool = False
     pending: deque[int] = field(init=False)
     """Indices of the texts not yet taken into a window (the engine's, under its lock)."""
-    lengths: list[int | None] = field(init=False)
-    """Token count of each text once counted, so a text put back in the queue is not tokenized again."""
     queued: bool = True
     """In the engine's queue of requests with texts to take."""
     _remaining: int = field(init=False)
@@ -148,7 +149,7 @@ class Job:
         self.embeddings = np.zeros((len(self.texts), self.dimensions), dtype=np.float32)
         self.token_counts = [0] * len(self.texts)
         self.pending = deque(range(len(self.texts)))
-        self.lengths = [None] * len(self.texts)
+        self.lengths = self.lengths or [1] * len(self.texts)
         self._remaining = len(self.texts)
 
     @property
@@ -165,21 +166,30 @@ class Job:
             self._done.set()
 
     def fail(self, error: ServiceError) -> None:
-        """Complete the job with an error (its other texts are skipped)."""
+        """Complete the job with an error (its other texts are skipped, and let go)."""
         if not self._done.is_set():
             self.error = error
             self._done.set()
+            self._let_texts_go()
 
-    def wait(self, timeout_s: float) -> EmbeddingResult:
-        """Block until the job completes; raise its error, or 503 on timeout."""
-        if not self._done.wait(timeout_s):
+    def wait(self, timeout_s: float, *, waited_s: float = 0.0) -> EmbeddingResult:
+        """Block until the job completes; raise its error, or 503 when ``timeout_s`` passes (``waited_s`` of it
+        already spent before the job was queued): its texts are let go then, computed or not."""
+        if not self._done.wait(max(0.0, timeout_s - waited_s)):
             self.cancelled = True
+            self._let_texts_go()
             raise Unavailable(f"request timed out after {timeout_s:g}s in the inference queue", retry_after_s=5)
         if self.error is not None:
             raise self.error
         queue_s = self.queue_wait_s or 0.0
         inference_s = max(0.0, (self.completed_at or self.enqueued_at) - self.enqueued_at - queue_s)
         return EmbeddingResult(self.embeddings, self.token_counts, queue_s, inference_s)
+
+    def _let_texts_go(self) -> None:
+        """Drop the texts of a job no one waits for, so their memory goes before the engine reaches them
+        (in place: the inference thread may be reading the list)."""
+        for i in range(len(self.texts)):
+            self.texts[i] = ""
 
 
 class Engine:
@@ -213,6 +223,8 @@ class Engine:
         self._on_idle: list[Callable[[], None]] = []
         self._on_ready: list[Callable[[], None]] = []
         self._batch_observers: list[Callable[[BatchStats], None]] = []
+        self._batch_tokens_now = max_batch_tokens  # max_batch_tokens, or less while memory is short
+        self._fitter: Fitter | None = None
         self.info: ModelInfo | None = None
         self.failure: str | None = None
 
@@ -266,6 +278,22 @@ class Engine:
         """True when the queue is full."""
         return self._pending >= self._queue_size
 
+    @property
+    def max_batch_tokens(self) -> int | None:
+        """The padded tokens a batch may hold now."""
+        return self._batch_tokens_now
+
+    def limit_batch_tokens(self, tokens: int | None) -> None:
+        """Hold batches to at most ``tokens`` padded tokens (never under one text of the model's maximum
+        length), or with None back to ``max_batch_tokens``: the memory manager's lever on activation memory.
+        Takes effect at the next window."""
+        if tokens is None:
+            self._batch_tokens_now = self._max_batch_tokens
+            return
+        floor = self.info.max_seq_length if self.info else 1
+        ceiling = self._max_batch_tokens if self._max_batch_tokens is not None else tokens
+        self._batch_tokens_now = max(floor, min(tokens, ceiling))
+
     # --- hooks for the memory manager -------------------------------------
 
     def add_between_batches_hook(self, hook: Callable[[], None]) -> None:
@@ -305,50 +333,61 @@ class Engine:
         when not serving, 422 when a text too long for the model must not be truncated. With ``keep_end``
         (``truncation_direction=left``) a text too long loses its start instead of its end; the prefix stays.
 
-        Tokens are counted here, on the caller's thread (in parallel with inference), so the inference
-        thread tokenizes each text once, in ``prepare``.
+        Here, on the caller's thread (in parallel with inference), each text is cut to what the model reads
+        (:class:`app.truncation.Fitter`): the queue holds those pieces and their token counts, and the inference
+        thread tokenizes each piece once, in ``prepare``.
         """
         with self._cond:
             self._refuse_unless_room(len(texts))  # refused before the tokenizer runs: overload costs no work
-        assert self.info is not None
-        full = [prefix + text for text in texts] if prefix else list(texts)
-        lengths = self._count_tokens_here(full)
-        if lengths is not None and not truncate:
-            self._refuse_over_long(lengths, self.info.max_seq_length)
-        if lengths is not None and truncate and keep_end:
-            self._keep_ends(texts, prefix, full, lengths)
+        fitted = self._fit(texts, prefix, keep_end=keep_end and truncate)
+        if not truncate:
+            self._refuse_over_long(texts, prefix, fitted)
         with self._cond:
             self._refuse_unless_room(len(texts))  # again: the queue may have filled while this thread counted
-            job = Job(full, truncate, self.info.dimensions, request_id)
-            if lengths is not None:
-                job.lengths = lengths
+            assert self.info is not None
+            job = Job(
+                [f.text for f in fitted], truncate, self.info.dimensions, request_id, lengths=[f.tokens for f in fitted]
+            )
             self._jobs.append(job)
             self._pending += len(texts)
             self._metrics.queue_depth.set(self._pending)
             self._cond.notify()
         return job
 
-    def _keep_ends(self, texts: list[str], prefix: str, full: list[str], lengths: list[int | None]) -> None:
-        """Cut the start of each text whose count is over the model's maximum, where its kept last tokens
-        begin (the tokenizer's offsets), and put the cut text and its count in ``full`` and ``lengths``."""
-        assert self.info is not None
-        limit = self.info.max_seq_length
-        over = [i for i, tokens in enumerate(lengths) if tokens is not None and tokens > limit]
-        if not over:
-            return
+    def _fit(self, texts: list[str], prefix: str, *, keep_end: bool) -> list[Fitted]:
+        """Each text as the model reads it; 422 naming the first text the tokenizer cannot take."""
+        assert self._fitter is not None
         try:
-            room = limit - self._backend.count_tokens([prefix])[0]  # the special tokens' and the prefix's
-            tokenized = self._backend.tokenize([texts[i] for i in over], add_special_tokens=False)
-            for i, tokens in zip(over, tokenized, strict=True):
-                start = tokens[-room].start if 0 < room <= len(tokens) else None
-                if start is not None:
-                    full[i] = prefix + texts[i][start:]
-            counts = self._backend.count_tokens([full[i] for i in over])
-        except Exception as exc:  # noqa: BLE001  (the count just succeeded; a failure here is the client's text)
-            log.warning("tokenizer.failed", error=str(exc), error_type=type(exc).__name__)
-            raise TokenizerFailed("the tokenizer could not encode the input") from None
-        for i, count in zip(over, counts, strict=True):
-            lengths[i] = count
+            return self._fitter.fit(texts, prefix, keep_end=keep_end)
+        except Exception:  # noqa: BLE001  (find the text that breaks the tokenizer: the request's, answered 422)
+            index = self._first_untokenizable(texts, prefix, keep_end=keep_end)
+        which = "the input" if index is None else f"input[{index}]"
+        raise TokenizerFailed(f"{which} could not be tokenized", param="input")
+
+    def _first_untokenizable(self, texts: list[str], prefix: str, *, keep_end: bool) -> int | None:
+        assert self._fitter is not None
+        for index, text in enumerate(texts):
+            try:
+                self._fitter.fit([text], prefix, keep_end=keep_end)
+            except Exception as exc:  # noqa: BLE001  (a text the tokenizer cannot take is the client's)
+                log.warning("tokenizer.failed", index=index, error=str(exc), error_type=type(exc).__name__)
+                return index
+        return None  # each alone passes: only the texts together failed
+
+    def _token_spans(self, texts: list[str]) -> list[list[tuple[int, int]]]:
+        return self._backend.token_spans(texts)
+
+    def _refuse_over_long(self, texts: list[str], prefix: str, fitted: list[Fitted]) -> None:
+        """422 for the first text over the model's maximum, with its true length (tokenized whole, then let go)."""
+        assert self._fitter is not None and self.info is not None
+        limit = self.info.max_seq_length
+        for index, (text, fit) in enumerate(zip(texts, fitted, strict=True)):
+            if fit.over and (tokens := self._fitter.count(prefix + text)) > limit:
+                raise Unprocessable(
+                    f"input[{index}] has {tokens} tokens, more than the model's maximum of {limit}; "
+                    "shorten it or set truncate to true",
+                    param="input",
+                )
 
     def tokenize(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[Token]]:
         """Each text's tokens (``POST /tokenize``), on the caller's thread; 422 if the tokenizer fails."""
@@ -372,24 +411,6 @@ class Engine:
                 f"inference queue is full ({self._pending} of {self._queue_size} texts waiting)",
                 retry_after_s=1,
             )
-
-    def _count_tokens_here(self, texts: list[str]) -> list[int | None] | None:
-        """Each text's tokens, or None when the tokenizer fails on some text (the inference thread then
-        counts one by one and fails only that request)."""
-        try:
-            return list(self._backend.count_tokens(texts))
-        except Exception:  # noqa: BLE001  (the inference thread finds the text and answers for it)
-            return None
-
-    @staticmethod
-    def _refuse_over_long(lengths: list[int | None], limit: int) -> None:
-        for index, tokens in enumerate(lengths):
-            if tokens is not None and tokens > limit:
-                raise Unprocessable(
-                    f"input[{index}] has {tokens} tokens, more than the model's maximum of {limit}; "
-                    "shorten it or set truncate to true",
-                    param="input",
-                )
 
     def _unavailable_reason(self) -> str:
         if self._state in ("created", "loading"):
@@ -445,6 +466,7 @@ class Engine:
         started = time.perf_counter()
         info = self._backend.load()
         loaded = time.perf_counter()
+        self._fitter = Fitter(self._token_spans, max_tokens=info.max_seq_length, special_tokens=info.special_tokens)
         self.info = info
         warm_up = [*WARM_UP_TEXTS, " ".join(["warm"] * info.max_seq_length)]
         self._encode(warm_up)
@@ -530,10 +552,11 @@ class Engine:
             self._metrics.queue_wait.observe(job.queue_wait_s)
 
     def _process(self, window: list[tuple[Job, int]]) -> None:
-        window, lengths = self._within_token_budget(window, self._token_lengths(window))
+        max_tokens = self._batch_tokens_now
+        window, lengths = self._within_token_budget(window, [job.lengths[i] for job, i in window], max_tokens)
         items = [(job, i, n) for (job, i), n in zip(window, lengths, strict=True) if not job.finished]
         items.sort(key=lambda item: item[2], reverse=True)
-        spans = plan_batches([n for _, _, n in items], self._batch_size, BATCH_OVERHEAD_TOKENS, self._max_batch_tokens)
+        spans = plan_batches([n for _, _, n in items], self._batch_size, BATCH_OVERHEAD_TOKENS, max_tokens)
         for span in reversed(spans):  # shortest first: the requests of short texts are answered soonest
             batch = [(job, i) for job, i, _ in items[span] if not job.finished]
             if batch:
@@ -545,49 +568,18 @@ class Engine:
                 self._leave_queue(job, time.perf_counter())
 
     def _within_token_budget(
-        self, window: list[tuple[Job, int]], lengths: list[int]
+        self, window: list[tuple[Job, int]], lengths: list[int], max_tokens: int | None
     ) -> tuple[list[tuple[Job, int]], list[int]]:
         """The window's first texts up to a few batches' worth of tokens; the rest goes back to the queue."""
-        if self._max_batch_tokens is None:
+        if max_tokens is None:
             return window, lengths
-        budget, total = self._max_batch_tokens * WINDOW_BATCHES, 0
+        budget, total = max_tokens * WINDOW_BATCHES, 0
         for n, tokens in enumerate(lengths):
             total += tokens
             if total > budget and n > 0:
                 self._put_back(window[n:])
                 return window[:n], lengths[:n]
         return window, lengths
-
-    def _token_lengths(self, window: list[tuple[Job, int]]) -> list[int]:
-        """Tokens each text will take in the model; fails jobs that refused truncation of a longer text."""
-        assert self.info is not None
-        limit = self.info.max_seq_length
-        uncounted = [(job, i) for job, i in window if job.lengths[i] is None]
-        if uncounted:
-            texts = [job.texts[i] for job, i in uncounted]
-            try:
-                counts = self._backend.count_tokens(texts)
-            except Exception:  # noqa: BLE001  (find the text that breaks the tokenizer, fail only its request)
-                counts = [self._count_one(job, i) for job, i in uncounted]
-            for (job, index), tokens in zip(uncounted, counts, strict=True):
-                job.lengths[index] = tokens
-                if tokens > limit and not job.truncate and not job.finished:
-                    job.fail(
-                        Unprocessable(
-                            f"input[{index}] has {tokens} tokens, more than the model's maximum of {limit}; "
-                            "shorten it or set truncate to true",
-                            param="input",
-                        )
-                    )
-        return [min(job.lengths[i] or 0, limit) for job, i in window]
-
-    def _count_one(self, job: Job, index: int) -> int:
-        try:
-            return self._backend.count_tokens([job.texts[index]])[0]
-        except Exception as exc:  # noqa: BLE001  (a tokenizer failure fails this request only)
-            log.warning("tokenizer.failed", index=index, error=str(exc), error_type=type(exc).__name__)
-            job.fail(TokenizerFailed(f"input[{index}] could not be tokenized", param="input"))
-            return 0
 
     def _run_batch(self, batch: list[tuple[Job, int]]) -> None:
         texts = [job.texts[i] for job, i in batch]

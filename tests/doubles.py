@@ -17,7 +17,7 @@ from app.memory import MemorySample, MemorySampler
 
 
 class FakeBackend(EmbeddingBackend):
-    """A deterministic backend: a text's vector is derived from its hash; tokens are words + 2.
+    """A deterministic backend: a text's vector is derived from its hash; tokens are words + 2 special ones.
 
     ``gate`` (a cleared Event) holds every batch until it is set, so tests can
     fill the queue; ``poison`` makes any batch that holds that text fail;
@@ -48,8 +48,8 @@ class FakeBackend(EmbeddingBackend):
             raise ModelLoadError(self.load_error)
         return ModelInfo("fake/model", self.dimensions, self.max_seq_length, "cpu", dict(self.prompts))
 
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        return [self.tokens(text) for text in texts]
+    def token_spans(self, texts: list[str]) -> list[list[tuple[int, int]]]:
+        return [[m.span() for m in re.finditer(r"\S+", text)] for text in texts]
 
     def tokenize(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[Token]]:
         found = []

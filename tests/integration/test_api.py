@@ -107,7 +107,11 @@ def test_concurrent_single_texts_are_batched_and_each_caller_gets_its_own_vector
     assert texts_batched == 64
     assert batches < 64, "some batches should hold more than one request's text"
     local = SentenceTransformer(str(model_dir), device="cpu").encode(texts, normalize_embeddings=True)
-    np.testing.assert_allclose(np.array(vectors), local, atol=1e-4)
+    dtype = requests.get(f"{service.url}/info", timeout=10).json()["dtype"]
+    if dtype == "float32":
+        np.testing.assert_allclose(np.array(vectors), local, atol=1e-4)
+    else:  # bfloat16 where the CPU computes it natively: held to the start-up probe's bound against float32
+        assert (np.sum(np.array(vectors) * local, axis=1) >= 0.999).all()
 
 
 def test_info_reports_model_limits_and_version(service: ServiceProcess) -> None:

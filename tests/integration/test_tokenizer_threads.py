@@ -1,4 +1,5 @@
-"""Token counting runs on request threads while the inference thread tokenizes: the real tokenizer, raced."""
+"""Texts are measured (token offsets) on request threads while the inference thread tokenizes: the real
+tokenizer, raced."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ def test_counting_on_many_threads_beside_prepare_neither_fails_nor_miscounts() -
     backend = SentenceTransformerBackend("all-minilm-l6-v2", "cpu")
     backend.load()
     texts = [d.text for d in sample(build_corpus(), 64, seed=3)]
-    expected = backend.count_tokens(texts)
+    expected = [len(spans) for spans in backend.token_spans(texts)]
     errors: list[BaseException] = []
     wrong: list[int] = []
     stop = threading.Event()
@@ -20,7 +21,7 @@ def test_counting_on_many_threads_beside_prepare_neither_fails_nor_miscounts() -
     def count() -> None:
         for _ in range(40):
             try:
-                counts = backend.count_tokens(texts)
+                counts = [len(spans) for spans in backend.token_spans(texts)]
             except BaseException as exc:  # noqa: BLE001  (every failure is the finding)
                 errors.append(exc)
                 return

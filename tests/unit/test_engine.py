@@ -135,8 +135,8 @@ def test_a_full_queue_is_refused_with_retry_after(backend: FakeBackend) -> None:
     queued = engine.submit(["b"] * 10)
     assert engine.is_overloaded()
     counted: list[str] = []
-    count_tokens = backend.count_tokens
-    backend.count_tokens = lambda texts: counted.extend(texts) or count_tokens(texts)  # type: ignore[method-assign]
+    token_spans = backend.token_spans
+    backend.token_spans = lambda texts: counted.extend(texts) or token_spans(texts)  # type: ignore[method-assign]
     with pytest.raises(QueueFull) as caught:
         engine.submit(["c"])
     assert counted == []  # refused before the tokenizer ran: an overloaded service does no work for it
@@ -318,14 +318,14 @@ def test_a_small_request_is_not_stuck_behind_a_huge_one(backend: FakeBackend) ->
 def test_a_window_holds_a_few_batches_of_tokens_and_counts_each_text_once(backend: FakeBackend) -> None:
     counted: list[str] = []
     counted_on: set[str] = set()
-    count_tokens = backend.count_tokens
+    token_spans = backend.token_spans
 
-    def counting(texts: list[str]) -> list[int]:
+    def counting(texts: list[str]) -> list[list[tuple[int, int]]]:
         counted.extend(texts)
         counted_on.add(threading.current_thread().name)
-        return count_tokens(texts)
+        return token_spans(texts)
 
-    backend.count_tokens = counting  # type: ignore[method-assign]
+    backend.token_spans = counting  # type: ignore[method-assign]
     backend.max_seq_length = 128
     engine, _, blocker = held_behind_a_blocker(backend, batch_size=8, max_batch_tokens=64)
     long_text = " ".join(["w"] * 28)  # 30 tokens: a window of 4 x 64 tokens holds 8 of them
@@ -372,3 +372,44 @@ def test_a_crashed_inference_thread_fails_waiting_requests_and_asks_for_a_restar
     assert [type(e) for e in reported] == [EngineCrashed]
     with pytest.raises(Unavailable, match="crashed"):
         engine.submit(["y"])
+
+
+def test_a_request_past_its_timeout_lets_its_texts_go_and_they_are_not_computed(backend: FakeBackend) -> None:
+    engine, _, blocker = held_behind_a_blocker(backend)
+    late = engine.submit([f"too late {i}" for i in range(5)])
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="timed out after 1s") as caught:
+        late.wait(1.0, waited_s=0.9)  # 0.9 s of its timeout went before it was queued (reading, tokenizing)
+    assert time.monotonic() - started < 0.5
+    assert caught.value.status == 503
+    assert late.texts == [""] * 5  # its memory goes now, not when the engine reaches it
+    batches = release(engine, backend, blocker, engine.submit(["after"]))
+    assert not any("too late" in text for batch in batches for text in batch)
+
+
+def test_batches_are_held_to_fewer_tokens_while_memory_is_short(backend: FakeBackend) -> None:
+    engine, _, blocker = held_behind_a_blocker(backend, batch_size=8, max_batch_tokens=64)
+    engine.limit_batch_tokens(1)  # the least there is: one text of the model's maximum length (16 tokens)
+    assert engine.max_batch_tokens == backend.max_seq_length
+    held = engine.submit([f"t{i} x" for i in range(6)])  # 4 tokens each
+    batches = release(engine, backend, blocker, held)
+    assert sorted(len(b) for b in batches) == [2, 4]  # 16 padded tokens a batch instead of 64
+    engine.limit_batch_tokens(None)
+    assert engine.max_batch_tokens == 64
+
+
+def test_a_text_the_tokenizer_cannot_take_fails_its_request_with_its_index(running: tuple[Engine, Metrics]) -> None:
+    engine, _ = running
+    backend: FakeBackend = engine._backend  # type: ignore[assignment]
+    spans = backend.token_spans
+
+    def breaking(texts: list[str]) -> list[list[tuple[int, int]]]:
+        if any("\x00boom" in text for text in texts):
+            raise ValueError("the tokenizer cannot take this")
+        return spans(texts)
+
+    backend.token_spans = breaking  # type: ignore[method-assign]
+    with pytest.raises(Unprocessable, match=r"input\[2\] could not be tokenized") as caught:
+        engine.submit(["fine", "also fine", "bad \x00boom", "fine too"])
+    assert caught.value.status == 422
+    assert engine.submit(["fine"]).wait(5).embeddings.shape == (1, 8)  # other requests go on

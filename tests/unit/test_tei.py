@@ -73,7 +73,10 @@ def test_left_truncation_keeps_the_end_of_the_text_and_the_prompt(client: FlaskC
     client.post("/embed", json={"inputs": LONG, "truncation_direction": "left", "prompt_name": "query"})
     assert backend.batches[-1] == ["query: " + " ".join(f"w{i}" for i in range(17, 30))]
     client.post("/embed", json={"inputs": [LONG, "short one"], "truncation_direction": "right"})
-    assert backend.batches[-1] == [LONG, "short one"]  # the model's own truncation cuts the end
+    cut, short = backend.batches[-1]
+    assert short == "short one"
+    assert cut.split()[:14] == LONG.split()[:14]  # what the model reads: its first 14 words, cut before the tokenizer
+    assert len(cut) < len(LONG)
     client.post("/embed", json={"inputs": "short one", "truncation_direction": "left"})
     assert backend.batches[-1] == ["short one"]
     refused = client.post("/embed", json={"inputs": LONG, "truncate": False, "truncation_direction": "left"})
