@@ -108,6 +108,22 @@ def jemalloc_conf(arenas: int) -> str:
     return ",".join(options)
 
 
+KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "32", "LRU_CACHE_CAPACITY": "32"}
+"""Entries the CPU kernels' caches keep: oneDNN's primitives and the computations PyTorch's ideep layer keeps
+beside them (1024 each by default). On CPUs where the model computes in bfloat16 (AVX-512 BF16, AMX), every
+new batch shape (texts x tokens) adds about 0.75 MB to them: with all-MiniLM-L6-v2, 400 shapes grew RSS by
+560 MB, and an indexing load of whole documents grew it by 250 MB in 6 minutes without levelling off. At 32
+each it stayed flat (+10 MB after 400 shapes) at the same speed. float32 uses neither, and stays flat."""
+
+
+def bound_kernel_caches(environ: dict[str, str] | None = None) -> None:
+    """Bound the CPU kernels' caches (:data:`KERNEL_CACHES`) unless the environment sets them: before torch is
+    imported (gunicorn's master calls it from its config file, so the worker it forks inherits it)."""
+    env = os.environ if environ is None else environ
+    for name, value in KERNEL_CACHES.items():
+        env.setdefault(name, value)
+
+
 def exec_under_jemalloc(requested: str, arenas: int) -> None:
     """Run this program again with jemalloc preloaded; return only where that is not wanted or not possible.
 

@@ -2,7 +2,8 @@
 
 Used as ``gunicorn -c python:app.gunicorn_conf app.asgi:app`` by ``make run``,
 the Dockerfile and the tests. The settings are validated here, in the master,
-so a bad ``EMBEDDING_*`` value stops the start with one clear line. Then, with
+so a bad ``EMBEDDING_*`` value stops the start with one clear line. The CPU kernels' caches are bounded
+(:data:`app.allocator.KERNEL_CACHES`). Then, with
 ``EMBEDDING_ALLOCATOR=jemalloc`` (the default) and jemalloc installed, the master
 runs itself again with jemalloc preloaded, before it binds or forks
 (:mod:`app.allocator`).
@@ -13,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from app.allocator import exec_under_jemalloc
+from app.allocator import bound_kernel_caches, exec_under_jemalloc
 from app.config import ConfigError, Settings
 from app.logs import gunicorn_logconfig
 
@@ -23,6 +24,7 @@ except ConfigError as _error:
     sys.stderr.write(f"embedding service: configuration error: {_error}\n")
     raise SystemExit(2) from None
 
+bound_kernel_caches()  # before the worker imports torch: oneDNN reads it once
 exec_under_jemalloc(_settings.allocator, _settings.malloc_arenas)
 
 bind = f"0.0.0.0:{_settings.port}"  # override with --bind HOST:PORT

@@ -127,3 +127,23 @@ def test_threads_share_the_capped_malloc_arenas() -> None:
     assert arenas_used(0) > 2  # glibc's default: each thread gets an arena of its own
     assert arenas_used(2) <= 2
     assert arenas_used(1) == 1
+
+
+def test_the_cpu_kernels_caches_are_bounded_unless_the_environment_says_otherwise() -> None:
+    env = {"LRU_CACHE_CAPACITY": "256"}
+    allocator.bound_kernel_caches(env)
+    assert env == {"LRU_CACHE_CAPACITY": "256", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "32"}
+
+
+def test_gunicorns_master_bounds_them_before_the_worker_imports_torch() -> None:
+    script = "import os, sys, app.gunicorn_conf\nprint(os.environ['LRU_CACHE_CAPACITY'], 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k not in allocator.KERNEL_CACHES}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**env, "EMBEDDING_ALLOCATOR": "glibc"},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.stdout.split() == ["32", "False"]
