@@ -16,7 +16,7 @@ LOAD_DURATION_S ?= 1200
 LOAD_USERS ?= 6
 REHEARSAL_S ?= 120
 
-.PHONY: help install system-deps run lint typecheck hadolint alerts rules unit integration e2e test bench loadtest \
+.PHONY: help install system-deps run lint typecheck hadolint alerts rules unit integration e2e test bench loadtest largest \
 	loadtest-compare throughput dashboard deploy clean jemalloc unit-newest lock-check fidelity rehearsal
 
 help:  ## list the targets
@@ -123,8 +123,11 @@ bench: $(STAMP)  ## throughput in-process (float32 and the auto dtype) vs throug
 fidelity: $(STAMP)  ## each dtype against float32 on the corpus: texts/s, RSS, min cosine, 10-NN overlap
 	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.fidelity
 
-loadtest: $(STAMP)  ## Locust indexing load (20 min), RSS sampled, verdict + plot in reports/loadtest
+loadtest: $(STAMP)  ## Locust indexing load (20 min; LOAD_PROFILE=whole-documents for whole documents), verdict + plot in reports/loadtest
 	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.run --duration $(LOAD_DURATION_S) --users $(LOAD_USERS) --out reports/loadtest
+
+largest: $(STAMP)  ## the largest legal requests 1, 4 and 16 at once: worker RSS peak and answers (reports/largest)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.largest --concurrency 1,4,16 --out reports/largest
 
 loadtest-compare: $(STAMP)  ## the same load under policies off, legacy, smart; one figure in reports/compare
 	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.compare --duration $(LOAD_DURATION_S) --users $(LOAD_USERS) --out reports/compare

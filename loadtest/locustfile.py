@@ -11,6 +11,7 @@ LOAD_RAMP_S, LOAD_SOAK_S). Locust's own ``-u``, ``-r`` and ``-t`` win where give
 ``locust -f loadtest/locustfile.py --headless -u 8 -r 4 -t 60s`` runs 60 s at 8 users.
 Users split 3 indexers : 1 searcher. ``make loadtest`` runs this against a fresh
 service and judges the memory curve (loadtest/run.py).
+The profile "whole documents" is loadtest/whole_documents.py, with the same shape and options.
 """
 
 from __future__ import annotations

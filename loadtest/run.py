@@ -1,6 +1,7 @@
 """One load run end to end: a fresh service, headless Locust, RSS sampled from /metrics, the verdict.
 
     python -m loadtest.run --duration 1200 --users 6 --policy smart --out reports/loadtest
+    python -m loadtest.run --profile whole-documents --duration 600 --users 4 --out reports/whole-documents
 
 Writes into ``--out``: ``samples.csv`` (RSS and counters every few seconds),
 Locust's own ``locust_stats*.csv``, ``verdict.json``, ``rss.png`` and the
@@ -25,6 +26,8 @@ from loadtest.service import BUNDLED_MODEL, running_service
 from loadtest.verdict import Verdict, judge, plot_run
 
 ROOT = Path(__file__).resolve().parents[1]
+PROFILES = {"indexing": "loadtest/locustfile.py", "whole-documents": "loadtest/whole_documents.py"}
+"""Each load profile's locustfile."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the service's EMBEDDING_MEMORY_POLICY",
     )
     parser.add_argument("--model", default=env("LOAD_MODEL", BUNDLED_MODEL), help="EMBEDDING_MODEL of the service")
+    parser.add_argument(
+        "--profile",
+        choices=list(PROFILES),
+        default=env("LOAD_PROFILE", "indexing"),
+        help="indexing: batches of passages, sentences and titles, and searches; whole-documents: up to the "
+        "maximum texts per request of up to the maximum characters each, truncation on",
+    )
     parser.add_argument("--out", type=Path, default=Path(env("LOAD_OUT", "reports/loadtest")))
     parser.add_argument("--sample-interval", type=float, default=2.0, help="seconds between RSS samples")
     parser.add_argument(
@@ -67,9 +77,17 @@ def locust_latency(stats_csv: Path) -> dict[str, dict[str, float]]:
     return latency
 
 
+def failures(stats_csv: Path) -> int:
+    """Requests Locust counted as failed (the Aggregated row): lost, not answered nor refused with Retry-After."""
+    if not stats_csv.exists():
+        return 0
+    with stats_csv.open(newline="") as src:
+        return sum(int(row["Failure Count"]) for row in csv.DictReader(src) if row["Name"] == "Aggregated")
+
+
 def run_locust(url: str, args: argparse.Namespace) -> int:
     command = [
-        sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
+        sys.executable, "-m", "locust", "-f", str(ROOT / PROFILES[args.profile]),
         "--headless", "--host", url, "--csv", str(args.out / "locust"), "--only-summary",
         "--load-users", str(args.users), "--load-duration", str(args.duration),
         "--load-ramp", str(args.ramp), "--load-soak", str(args.soak),
@@ -85,9 +103,11 @@ def run(args: argparse.Namespace) -> Verdict:
     env = {"EMBEDDING_MODEL": args.model, "EMBEDDING_MEMORY_POLICY": args.policy}
     with running_service(args.out / "service.log", env) as service:
         memory = requests.get(f"{service.url}/memory", timeout=10).json()
+        service.reset_peak_rss()
         sampler = MetricsSampler(service.url, args.sample_interval).start()
         locust_code = run_locust(service.url, args)
         samples = sampler.stop()
+        high_water = service.worker_rss("VmHWM")
         model = requests.get(f"{service.url}/info", timeout=10).json()["model"]
     write_csv(args.out / "samples.csv", samples)
     verdict = judge(
@@ -97,10 +117,13 @@ def run(args: argparse.Namespace) -> Verdict:
         warmup_s=args.ramp + 60,
         max_slope_bytes_per_min=args.max_slope_mb_per_min * 1e6 if args.max_slope_mb_per_min else None,
         latency_ms=locust_latency(args.out / "locust_stats.csv"),
+        high_water_bytes=high_water,
+        lost_requests=failures(args.out / "locust_stats.csv"),
     )
     thresholds = {"elevated": memory["thresholds"]["elevated_bytes"], "high": memory["thresholds"]["high_bytes"]}
     plot_run(samples, verdict, args.out / "rss.png", thresholds)
-    (args.out / "verdict.json").write_text(json.dumps({**verdict.to_dict(), "locust_exit": locust_code}, indent=2))
+    report = {**verdict.to_dict(), "profile": args.profile, "locust_exit": locust_code}
+    (args.out / "verdict.json").write_text(json.dumps(report, indent=2))
     return verdict
 
 

@@ -103,6 +103,30 @@ class ServiceProcess:
         self._log.close()
         return code
 
+    def worker_pid(self, timeout_s: float = 30.0) -> int:
+        """The gunicorn worker's pid: the process that holds the model."""
+        import psutil
+
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            children = psutil.Process(self.proc.pid).children()
+            if children:
+                return int(children[0].pid)
+            time.sleep(0.1)
+        raise TimeoutError("no gunicorn worker")
+
+    def worker_rss(self, key: str = "VmRSS") -> int:
+        """A memory line of the worker's ``/proc/PID/status`` in bytes: ``VmRSS`` now, ``VmHWM`` its peak."""
+        for line in Path(f"/proc/{self.worker_pid()}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    def reset_peak_rss(self) -> None:
+        """Start the worker's RSS high-water mark (``VmHWM``) again from its current RSS."""
+        Path(f"/proc/{self.worker_pid()}/clear_refs").write_text("5")
+
     def log_text(self) -> str:
         """Everything the service wrote so far."""
         return self.log_path.read_text(errors="replace")

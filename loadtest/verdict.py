@@ -5,8 +5,10 @@ Checks, after the warm-up (the ramp plus one minute) is excluded:
                (default 0.5% of the baseline a minute: unbounded growth at that rate adds half the baseline
                in 100 minutes, while the fit's noise on a 10-minute half stays well under it)
   steady       the median RSS of the last half is at most 1.15 x the loaded-and-warmed baseline
-  peak         the highest RSS is at most 1.5 x the baseline
+  peak         the highest RSS is at most 1.5 x the baseline (the kernel's own high-water mark where the run
+               read it, so that no spike between two samples is missed)
   peak_band    for intfloat/multilingual-e5-small only: the peak is at most 2 GB (the first design's 1.5-2 GB band)
+  lost         no request was lost: each was answered, or refused early with Retry-After (Locust's failures: 0)
 """
 
 from __future__ import annotations
@@ -87,7 +89,9 @@ class Verdict:
                 f"  {name}: p50 {stats['p50']:.0f} ms, p95 {stats['p95']:.0f} ms, {stats['count']:.0f} requests"
             )
         lines += [
-            f"  [{'ok' if c.passed else 'FAILED'}] {c.name}: {c.value / MB:.2f} MB (bound {c.bound / MB:.2f} MB)"
+            f"  [{'ok' if c.passed else 'FAILED'}] {c.name}: {c.value:.0f} (bound {c.bound:.0f})"
+            if c.name == "lost_requests"
+            else f"  [{'ok' if c.passed else 'FAILED'}] {c.name}: {c.value / MB:.2f} MB (bound {c.bound / MB:.2f} MB)"
             for c in self.checks
         ]
         return "\n".join(lines)
@@ -110,8 +114,12 @@ def judge(
     warmup_s: float,
     max_slope_bytes_per_min: float | None = None,
     latency_ms: dict[str, dict[str, float]] | None = None,
+    high_water_bytes: float | None = None,
+    lost_requests: int | None = None,
 ) -> Verdict:
-    """The verdict for one run's samples (the first sample is the loaded-and-warmed baseline)."""
+    """The verdict for one run's samples (the first sample is the loaded-and-warmed baseline); with
+    ``high_water_bytes`` (the worker's VmHWM over the run) the peak is at least that; with ``lost_requests``
+    (Locust's failures) a check that none was lost."""
     if len(samples) < 4:
         raise ValueError(f"too few samples to judge a run: {len(samples)}")
     baseline = samples[0].rss_bytes
@@ -121,7 +129,7 @@ def judge(
     last_half = [s for s in after_warmup if s.t_s >= half] or after_warmup[-3:]
     slope = slope_per_minute(last_half)
     steady = statistics.median(s.rss_bytes for s in last_half)
-    peak = max(s.rss_bytes for s in samples)
+    peak = max([s.rss_bytes for s in samples] + ([high_water_bytes] if high_water_bytes else []))
     slope_bound = max_slope_bytes_per_min if max_slope_bytes_per_min is not None else SLOPE_SHARE_PER_MIN * baseline
     checks = [
         Check("slope_per_min", slope, slope_bound, slope < slope_bound),
@@ -130,6 +138,8 @@ def judge(
     ]
     if model == E5_SMALL:
         checks.append(Check("peak_band", peak, E5_SMALL_PEAK_BAND[1], peak <= E5_SMALL_PEAK_BAND[1]))
+    if lost_requests is not None:
+        checks.append(Check("lost_requests", lost_requests, 0, lost_requests == 0))
     first, last = samples[0], samples[-1]
     return Verdict(
         model=model,

@@ -1,4 +1,4 @@
-"""The Locust suite end to end, briefly: service, Locust, RSS samples, verdict, plot."""
+"""The Locust suite end to end, briefly, in both load profiles: service, Locust, RSS samples, verdict, plot."""
 
 from __future__ import annotations
 
@@ -14,26 +14,45 @@ from loadtest.sampler import read_csv
 ROOT = Path(__file__).resolve().parents[2]
 
 
+PROFILES = {
+    # profile: (users, the request names Locust reports, the checks of its verdict)
+    "indexing": (
+        3,
+        ["/embed [index]", "/v1/embeddings [search]"],
+        {"slope_per_min", "steady", "peak", "lost_requests"},
+    ),
+    "whole-documents": (2, ["/embed [whole documents]"], {"slope_per_min", "steady", "peak", "lost_requests"}),
+}
+
+
 @pytest.mark.slow
-def test_a_short_load_run_produces_samples_a_verdict_and_a_plot(tmp_path: Path) -> None:
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_a_short_load_run_produces_samples_a_verdict_and_a_plot(tmp_path: Path, profile: str) -> None:
+    users, names, checks = PROFILES[profile]
     out = tmp_path / "loadtest"
-    command = [sys.executable, "-m", "loadtest.run", "--duration", "60", "--ramp", "10", "--users", "3"]
+    command = [sys.executable, "-m", "loadtest.run", "--duration", "60", "--ramp", "10", "--users", str(users)]
     result = subprocess.run(
-        [*command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+        [*command, "--profile", profile, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     print(result.stdout)
     assert result.returncode in (0, 1), result.stderr[-3000:]
 
     verdict = json.loads((out / "verdict.json").read_text())
     assert verdict["passed"] is (result.returncode == 0)
-    assert verdict["locust_exit"] == 0
+    assert (verdict["profile"], verdict["locust_exit"]) == (profile, 0)
     assert verdict["model"] == "sentence-transformers/all-MiniLM-L6-v2"
-    assert {c["name"] for c in verdict["checks"]} == {"slope_per_min", "steady", "peak"}
+    assert {c["name"] for c in verdict["checks"]} == checks
+    assert next(c for c in verdict["checks"] if c["name"] == "lost_requests")["passed"]
     assert verdict["texts_per_s"] > 0
     assert verdict["peak_bytes"] >= verdict["baseline_bytes"] > 100e6
-    assert verdict["latency_ms"]["/embed [index]"]["count"] > 0
-    assert verdict["latency_ms"]["/embed [index]"]["failures"] == 0
-    assert verdict["latency_ms"]["/v1/embeddings [search]"]["count"] > 0
+    for name in names:
+        assert verdict["latency_ms"][name]["count"] > 0
+        assert verdict["latency_ms"][name]["failures"] == 0
 
     samples = read_csv(out / "samples.csv")
     assert len(samples) >= 25  # one every 2 s

@@ -62,3 +62,21 @@ def test_every_cleanup_reason_is_sampled_and_plotted_in_a_colour_of_its_own() ->
     assert {f"cleanups_{reason}" for reason in CleanupReason} <= {f.name for f in fields(Sample)}
     assert set(CLEANUP_COLOURS) == set(CleanupReason)
     assert len(set(CLEANUP_COLOURS.values())) == len(CLEANUP_COLOURS)
+
+
+def test_a_spike_between_two_samples_counts_through_the_kernels_high_water_mark() -> None:
+    samples = run([520, 560, 580] + [590, 585, 592, 588] * 30)
+    sampled = judge(samples, model="m", policy="smart", warmup_s=60)
+    spiked = judge(samples, model="m", policy="smart", warmup_s=60, high_water_bytes=790 * MB)
+    assert sampled.passed and sampled.peak_bytes == 592 * MB
+    assert spiked.peak_bytes == 790 * MB
+    assert [c.name for c in spiked.checks if not c.passed] == ["peak"]  # 790 MB > 1.5 x 520 MB
+
+
+def test_a_lost_request_fails_the_run_and_none_lost_passes() -> None:
+    samples = run([520, 560, 580] + [590, 585, 592, 588] * 30)
+    lost = judge(samples, model="m", policy="smart", warmup_s=60, lost_requests=1)
+    none = judge(samples, model="m", policy="smart", warmup_s=60, lost_requests=0)
+    assert [c.name for c in lost.checks if not c.passed] == ["lost_requests"]
+    assert none.passed
+    assert "[ok] lost_requests: 0 (bound 0)" in none.summary()
