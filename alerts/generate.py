@@ -219,8 +219,18 @@ and rate(embedding_queue_wait_seconds_count[10m]) > {MIN_TRAFFIC_RPS}
             for_="10m",
         ),
         alert(
+            "EmbeddingMemoryBudgetExhausted",
+            'sum without (reason) (increase(embedding_rejected_total{reason="budget"}[5m])) >= 1',
+            "The embedding service refuses requests for want of memory budget.",
+            "For 10 minutes {{ $labels.instance }} has refused requests because the memory its work in flight "
+            "holds was at its budget of "
+            + quoted('embedding_memory_budget_bytes{instance="%[1]s",job="%[2]s"}')
+            + " ({{ $value | humanize }} refusals in the last 5 minutes): clients get 429 and retry.",
+            for_="10m",
+        ),
+        alert(
             "EmbeddingRequestsRejected",
-            "rate(embedding_rejected_total[5m]) * 60 > 6",
+            'rate(embedding_rejected_total{reason!="budget"}[5m]) * 60 > 6',
             "The embedding service refuses requests.",
             "{{ $labels.instance }} has refused {{ $value | humanize }} requests a minute for 5 minutes, "
             "with reason {{ $labels.reason }} (bound 6).",

@@ -13,6 +13,7 @@ from app import api, debug, errors, instrumentation, jsonio, ops
 from app.activity import ActivityTracker
 from app.allocator import limit_glibc_arenas
 from app.backend import EmbeddingBackend, backend_for
+from app.budget import MemoryBudget, provisional_capacity
 from app.components import Components, components
 from app.config import Settings, unknown_variables
 from app.engine import Engine
@@ -50,7 +51,9 @@ def create_app(
         rss_sampler=rss_bytes,
         on_fatal=on_fatal,
     )
-    manager = MemoryManager(settings, metrics=metrics, engine=engine)
+    # Until the model is loaded, only bodies arrive: the memory manager derives the real budget once it is.
+    budget = MemoryBudget(settings.memory_budget_bytes or provisional_capacity(settings.max_body_bytes), metrics)
+    manager = MemoryManager(settings, metrics=metrics, engine=engine, budget=budget)
     heap_tracer = HeapTracer() if settings.debug_endpoints else None
     Components(settings, engine, manager, metrics, ActivityTracker(), heap_tracer).init_app(app)
     instrumentation.init_app(app, metrics)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import time
 from collections.abc import Callable
@@ -12,10 +13,11 @@ from flask import Blueprint, Response, g, jsonify, request
 
 from app.activity import OPS_CHECK_HEADER
 from app.backend import InputType, ModelInfo, Token
+from app.budget import Reservation
 from app.components import components
 from app.engine import EmbeddingResult
 from app.errors import ClientClosed, Unavailable
-from app.front import CLIENT_GONE
+from app.front import BODY, CLIENT_GONE, RESERVATION
 from app.openapi import openapi_document
 from app.schemas import (
     EmbeddingRequest,
@@ -38,7 +40,7 @@ def embed() -> Response:
     """Embed one text or a list of texts: text-embeddings-inference's route, answer and errors."""
     started = time.perf_counter()
     info = _model_info()
-    req = parse_embed(parse_json_object(request.get_data()), components().limits, info)
+    req = parse_embed(parse_json_object(_body()), components().limits, info)
     result = _run(req, info)
     vectors = shape_vectors(result.embeddings, dimensions=req.dimensions, normalize=req.normalize)
     response = jsonify(vectors)  # float32 rows, written by app.jsonio without Python floats
@@ -51,7 +53,7 @@ def openai_embeddings() -> Response:
     """OpenAI-compatible embeddings."""
     started = time.perf_counter()
     info = _model_info()
-    req = parse_openai(parse_json_object(request.get_data()), components().limits, info)
+    req = parse_openai(parse_json_object(_body()), components().limits, info)
     result = _run(req, info)
     vectors = shape_vectors(result.embeddings, dimensions=req.dimensions, normalize=True)
     as_base64 = req.encoding_format == "base64"
@@ -75,7 +77,7 @@ def openai_embeddings() -> Response:
 def tokenize() -> Response:
     """How the model tokenizes each text: text-embeddings-inference's route, answer and errors."""
     info = _model_info()
-    req = TokenizeRequest.validated(parse_json_object(request.get_data()), components().limits, info)
+    req = TokenizeRequest.validated(parse_json_object(_body()), components().limits, info)
     prompt = info.prompts[req.prompt_name] if req.prompt_name else ""
     texts = [prompt + text for text in req.texts]
     tokenized = components().engine.tokenize(texts, add_special_tokens=req.add_special_tokens)
@@ -136,6 +138,16 @@ def openapi() -> Response:
     return jsonify(openapi_document(__version__, parts.limits, parts.engine.info, debug=parts.heap_tracer is not None))
 
 
+def _body() -> bytes:
+    """The request body, once: as the front read it (no copy), let go from the request once parsed; or from the
+    stream for a request that did not come through the front."""
+    body: bytes | None = request.environ.pop(BODY, None)
+    if body is None:
+        return request.get_data()
+    request.environ["wsgi.input"] = io.BytesIO()
+    return body
+
+
 def _model_info() -> ModelInfo:
     engine = components().engine
     if engine.info is None or not engine.ready:
@@ -146,8 +158,13 @@ def _model_info() -> ModelInfo:
 
 def _run(req: EmbeddingRequest, info: ModelInfo) -> EmbeddingResult:
     parts = components()
-    g.inputs = len(req.texts)
+    g.inputs, g.characters = len(req.texts), sum(len(text) for text in req.texts)
     parts.memory.admit()
+    cost = parts.budget.cost
+    assert cost is not None  # derived once the model is loaded, which _model_info has checked
+    reservation = _reservation()
+    body_bytes = request.content_length or 0
+    reservation.resize(cost.request_bytes(body_bytes=body_bytes, texts=req.texts, dimensions=req.dimensions))
     if OPS_CHECK_HEADER not in request.headers:  # the ops scripts' own check after a start is not indexing
         parts.activity.record()
     prefix = info.prompts[req.prompt_name] if req.prompt_name else info.prefix_for(req.input_type)
@@ -158,10 +175,29 @@ def _run(req: EmbeddingRequest, info: ModelInfo) -> EmbeddingResult:
         prefix=prefix,
         request_id=g.get("request_id"),
     )
+    req.let_texts_go()  # queued: the engine holds what the model reads of them
+    reservation.resize(cost.queued_bytes(job.texts, req.dimensions))
     gone = request.environ.get(CLIENT_GONE)
     if gone is not None:  # served by app.server: a client that disconnects takes its texts off the queue
         gone.subscribe(lambda: job.fail(ClientClosed("the client closed the connection before the answer")))
-    return job.wait(parts.settings.request_timeout_s)
+    return job.wait(parts.settings.request_timeout_s, waited_s=time.perf_counter() - g.started)
+
+
+def _reservation() -> Reservation:
+    """This request's place in the memory budget: the front's (held until the answer is written), or, for a
+    request that did not come through it (Flask's test client), one of its own, released after it."""
+    held: Reservation | None = request.environ.get(RESERVATION)
+    if held is None:
+        held = g.own_reservation = components().budget.reservation()
+        request.environ[RESERVATION] = held
+    return held
+
+
+@bp.teardown_app_request
+def _release_own_reservation(_exc: BaseException | None) -> None:
+    held: Reservation | None = g.pop("own_reservation", None)
+    if held is not None:
+        held.release()
 
 
 def _compute_headers(req: EmbeddingRequest, result: EmbeddingResult, info: ModelInfo, started: float) -> dict[str, str]:
@@ -170,7 +206,7 @@ def _compute_headers(req: EmbeddingRequest, result: EmbeddingResult, info: Model
     return {
         "x-compute-type": info.device,
         "x-compute-tokens": str(result.total_tokens),
-        "x-compute-characters": str(sum(len(text) for text in req.texts)),
+        "x-compute-characters": str(g.characters),
         "x-compute-time": total_ms,
         "x-total-time": total_ms,
         "x-queue-time": str(round(result.queue_s * 1000)),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from flask import Flask, current_app
 
 from app.activity import ActivityTracker
+from app.budget import MemoryBudget
 from app.config import Settings
 from app.engine import Engine
 from app.heaptrace import HeapTracer
@@ -27,6 +28,11 @@ class Components:
     metrics: Metrics
     activity: ActivityTracker
     heap_tracer: HeapTracer | None = None  # with EMBEDDING_DEBUG_ENDPOINTS=true
+
+    @property
+    def budget(self) -> MemoryBudget:
+        """What requests in flight may hold: the memory manager's (it derives it once the model is loaded)."""
+        return self.memory.budget
 
     @property
     def limits(self) -> Limits:

@@ -89,6 +89,7 @@ class Settings:
     memory_elevated_bytes: int = 2_000_000_000
     memory_high_bytes: int = 2_500_000_000
     memory_limit_bytes: int | None = None
+    memory_budget_bytes: int | None = None
     cleanup_interval_s: float = 300.0
     cleanup_every_requests: int = 50
     cleanup_cooldown_s: float = 30.0
@@ -133,6 +134,11 @@ class Settings:
             "MEMORY_LIMIT_BYTES",
             "a byte size above 0, or empty for no limit",
         )
+        _check(
+            self.memory_budget_bytes is None or self.memory_budget_bytes > 0,
+            "MEMORY_BUDGET_BYTES",
+            "a byte size above 0, or empty to derive it from the thresholds and the warmed baseline",
+        )
         _check(self.cleanup_interval_s > 0, "CLEANUP_INTERVAL_S", "a number of seconds above 0")
         _check(self.cleanup_every_requests >= 1, "CLEANUP_EVERY_REQUESTS", "a whole number of at least 1")
         _check(self.cleanup_cooldown_s >= 0, "CLEANUP_COOLDOWN_S", "a number of seconds, 0 or more")
@@ -175,6 +181,7 @@ class Settings:
             "memory_elevated_bytes": reader.get("MEMORY_ELEVATED_BYTES", parse_bytes, "a byte size such as 2GB"),
             "memory_high_bytes": reader.get("MEMORY_HIGH_BYTES", parse_bytes, "a byte size such as 2.5GB"),
             "memory_limit_bytes": reader.get("MEMORY_LIMIT_BYTES", parse_bytes, "a byte size such as 3GB"),
+            "memory_budget_bytes": reader.get("MEMORY_BUDGET_BYTES", parse_bytes, "a byte size such as 1GB"),
             "cleanup_interval_s": reader.get("CLEANUP_INTERVAL_S", _parse_float, "a number of seconds"),
             "cleanup_every_requests": reader.get("CLEANUP_EVERY_REQUESTS", _parse_int, "a whole number"),
             "cleanup_cooldown_s": reader.get("CLEANUP_COOLDOWN_S", _parse_float, "a number of seconds"),

@@ -209,14 +209,27 @@ class Unavailable(ServiceError):
     type = "service_unavailable_error"
 
 
+class NotSupported(ServiceError):
+    """What the service does not implement, such as a transfer coding other than chunked (RFC 9112 section 6.1)."""
+
+    status = 501
+    type = "not_supported_error"
+
+
 _HTTP_ERRORS: dict[int, type[ServiceError]] = {
     400: MalformedBody,
     404: NotFound,
     405: MethodNotAllowed,
     408: RequestTimeout,
     413: PayloadTooLarge,
+    501: NotSupported,
     503: Unavailable,
 }
+
+
+REFUSALS = frozenset({408, 413, 429, 503})
+"""Statuses of requests refused for what they cost or when they came, not for what they said: logged as
+``request.rejected``."""
 
 
 def error_for_status(status: int, message: str) -> ServiceError:
@@ -232,9 +245,9 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(ServiceError)
     def _service_error(error: ServiceError) -> Response:
-        if error.status >= 500:
+        if error.status >= 500 and error.status != 503:
             log.warning("request.failed", status=error.status, error=error.message)
-        elif error.status in (429, 503):
+        elif error.status in REFUSALS:
             log.info("request.rejected", status=error.status, reason=error.type, error=error.message)
         return _respond(error)
 

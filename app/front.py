@@ -6,12 +6,16 @@ body, held every thread and the service stopped answering. Here the event loop r
 completely before a thread is committed to it: its headers within ``EMBEDDING_HEADER_TIMEOUT_S``
 (:mod:`app.server`, the gunicorn worker that serves this application), its body within
 ``EMBEDDING_BODY_TIMEOUT_S`` and ``EMBEDDING_MAX_BODY_BYTES`` (here). A slow or idle client costs a socket,
-not a thread; bodies held in memory at once are bounded too (``BUFFER_FACTOR``). A kept-alive connection
-is closed after gunicorn's ``keepalive`` seconds without a new request.
+not a thread. A kept-alive connection is closed after gunicorn's ``keepalive`` seconds without a new request.
 
-The same place answers what it decides itself (408, 413, 503) with the service's JSON error body, and
-tells a request when its client disconnects (:class:`ClientGone`), so the engine drops its queued texts
-instead of computing them.
+Every request body is held in the memory budget (:mod:`app.budget`) from its first byte to its answer: a
+body whose length is declared is admitted whole or refused at once, before it is read; a chunked one is
+counted as it arrives, and refused the moment it passes the body limit or finds no room. Nothing waits for
+room, so many large uploads at once cannot starve each other until their deadline.
+
+The same place answers what it decides itself (408, 413, 429) with the service's JSON error body, logs
+and counts each refusal (``on_refusal``), and tells a request when its client disconnects
+(:class:`ClientGone`), so the engine drops its queued texts instead of computing them.
 
 Probes and scrapes (``/health``, ``/ready``, ``/metrics``) run on a small pool of their own, so a service
 whose request threads all wait for the model still answers its liveness check.
@@ -28,7 +32,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from app.errors import error_for_status
+from app.budget import MemoryBudget, Reservation, body_estimate
+from app.errors import PayloadTooLarge, RequestTimeout, ServiceError, error_for_status
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -42,13 +47,16 @@ OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
 OPS_THREADS = 4
 CLIENT_GONE = "embedding.client_gone"
 """The WSGI environ key of the request's :class:`ClientGone`."""
+RESERVATION = "embedding.reservation"
+"""The WSGI environ key of the request's :class:`app.budget.Reservation`, held until its answer is written."""
+BODY = "embedding.body"
+"""The WSGI environ key of the whole body as read here: routes parse it without copying it from the stream."""
 
 DISCARD_FACTOR = 4
-"""After a 413, read and drop up to this many times the body limit, so the client can read the answer."""
+"""After a refusal, read and drop up to this many times the body limit, so the client can read the answer."""
 
-BUFFER_FACTOR = 4
-"""Request bodies held in memory at once, from their first byte to their answer: at most this many times the
-body limit. A body that finds no room waits (its client's sending stalls) until the body deadline, then 503."""
+Refused = Callable[[Scope, int, str, str, bool], None]
+"""Told of each refusal the front decides: (scope, status, reason, message, already counted by the budget)."""
 
 MAX_DETAIL_CHARS = 200
 """Longest quote of client input in an error message."""
@@ -91,29 +99,6 @@ class ClientGone:
             callback()
 
 
-class ByteBudget:
-    """Bytes of request bodies held at once, across requests; used from the event loop only."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._freed: asyncio.Event | None = None
-
-    async def take(self, size: int) -> None:
-        """Wait until ``size`` more bytes fit (a request alone always fits), then hold them."""
-        while self.used and self.used + size > self.limit:
-            if self._freed is None:
-                self._freed = asyncio.Event()
-            await self._freed.wait()
-        self.used += size
-
-    def give_back(self, size: int) -> None:
-        self.used -= size
-        if self._freed is not None:
-            self._freed.set()  # every waiter checks again
-            self._freed = None
-
-
 class WSGIFront:
     """An ASGI application that reads each request whole, then runs a WSGI application on a thread."""
 
@@ -124,13 +109,17 @@ class WSGIFront:
         threads: int,
         max_body_bytes: int,
         body_timeout_s: float,
+        budget: MemoryBudget,
+        on_refusal: Refused | None = None,
         on_shutdown: Callable[[], None] | None = None,
     ) -> None:
         self.wsgi_app = wsgi_app
+        self.budget = budget
         self._max_body = max_body_bytes
         self._body_timeout = body_timeout_s
+        self.on_refusal = on_refusal
+        """Told of every refusal decided before Flask: here, and by the protocol (app/server.py)."""
         self._on_shutdown = on_shutdown
-        self._buffered = ByteBudget(BUFFER_FACTOR * max_body_bytes)
         self._requests = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="http")
         self._ops = ThreadPoolExecutor(max_workers=OPS_THREADS, thread_name_prefix="http-ops")
 
@@ -144,9 +133,9 @@ class WSGIFront:
     # --- HTTP ---------------------------------------------------------------------------------------
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        held = [0]  # bytes of this request's body counted in the budget
+        reservation = self.budget.reservation()  # what this request holds, from its first byte to its answer
         try:
-            body = await self._read_body(scope, receive, send, held)
+            body = await self._read_body(scope, receive, send, reservation)
             if body is None:
                 return
             gone = ClientGone()
@@ -155,71 +144,97 @@ class WSGIFront:
             watcher = loop.create_task(_watch_disconnect(receive, gone))
             try:
                 environ = wsgi_environ(scope, body, gone)
+                environ[RESERVATION] = reservation
+                del body  # the environ holds it, until the answer
                 status, headers, content = await loop.run_in_executor(pool, self._call, environ)
+                del environ
             finally:
                 watcher.cancel()
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": content})
         finally:
-            self._buffered.give_back(held[0])
+            reservation.release()
 
-    async def _read_body(self, scope: Scope, receive: Receive, send: Send, held: list[int]) -> bytes | None:
-        """The whole body, or None after answering 408, 413 or 503 (or when the client left)."""
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send, reservation: Reservation) -> bytes | None:
+        """The whole body, or None after refusing it (408, 413, 429) or when the client left."""
         declared = _content_length(scope)
         if declared is not None and declared > self._max_body:
-            await self._refuse(scope, send, 413, self._too_large())
-            await self._discard(receive)
+            await self._refuse(scope, receive, send, PayloadTooLarge(self._too_large()), "body_too_large")
             return None
+        if declared and not await self._reserve(scope, receive, send, reservation, declared):
+            return None  # admitted whole or refused at once: a declared body is never read only to find no room
+        return await self._receive_body(scope, receive, send, reservation, counted=declared is None)
+
+    async def _receive_body(
+        self, scope: Scope, receive: Receive, send: Send, reservation: Reservation, *, counted: bool
+    ) -> bytes | None:
+        """Read the body's chunks until its end; a ``counted`` one (chunked: its length unknown until then) is
+        held in the budget as it grows."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._body_timeout
         chunks: list[bytes] = []
         size = 0
-        while True:
+        more = True
+        while more:
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - loop.time()))
             except TimeoutError:
-                await self._refuse(scope, send, 408, f"the request body did not arrive within {self._body_timeout:g} s")
+                late = RequestTimeout(f"the request body did not arrive within {self._body_timeout:g} s")
+                await self._refuse(scope, None, send, late, "body_timeout")
                 return None
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._max_body:
-                await self._refuse(scope, send, 413, self._too_large())
-                await self._discard(receive)
+                await self._refuse(scope, receive, send, PayloadTooLarge(self._too_large()), "body_too_large")
                 return None
-            try:
-                await asyncio.wait_for(self._buffered.take(len(chunk)), timeout=max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                await self._refuse(
-                    scope,
-                    send,
-                    503,
-                    "the service holds as many request bodies as it may; retry shortly",
-                    retry_after_s=5,
-                )
+            if counted and not await self._reserve(scope, receive, send, reservation, size):
                 return None
-            held[0] += len(chunk)
             chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    async def _reserve(self, scope: Scope, receive: Receive, send: Send, reservation: Reservation, length: int) -> bool:
+        """Hold a body of ``length`` bytes in the budget; False after refusing the request (429, or 413 when it
+        could never fit)."""
+        try:
+            reservation.resize(body_estimate(length))
+        except ServiceError as refusal:
+            await self._refuse(scope, receive, send, refusal, "budget", counted=True)
+            return False
+        return True
 
     def _too_large(self) -> str:
         return f"request body is larger than the limit of {self._max_body} bytes (EMBEDDING_MAX_BODY_BYTES)"
 
     async def _refuse(
-        self, scope: Scope, send: Send, status: int, message: str, retry_after_s: int | None = None
+        self,
+        scope: Scope,
+        receive: Receive | None,
+        send: Send,
+        error: ServiceError,
+        reason: str,
+        *,
+        counted: bool = False,
     ) -> None:
-        body = error_body(status, message, scope["path"])
+        """Answer ``error`` and close; read and drop what the client still sends (unless ``receive`` is None),
+        so it can read the answer; tell ``on_refusal``."""
+        path = scope["path"]
+        body = json.dumps(error.body_for(path)).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
+            *((name.lower().encode(), value.encode()) for name, value in error.headers().items()),
         ]
-        if retry_after_s is not None:
-            headers.append((b"retry-after", str(retry_after_s).encode()))
+        status = error.status_for(path)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+        if self.on_refusal is not None:
+            self.on_refusal(scope, status, reason, error.message, counted)
+        if receive is not None:
+            await self._discard(receive)
 
     async def _discard(self, receive: Receive) -> None:
         """Read and drop what the client still sends, up to a bound, so it can read the answer."""
@@ -309,6 +324,7 @@ def wsgi_environ(scope: Scope, body: bytes, gone: ClientGone) -> dict[str, Any]:
         "REMOTE_ADDR": str(client[0]),
         "REMOTE_PORT": str(client[1]),
         "CONTENT_LENGTH": str(len(body)),
+        BODY: body,
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": scope.get("scheme", "http"),
         "wsgi.input": io.BytesIO(body),

@@ -40,6 +40,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from app import allocator
 from app.backend import ModelInfo
 from app.breakdown import PythonObjects, allocator_accounts, free_but_kept, rss_by_kind
+from app.budget import CostModel, MemoryBudget, derive, provisional_capacity
 from app.config import Settings
 from app.engine import BatchStats
 from app.errors import Conflict, TooManyRequests, Unavailable
@@ -64,6 +65,13 @@ request path and from the monitor, batches or not (a purge takes about 7 ms on a
 
 SHED_CHECK_INTERVAL_S = 0.5
 """While shedding, the monitor re-checks memory this often, so an idle service stops shedding by itself."""
+
+SHED_MARGIN_SHARE = 0.05
+"""Shedding starts above the hard limit and stops only below it by this share of the limit (at most half the
+room between the warmed baseline and the limit), so that RSS wavering at the limit does not flap it."""
+
+SHED_MIN_S = 5.0
+"""Shedding, once started, lasts at least this long."""
 
 TRIM_MAX_SHARE = 0.02
 """Per-batch trims take at most this share of wall time (a trim costs about 7 ms on a 600 MB heap)."""
@@ -174,6 +182,7 @@ class ManagedEngine(Protocol):
     def is_idle(self) -> bool: ...
     def exclusive(self) -> AbstractContextManager[None]: ...
     def release_model_caches(self) -> None: ...
+    def limit_batch_tokens(self, tokens: int | None) -> None: ...
     @property
     def info(self) -> ModelInfo | None: ...
 
@@ -312,6 +321,7 @@ class MemoryManager:
         *,
         metrics: Metrics,
         engine: ManagedEngine,
+        budget: MemoryBudget | None = None,
         sampler: MemorySampler | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -324,6 +334,9 @@ class MemoryManager:
         self._policy = POLICIES[self.policy]
         self._metrics = metrics
         self._engine = engine
+        self.budget = budget or MemoryBudget(
+            settings.memory_budget_bytes or provisional_capacity(settings.max_body_bytes), metrics
+        )
         self._sampler = sampler or MemorySampler()
         self._python_objects = PythonObjects()
         self._clock = clock
@@ -336,6 +349,7 @@ class MemoryManager:
         self.allocator = allocator.active()
         self.trim_after_batch = self._policy.trims_between_batches and settings.trim_after_batch
         self._next_trim_at = 0.0
+        self._worked = False  # batches ran since the last trim while idle
         self._requests_since = 0
         self._last_cleanup_at = clock()
         self._last_threshold_at: float | None = None
@@ -346,6 +360,9 @@ class MemoryManager:
         self._pending: CleanupReason | None = None
         self._status: str | None = None
         self._shedding = False
+        self._shedding_since = 0.0
+        self.baseline_bytes: int | None = None
+        """RSS once the model is loaded, warmed up and its load garbage given back (the budget's floor)."""
         self._last: CleanupRecord | None = None
         self._counts: Counter[CleanupReason] = Counter()
         self._ineffective: Counter[CleanupReason] = Counter()
@@ -381,8 +398,9 @@ class MemoryManager:
         self._log_allocator()
         if self._policy.freezes_startup_objects:
             self._engine.add_ready_hook(self.freeze_startup_objects)
+        self._engine.add_ready_hook(self.derive_budget)
         self._engine.add_between_batches_hook(self.between_batches)
-        self._engine.add_idle_hook(self.run_pending)
+        self._engine.add_idle_hook(self.on_idle)
         self._engine.add_batch_observer(self.observe_batch)
         self._update_status(self._sampler.rss())
         self.breakdown()  # the breakdown's gauges have values from the start, not from the first monitor pass
@@ -456,15 +474,56 @@ class MemoryManager:
         return self._sampler.rss()
 
     def _update_shedding(self, rss: int, limit: int) -> bool:
-        """Start or stop shedding for this reading; True while RSS is above the limit."""
-        above = rss > limit
-        if above != self._shedding:
-            self._shedding = above
-            if above:
-                log.warning("memory.shedding_started", rss_bytes=rss, limit_bytes=limit)
+        """Start shedding above the limit, stop it below the limit less a margin once it has lasted
+        ``SHED_MIN_S``; True while shedding. While it lasts, the engine runs its smallest batches."""
+        now = self._clock()
+        with self._state_lock:
+            if not self._shedding and rss > limit:
+                self._shedding, self._shedding_since, changed = True, now, True
+            elif self._shedding and rss < limit - self.shed_margin(limit) and now - self._shedding_since >= SHED_MIN_S:
+                self._shedding, changed = False, True
             else:
-                log.info("memory.shedding_stopped", rss_bytes=rss, limit_bytes=limit)
-        return above
+                changed = False
+            shedding = self._shedding
+        if changed and shedding:
+            self._engine.limit_batch_tokens(1)  # one text at a time: the least activation memory
+            log.warning("memory.shedding_started", rss_bytes=rss, limit_bytes=limit)
+        elif changed:
+            derived = self.budget.derived
+            self._engine.limit_batch_tokens(derived.max_batch_tokens if derived else None)
+            log.info("memory.shedding_stopped", rss_bytes=rss, limit_bytes=limit)
+        return shedding
+
+    def shed_margin(self, limit: int) -> int:
+        """How far under the hard limit RSS must fall before shedding stops."""
+        margin = SHED_MARGIN_SHARE * limit
+        if self.baseline_bytes is not None and self.baseline_bytes < limit:
+            margin = min(margin, (limit - self.baseline_bytes) / 2)
+        return int(margin)
+
+    def derive_budget(self) -> None:
+        """Once the model is loaded and warm: measure the baseline and derive the memory budget above it
+        (app/budget.py), and hold the engine's batches to what fits (inference thread, before serving)."""
+        info = self._engine.info
+        if info is None:
+            return
+        self._heap.release()
+        self.baseline_bytes = self._sampler.rss()
+        settings = self._settings
+        ceiling = min(settings.memory_elevated_bytes, self.limit_bytes or settings.memory_elevated_bytes)
+        cost = CostModel.for_model(info)
+        derived = derive(
+            cost,
+            baseline=self.baseline_bytes,
+            ceiling=ceiling,
+            max_batch_tokens=settings.max_batch_tokens,
+            configured=settings.memory_budget_bytes,
+        )
+        self.budget.configure(cost, derived)
+        if derived.max_batch_tokens < settings.max_batch_tokens:
+            self._engine.limit_batch_tokens(derived.max_batch_tokens)
+        emit = log.warning if ceiling - self.baseline_bytes < 2 * derived.batch_reserve_bytes else log.info
+        emit("memory.budget", **self._budget_report())
 
     # --- decisions (monitor thread) --------------------------------------------------
 
@@ -547,6 +606,15 @@ class MemoryManager:
         elif self.trim_after_batch:
             self._trim_after_batch()
 
+    def on_idle(self) -> None:
+        """While the engine is idle (about every second): a pending cleanup, else (``smart``) one trim once the
+        requests of a burst are all answered, so that what they freed goes back now, not at the next cleanup
+        (under jemalloc freed pages otherwise stay until a purge)."""
+        if self._pending is not None:
+            self.run_pending()
+        elif self.trim_after_batch and self._worked and self.budget.used == 0 and self._trim_after_batch():
+            self._worked = False
+
     def run_pending(self) -> None:
         """Run the cleanup the monitor asked for, if any."""
         reason, self._pending = self._pending, None
@@ -570,16 +638,18 @@ class MemoryManager:
     def observe_batch(self, stats: BatchStats) -> None:
         """Record the RSS change of one batch."""
         self._metrics.batch_memory_delta.observe(stats.rss_delta_bytes)
+        self._worked = True
 
-    def _trim_after_batch(self) -> None:
+    def _trim_after_batch(self) -> bool:
+        """Give free heap back, at most once per interval; whether it did."""
         now = self._clock()
         if now < self._next_trim_at:
-            return
+            return False
         started = time.perf_counter()
         before = self._sampler.rss()
         if not self._heap.release():
             self._next_trim_at = float("inf")  # no allocator to ask: nothing to trim, ever
-            return
+            return False
         after = self._sampler.rss()
         took = time.perf_counter() - started
         # At most one per interval: what a trim hands back, the next batches fault in again.
@@ -587,6 +657,7 @@ class MemoryManager:
         self._next_trim_at = now + max(self._settings.trim_interval_s, took / TRIM_MAX_SHARE)
         self._metrics.trims.inc()
         self._metrics.trimmed_bytes.inc(max(0, before - after))
+        return True
 
     # --- the cleanup ---------------------------------------------------------------------
 
@@ -690,6 +761,24 @@ class MemoryManager:
                 log.info("memory.status_changed", previous=previous, status=status, rss_bytes=rss)
         return status
 
+    def _budget_report(self) -> dict[str, Any]:
+        """The budget as ``GET /memory`` and the ``memory.budget`` log line show it (null until derived)."""
+        derived = (
+            asdict(self.budget.derived)
+            if self.budget.derived
+            else dict.fromkeys(("ceiling_bytes", "baseline_bytes", "batch_reserve_bytes", "max_batch_tokens"))
+        )
+        derived.pop("capacity_bytes", None)
+        cost = self.budget.cost
+        return {
+            **derived,
+            "capacity_bytes": self.budget.capacity,
+            "used_bytes": self.budget.used,
+            "peak_bytes": self.budget.peak,
+            "activation_bytes_per_token": cost.activation_bytes_per_token if cost else None,
+            "source": "config" if self._settings.memory_budget_bytes is not None else "derived",
+        }
+
     def breakdown(self) -> dict[str, Any]:
         """Where the memory is (app/breakdown.py); also sets the breakdown's gauges."""
         kinds = rss_by_kind()
@@ -738,6 +827,7 @@ class MemoryManager:
             },
             "cgroup_limit_bytes": self.cgroup_limit_bytes,
             "shedding": self._shedding,
+            "budget": self._budget_report(),
             "cleanup_running": self._cleanup_lock.locked(),
             "last_cleanup": last,
             "cleanups": counts,

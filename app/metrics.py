@@ -62,7 +62,12 @@ class Metrics:
         self.tokens = Counter("embedding_tokens", "Tokens embedded (after truncation).", registry=r)
         self.queue_depth = Gauge("embedding_queue_depth", "Texts waiting for the inference thread.", registry=r)
         self.rejected = Counter(
-            "embedding_rejected", "Embedding requests refused before inference, by reason.", ["reason"], registry=r
+            "embedding_rejected",
+            "Requests refused before inference, by reason: queue_full, memory (over the hard limit), budget (no "
+            "room in the memory budget), too_costly (more than the whole budget), body_too_large, body_timeout, "
+            "header_timeout.",
+            ["reason"],
+            registry=r,
         )
         self.batch_size = Histogram(
             "embedding_batch_size", "Texts per model batch.", buckets=BATCH_SIZE_BUCKETS, registry=r
@@ -143,6 +148,17 @@ class Metrics:
             "embedding_memory_threshold_bytes",
             "Configured memory thresholds: elevated, high (cleanup) and limit (load shedding).",
             ["level"],
+            registry=r,
+        )
+        self.budget = Gauge(
+            "embedding_memory_budget_bytes",
+            "Memory that requests in flight may hold at once (derived from the thresholds and the warmed baseline, "
+            "or EMBEDDING_MEMORY_BUDGET_BYTES).",
+            registry=r,
+        )
+        self.budget_used = Gauge(
+            "embedding_memory_budget_used_bytes",
+            "Memory the requests in flight hold in the budget now: bodies, texts, queued work and answers.",
             registry=r,
         )
         self.memory_status = Gauge(

@@ -66,6 +66,11 @@ class EmbeddingRequest:
     prompt_name: str | None = None
     """A key of the model's prompts, whose text is put before each input (TEI's ``prompt_name``)."""
 
+    def let_texts_go(self) -> None:
+        """Empty :attr:`texts` once they are queued (the engine holds what the model reads of them), so that
+        a request waiting for its answer does not hold megabytes of text it no longer needs."""
+        self.texts.clear()
+
 
 # --- requests ---------------------------------------------------------------------
 
@@ -534,6 +539,22 @@ class CleanupTriggers(_Answer):
     trim_interval_s: float
 
 
+class MemoryBudgetReport(_Answer):
+    """What requests in flight may hold (app/budget.py): null fields until the model is loaded."""
+
+    capacity_bytes: int = Field(description="The budget: memory that requests in flight may hold at once.")
+    used_bytes: int = Field(description="Held now: bodies, texts, queued work and answers of requests in flight.")
+    peak_bytes: int = Field(description="The most ever held at once since the start.")
+    baseline_bytes: int | None = Field(description="RSS once the model was loaded and warmed up.")
+    ceiling_bytes: int | None = Field(description="The lowest of the elevated threshold and the hard limit.")
+    batch_reserve_bytes: int | None = Field(description="Activations of the largest batch, kept out of the budget.")
+    max_batch_tokens: int | None = Field(description="Padded tokens of the largest batch (less where room is short).")
+    activation_bytes_per_token: int | None = Field(
+        description="Peak activation bytes per padded token (the model's width)."
+    )
+    source: Literal["derived", "config"] = Field(description="derived, or config (EMBEDDING_MEMORY_BUDGET_BYTES).")
+
+
 class MemoryResponse(_Answer):
     """``GET /memory``: memory now, its breakdown, the thresholds, the cleanups so far and the triggers."""
 
@@ -547,6 +568,7 @@ class MemoryResponse(_Answer):
     thresholds: MemoryThresholds
     cgroup_limit_bytes: int | None
     shedding: bool = Field(description="Above the hard limit: new embedding requests get 503 and /ready 503.")
+    budget: MemoryBudgetReport
     cleanup_running: bool
     last_cleanup: CleanupRecord | None
     cleanups: dict[str, int] = Field(description="Cleanups run so far, by reason.")

@@ -1,30 +1,52 @@
 """The gunicorn worker: gunicorn's asyncio worker with a deadline for request headers and JSON errors.
 
 It serves :class:`app.front.WSGIFront` (``app.asgi:app``), which reads each request body in the event
-loop. Here: the first request's headers must arrive within ``EMBEDDING_HEADER_TIMEOUT_S`` (later ones on a
-kept-alive connection within gunicorn's ``keepalive``), else 408 and the connection is closed; and the
-errors gunicorn's HTTP parser answers itself (400, 414, 431, 501) carry the service's JSON error body.
+loop. Here, at the protocol: the first request's headers must arrive within ``EMBEDDING_HEADER_TIMEOUT_S``
+(later ones on a kept-alive connection within gunicorn's ``keepalive``), else 408 and the connection is
+closed; the errors gunicorn's HTTP parser answers itself (400, 414, 431, 501) carry the service's JSON
+error body; an HTTP/1.1 request without ``Host`` is a 400 (RFC 9112 section 3.2); a chunk announced larger
+than the body limit is a 413 before a byte of it is read; and a client that sends its whole request and
+then closes its sending side (``shutdown(SHUT_WR)``) still gets its answer, while one that closed its
+socket is told to the request (its texts are dropped).
+
+Everything that reaches into gunicorn's protocol (its parser's state, its private hooks) is in this module.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Iterable
 from typing import Any
 
+import structlog
 from flask import Flask
 from gunicorn.asgi import protocol as gunicorn_protocol
 from gunicorn.workers import gasgi
+from werkzeug.exceptions import HTTPException
 
 from app.components import components
 from app.config import Settings
-from app.front import WSGIFront, clip, error_body
+from app.front import Scope, WSGIFront, clip, error_body
+
+log = structlog.get_logger("app.http")
+
+PEER_CHECK_S = (0.05, 0.25)
+"""After a client's end of stream: when to look for the reset that a closed socket answers our 100 with, and
+how often after that while its request runs."""
+
+_TCP_CLOSE = 7  # tcpi_state of a connection the peer has reset (Linux <netinet/tcp.h>)
 
 
 class Protocol(gunicorn_protocol.ASGIProtocol):  # type: ignore[misc]  # gunicorn is untyped
-    """gunicorn's HTTP/1 protocol with a deadline for the first request's headers and JSON errors."""
+    """gunicorn's HTTP/1 protocol with a deadline for the first request's headers, JSON errors, ``Host``
+    required, chunk sizes checked against the body limit, and half-closed clients answered."""
 
     _header_deadline: asyncio.TimerHandle | None = None
+    _answering = False  # the current request's response has started
+    _body_seen = 0  # body bytes of the current request so far
+    _peer_check: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -33,10 +55,70 @@ class Protocol(gunicorn_protocol.ASGIProtocol):  # type: ignore[misc]  # gunicor
 
     def _on_headers_complete(self) -> bool:
         self._cancel_header_deadline()
+        self._answering, self._body_seen = False, 0
+        parser = self._callback_parser
+        if parser.http_version == (1, 1) and not any(name == b"host" for name, _ in parser.headers):
+            self._refuse(400, "an HTTP/1.1 request must have a Host header (RFC 9112 section 3.2)")
+            return False
         return bool(super()._on_headers_complete())
+
+    def _on_body(self, chunk: bytes) -> None:
+        self._body_seen += len(chunk)
+        super()._on_body(chunk)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        parser = self._callback_parser
+        if self._closed or parser is None or getattr(parser, "_chunk_state", None) != "data":
+            return
+        announced = self._body_seen + int(getattr(parser, "_chunk_remaining", 0))
+        if announced > self.worker.max_body_bytes:
+            self._refuse(
+                413,
+                f"request body is larger than the limit of {self.worker.max_body_bytes} bytes "
+                f"(EMBEDDING_MAX_BODY_BYTES): a chunk announced would make it {announced} bytes",
+            )
+
+    def _send_response_start(self, *args: Any, **kwargs: Any) -> Any:
+        self._answering = True
+        return super()._send_response_start(*args, **kwargs)
+
+    def eof_received(self) -> bool | None:
+        """The client ended its stream. With its request whole and unanswered it may only have closed its
+        sending side, and wait for the answer: keep the connection, answer, then close. Whether it closed its
+        socket altogether shows once it is written to: a 100 (Continue), which HTTP/1.1 clients read past,
+        makes a closed socket's kernel answer with a reset (:meth:`_check_peer`)."""
+        receiver = self._body_receiver
+        waiting = self._current_request is not None and receiver is not None and receiver._complete
+        if self._closed or not waiting or self._answering:
+            return None  # asyncio closes the connection
+        self._keepalive = 0  # no request can follow: close after the answer
+        if self._current_request.version == (1, 1):
+            self._safe_write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._peer_check = self.worker.loop.call_later(PEER_CHECK_S[0], self._check_peer)
+        return True
+
+    def _check_peer(self) -> None:
+        """After a 100 was written to a client that ended its stream: a reset means it is gone."""
+        self._peer_check = None
+        if self._closed or self._answering:
+            return
+        sock = self.transport.get_extra_info("socket")
+        try:
+            state = struct.unpack("B", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1))[0]
+            gone = state == _TCP_CLOSE or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+        except (OSError, AttributeError):  # not a TCP socket on Linux: no way to tell, so keep answering
+            return
+        if gone:
+            self.transport.abort()  # connection_lost: the request learns its client left
+            return
+        self._peer_check = self.worker.loop.call_later(PEER_CHECK_S[1], self._check_peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_deadline()
+        if self._peer_check is not None:
+            self._peer_check.cancel()
+            self._peer_check = None
         super().connection_lost(exc)
 
     def _cancel_header_deadline(self) -> None:
@@ -48,13 +130,38 @@ class Protocol(gunicorn_protocol.ASGIProtocol):  # type: ignore[misc]  # gunicor
         self._header_deadline = None
         if self._closed or self._current_request is not None:
             return
-        self._send_error_response(408, f"the request headers did not arrive within {self.worker.header_timeout_s:g} s")
+        self._refuse(408, f"the request headers did not arrive within {self.worker.header_timeout_s:g} s")
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` with the JSON error body (in the shape of the request's route, once it is known)
+        and close the connection."""
+        request = self._current_request
+        where = {"path": request.path, "method": request.method} if request is not None else {}
+        self._send_error_response(status, message, **where)
         self._close_transport()
         if self._request_ready is not None:
             self._request_ready.set()  # the connection loop sees the close and ends
 
-    def _send_error_response(self, status: int, message: str, extra_headers: Iterable[tuple[str, str]] = ()) -> None:
-        body = error_body(status, clip(message))
+    def _send_error_response(
+        self,
+        status: int,
+        message: str,
+        extra_headers: Iterable[tuple[str, str]] = (),
+        path: str = "",
+        method: str = "",
+    ) -> None:
+        """Every answer the protocol decides (ours and gunicorn's parser's), with the JSON error body; a refusal
+        is logged and counted through the front."""
+        if status == 501:  # gunicorn's parser says only the coding it does not know
+            message = (
+                f"transfer coding {message!r} is not supported: send the body with a Content-Length, or with "
+                "Transfer-Encoding: chunked"
+            )
+        reason = PROTOCOL_REFUSALS.get(status)
+        refused = getattr(self.app, "on_refusal", None)
+        if reason is not None and refused is not None:
+            refused({"path": path, "method": method}, status, reason, message, False)
+        body = error_body(status, clip(message), path)
         reason = gunicorn_protocol._REASON_PHRASES.get(status, "Error")
         extra = "".join(f"{name}: {value}\r\n" for name, value in extra_headers)
         head = (
@@ -69,13 +176,29 @@ class Worker(gasgi.ASGIWorker):  # type: ignore[misc]  # gunicorn is untyped
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.header_timeout_s = Settings.from_env().header_timeout_s
+        settings = Settings.from_env()
+        self.header_timeout_s = settings.header_timeout_s
+        self.max_body_bytes = settings.max_body_bytes
 
     def init_process(self) -> None:
         # gunicorn's worker builds each connection's protocol from this module-level name; in this (forked
         # worker) process it is ours.
         gasgi.ASGIProtocol = Protocol
         super().init_process()
+
+
+PROTOCOL_REFUSALS = {
+    400: "bad_request",
+    408: "header_timeout",
+    413: "body_too_large",
+    414: "uri_too_long",
+    431: "headers_too_large",
+    501: "not_supported",
+}
+"""The reason of each refusal the protocol answers itself, by status."""
+
+FRONT_REASONS = frozenset({*PROTOCOL_REFUSALS.values(), "body_timeout"})
+"""Refusals the front and the protocol decide; counted in ``embedding_rejected_total`` by :func:`serve`."""
 
 
 def serve(flask_app: Flask, settings: Settings) -> WSGIFront:
@@ -90,10 +213,35 @@ def serve(flask_app: Flask, settings: Settings) -> WSGIFront:
         parts.memory.stop()
         parts.engine.stop(timeout_s=max(30.0, settings.request_timeout_s))
 
+    metrics = components(flask_app).metrics
+    for reason in FRONT_REASONS:
+        metrics.rejected.labels(reason=reason)  # zeros from the start, for rates and alerts
+
+    def refused(scope: Scope, status: int, reason: str, message: str, counted: bool) -> None:
+        """Log and count a request the front or the protocol refused before Flask saw it."""
+        route = _route(flask_app, scope.get("path", ""), scope.get("method", ""))
+        metrics.requests.labels(route=route, code=str(status)).inc()
+        if not counted:
+            metrics.rejected.labels(reason=reason).inc()
+        log.info("request.rejected", route=route, status=status, reason=reason, error=clip(message))
+
     return WSGIFront(
         flask_app,
         threads=settings.http_threads,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
+        budget=components(flask_app).budget,
+        on_refusal=refused,
         on_shutdown=stop,
     )
+
+
+def _route(flask_app: Flask, path: str, method: str) -> str:
+    """The route (rule) ``path`` would reach, as request metrics name it; "unmatched" for none."""
+    if not path:
+        return "unmatched"
+    try:
+        rule, _ = flask_app.url_map.bind("localhost").match(path, method=method or None, return_rule=True)
+    except HTTPException:
+        return "unmatched"
+    return str(rule.rule)

@@ -390,12 +390,32 @@ def memory(lay: Layout) -> None:
             (rate("embedding_memory_trimmed_bytes_total"), "trimmed bytes/s"),
             (rate("embedding_memory_trims_total"), "trims/s"),
         ),
-        24,
+        12,
         7,
     )
     lay.panels[-1]["fieldConfig"]["overrides"].append(
         {"matcher": {"id": "byName", "options": "trims/s"}, "properties": [{"id": "unit", "value": "ops"}]}
     )
+    budget = timeseries(
+        "Memory budget of the work in flight",
+        "What the requests in flight hold (bodies, texts, queued work, answers) against the budget each instance "
+        "derived from its thresholds and warmed baseline (or EMBEDDING_MEMORY_BUDGET_BYTES). At the budget, "
+        "new requests are refused at once (429, 'Rejections by reason': budget); EmbeddingMemoryBudgetExhausted "
+        "fires when that lasts.",
+        "decbytes",
+        (selector("embedding_memory_budget_used_bytes"), "in flight {{instance}}"),
+        (selector("embedding_memory_budget_bytes"), "budget {{instance}}"),
+    )
+    budget["fieldConfig"]["overrides"].append(
+        {
+            "matcher": {"id": "byRegexp", "options": "budget .*"},
+            "properties": [
+                {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+                {"id": "custom.fillOpacity", "value": 0},
+            ],
+        }
+    )
+    lay.add(budget, 12, 7)
 
 
 def cleanup(lay: Layout, settings: Settings) -> None:
@@ -589,7 +609,10 @@ def errors(lay: Layout) -> None:
     lay.add(
         timeseries(
             "Rejections by reason",
-            "Embedding requests refused before inference: queue_full (429) or memory (503).",
+            "Requests refused before inference: queue_full (429), memory (503, over the hard limit), budget (429, "
+            "no room in the memory budget), too_costly (413, more than the whole budget), and what the HTTP front "
+            "refuses itself: body_too_large (413), body_timeout and header_timeout (408), bad_request, "
+            "uri_too_long, headers_too_large, not_supported.",
             "reqps",
             (rate("embedding_rejected_total", "reason"), "{{reason}}"),
         ),

@@ -163,3 +163,60 @@ def test_the_texts_of_a_client_that_left_are_not_computed(service: ServiceProces
     print(f"\nclient left after 0.5 s: {computed:.0f} of 256 texts computed")
     assert completed["status"] == 499
     assert computed <= 64  # at most the batches already under way
+
+
+def test_a_client_that_half_closes_after_its_request_gets_its_answer(service: ServiceProcess) -> None:
+    body = json.dumps({"inputs": ["first text", "second text"]}).encode()
+    request = (
+        b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)  # nothing more to send: only the answer to read
+        raw = b""
+        while data := sock.recv(65536):
+            raw += data
+    interim, _, final = raw.partition(b"\r\n\r\n")
+    assert interim == b"HTTP/1.1 100 Continue"  # what tells a half-closed client from one that left
+    head, _, answer = final.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"connection: close" in head.lower()  # it can send no further request
+    assert len(json.loads(answer)) == 2
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "error_type", "reason"),
+    [
+        (b"GET /health HTTP/1.1\r\n\r\n", 400, "invalid_request_error", "bad_request"),
+        (
+            b"POST /embed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            501,
+            "not_supported_error",
+            "not_supported",
+        ),
+    ],
+    ids=["http-1.1-without-host", "unknown-transfer-coding"],
+)
+def test_protocol_refusals_say_what_is_wrong_and_are_counted(
+    service: ServiceProcess, raw: bytes, status: int, error_type: str, reason: str
+) -> None:
+    before = service.metric("embedding_rejected_total", reason=reason) or 0
+    got, body = status_and_json(raw_exchange(service, raw))
+    assert (got, body["error"]["type"]) == (status, error_type)  # type: ignore[index]
+    assert "internal" not in str(body).lower()
+    assert service.metric("embedding_rejected_total", reason=reason) == before + 1
+    assert status_and_json(raw_exchange(service, b"GET /health HTTP/1.0\r\n\r\n"))[0] == 200  # 1.0 needs no Host
+
+
+def test_a_chunk_announced_over_the_body_limit_is_a_413_before_it_is_sent(service: ServiceProcess) -> None:
+    started = time.monotonic()
+    raw = raw_exchange(
+        service,
+        b"POST /embed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%X\r\n" % (2 * 1024 * 1024) + b"{",
+    )
+    status, body = status_and_json(raw)
+    assert status == 413
+    assert "larger than the limit of 1048576 bytes" in str(body)
+    assert time.monotonic() - started < 1.0

@@ -11,7 +11,9 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from app.front import CLIENT_GONE, ClientGone, WSGIFront
+from app.budget import MemoryBudget, body_estimate
+from app.front import CLIENT_GONE, RESERVATION, ClientGone, WSGIFront
+from app.metrics import Metrics
 
 Message = dict[str, Any]
 
@@ -75,8 +77,9 @@ def run(front: WSGIFront, receive: Any, request_scope: dict[str, Any] | None = N
     return sent
 
 
-def front_for(app: Any, **kwargs: Any) -> WSGIFront:
-    return WSGIFront(app, **{"threads": 2, "max_body_bytes": 1000, "body_timeout_s": 1.0, **kwargs})
+def front_for(app: Any, *, capacity: int = 1_000_000, **kwargs: Any) -> WSGIFront:
+    budget = MemoryBudget(capacity, Metrics())
+    return WSGIFront(app, **{"threads": 2, "max_body_bytes": 1000, "body_timeout_s": 1.0, "budget": budget, **kwargs})
 
 
 def error_of(sent: list[Message]) -> tuple[int, dict[str, Any], dict[bytes, bytes]]:
@@ -159,13 +162,11 @@ def test_a_client_that_disconnects_is_told_to_the_request() -> None:
     assert gone_seen == [True]
 
 
-def test_bodies_held_at_once_are_bounded_and_a_waiting_body_goes_on_when_room_is_freed() -> None:
-    release = threading.Event()
-    app = Seen(block=release)
-    front = front_for(app, max_body_bytes=100)  # room for 400 bytes of bodies at once, from arrival to answer
+def concurrently(front: WSGIFront, requests: list[tuple[dict[str, Any], Any]], *, hold: threading.Event) -> Any:
+    """Start each (scope, receive) on ``front`` in order; returns what each was sent, once ``hold`` is set."""
 
-    async def five_requests() -> list[list[Message]]:
-        sent: list[list[Message]] = [[] for _ in range(5)]
+    async def go() -> list[list[Message]]:
+        sent: list[list[Message]] = [[] for _ in requests]
 
         def sender(n: int) -> Any:
             async def send(message: Message) -> None:
@@ -173,20 +174,77 @@ def test_bodies_held_at_once_are_bounded_and_a_waiting_body_goes_on_when_room_is
 
             return send
 
-        tasks = [asyncio.create_task(front(scope(), client(bytes([65 + n]) * 100), sender(n))) for n in range(4)]
+        tasks = []
+        for n, (request_scope, receive) in enumerate(requests):
+            tasks.append(asyncio.create_task(front(request_scope, receive, sender(n))))
+            await asyncio.sleep(0.05)  # in arrival order
         await asyncio.sleep(0.2)
-        assert front._buffered.used == 400  # two answering, two waiting for a thread: all four bodies held
-        tasks.append(asyncio.create_task(front(scope(), client(b"E" * 100), sender(4))))
-        await asyncio.sleep(0.2)
-        assert not tasks[4].done() and front._buffered.used == 400  # the fifth waits for room
-        release.set()
+        used_while_held = front.budget.used
+        hold.set()
         await asyncio.gather(*tasks)
-        assert front._buffered.used == 0
-        return sent
+        return [sent, used_while_held]
 
-    sent = asyncio.run(five_requests())
-    assert [s[0]["status"] for s in sent] == [200] * 5
-    assert sorted(app.bodies) == [bytes([65 + n]) * 100 for n in range(5)]
+    return asyncio.run(go())
+
+
+def sized(n: int, length: int = 100) -> tuple[dict[str, Any], Any]:
+    return scope(headers=[(b"content-length", str(length).encode())]), client(bytes([65 + n]) * length)
+
+
+def test_declared_bodies_are_admitted_whole_or_refused_at_once_in_arrival_order() -> None:
+    hold = threading.Event()
+    app = Seen(block=hold)
+    refusals: list[tuple[int, str, bool]] = []
+    front = front_for(
+        app,
+        max_body_bytes=100,
+        capacity=body_estimate(100) * 2,  # room for two bodies of 100 bytes at once
+        on_refusal=lambda scope, status, reason, message, counted: refusals.append((status, reason, counted)),
+    )
+    sent, used_while_held = concurrently(front, [sized(n) for n in range(4)], hold=hold)
+    statuses = [s[0]["status"] for s in sent]
+    assert statuses == [200, 200, 429, 429]  # the first two in, the later ones refused without waiting
+    assert used_while_held == 2 * body_estimate(100)  # each admitted body held whole from the start
+    assert front.budget.used == 0  # and given back once answered
+    refused = dict(sent[2][0]["headers"])
+    assert refused[b"retry-after"] == b"2" and refused[b"connection"] == b"close"
+    assert json.loads(sent[2][1]["body"])["error"]["type"] == "rate_limit_error"
+    assert refusals == [(429, "budget", True), (429, "budget", True)]  # counted by the budget, told to the log
+    assert sorted(app.bodies) == [b"A" * 100, b"B" * 100]
+
+
+def test_a_chunked_body_is_counted_as_it_arrives_and_refused_when_it_finds_no_room() -> None:
+    hold = threading.Event()
+    front = front_for(Seen(block=hold), max_body_bytes=1000, capacity=body_estimate(300))
+    first = scope(headers=[(b"content-length", b"200")]), client(b"x" * 200)
+    chunked = scope(headers=[(b"transfer-encoding", b"chunked")]), client(b"y" * 50, b"y" * 50, b"y" * 50)
+    sent, _ = concurrently(front, [first, chunked], hold=hold)
+    assert [s[0]["status"] for s in sent] == [200, 429]  # 200 + 100 bytes fit; the third chunk does not
+
+
+def test_a_body_that_could_never_fit_is_a_413_at_once() -> None:
+    app = Seen()
+    front = front_for(app, max_body_bytes=1000, capacity=body_estimate(500))
+    status, error, _ = error_of(run(front, client(b"z" * 600), scope(headers=[(b"content-length", b"600")])))
+    assert status == 413
+    assert "more than the service's whole budget" in error["message"]
+    assert app.environs == []
+
+
+def test_the_request_holds_its_reservation_until_its_answer() -> None:
+    held: list[int] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        held.append(environ[RESERVATION].bytes)
+        environ[RESERVATION].resize(5000)  # the route's own estimate, once parsed
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    front = front_for(app)
+    sent = run(front, client(b"x" * 100), scope(headers=[(b"content-length", b"100")]))
+    assert sent[0]["status"] == 200
+    assert held == [body_estimate(100)]
+    assert front.budget.used == 0 and front.budget.peak == 5000
 
 
 def test_lifespan_shutdown_stops_the_engine() -> None:
@@ -204,3 +262,23 @@ def test_lifespan_shutdown_stops_the_engine() -> None:
     asyncio.run(front({"type": "lifespan"}, receive, send))
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert stopped == [True]
+
+
+def test_every_refusal_is_told_with_its_reason() -> None:
+    told: list[tuple[int, str, bool]] = []
+
+    def front(**kwargs: Any) -> WSGIFront:
+        return front_for(
+            Seen(), on_refusal=lambda s, status, reason, m, counted: told.append((status, reason, counted)), **kwargs
+        )
+
+    run(front(), client(b"x" * 600, b"x" * 600, then_wait=0), scope(headers=[(b"content-length", b"1200")]))
+    run(front(), client(b"x" * 600, b"x" * 600))  # chunked, past the limit
+    run(front(body_timeout_s=0.1), client(b"{", then_wait=5, complete=False))
+    run(front(capacity=1000), client(b"x" * 500), scope(headers=[(b"content-length", b"500")]))
+    assert told == [
+        (413, "body_too_large", False),
+        (413, "body_too_large", False),
+        (408, "body_timeout", False),
+        (413, "budget", True),  # 3 x 500 bytes could never fit a budget of 1000: counted by the budget itself
+    ]

@@ -74,7 +74,14 @@ class Setup:
         self.heap = RecordingHeap()
         self.metrics = Metrics()
         self.backend = FakeBackend()
-        self.engine = Engine(self.backend, batch_size=4, queue_size=64, metrics=self.metrics, rss_sampler=lambda: 0)
+        self.engine = Engine(
+            self.backend,
+            batch_size=4,
+            max_batch_tokens=settings.max_batch_tokens,
+            queue_size=64,
+            metrics=self.metrics,
+            rss_sampler=lambda: 0,
+        )
         self.manager = MemoryManager(
             settings,
             metrics=self.metrics,
@@ -293,10 +300,60 @@ def test_load_shedding_cleans_up_first_then_refuses_until_memory_is_back() -> No
     with pytest.raises(Unavailable):
         setup.manager.admit()  # inside the cooldown: refused without another cleanup
     assert setup.value("embedding_cleanups_total", reason="limit") == 1
-    setup.sampler.set(int(2.9 * GB))
+    setup.clock.advance(memory.SHED_MIN_S)
+    setup.sampler.set(int(2.8 * GB))  # under the limit by more than its 5% margin (150 MB)
     setup.manager.admit()
     assert setup.manager.report()["shedding"] is False
     assert setup.value("embedding_memory_threshold_bytes", level="limit") == 3 * GB
+
+
+def test_shedding_stops_only_under_the_limit_by_a_margin_and_after_a_minimum_time() -> None:
+    setup = Setup(SETTINGS.replace(memory_limit_bytes=3 * GB), rss=int(3.01 * GB))
+    with pytest.raises(Unavailable):
+        setup.manager.admit()
+    with capture_logs() as logs:
+        for second in range(12):  # RSS wavers around the limit: in and out every second
+            setup.clock.advance(1)
+            setup.sampler.set(int((2.99 if second % 2 else 3.01) * GB))
+            setup.manager.over_limit()
+        assert setup.manager.report()["shedding"] is True  # 2.99 GB is inside the margin: no flapping
+        setup.sampler.set(int(2.86 * GB))
+        assert setup.manager.over_limit() is True  # the margin is 5% of the limit: 150 MB
+        setup.sampler.set(int(2.84 * GB))
+        assert setup.manager.over_limit() is False
+    assert [e["event"] for e in logs if e["event"].startswith("memory.shedding")] == ["memory.shedding_stopped"]
+    setup.sampler.set(int(3.01 * GB))
+    assert setup.manager.over_limit() is True
+    setup.clock.advance(memory.SHED_MIN_S - 0.1)
+    setup.sampler.set(GB)
+    assert setup.manager.over_limit() is True  # it lasts at least SHED_MIN_S, however low memory falls
+    setup.clock.advance(0.1)
+    assert setup.manager.over_limit() is False
+
+
+def test_shedding_runs_the_smallest_batches_while_it_lasts() -> None:
+    setup = Setup(SETTINGS.replace(memory_limit_bytes=3 * GB, max_batch_tokens=2048), rss=GB)
+    setup.engine.start()
+    deadline = time.monotonic() + 5
+    while not setup.engine.ready:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert setup.engine.max_batch_tokens == 2048
+    setup.sampler.set(int(3.1 * GB))
+    assert setup.manager.over_limit() is True
+    assert setup.engine.max_batch_tokens == setup.backend.max_seq_length  # one text of the longest at a time
+    setup.clock.advance(memory.SHED_MIN_S)
+    setup.sampler.set(GB)
+    assert setup.manager.over_limit() is False
+    assert setup.engine.max_batch_tokens == 2048
+    setup.engine.stop(5)
+
+
+def test_the_shedding_margin_leaves_room_above_the_baseline() -> None:
+    setup = Setup(SETTINGS.replace(memory_limit_bytes=3 * GB), rss=GB)
+    assert setup.manager.shed_margin(3 * GB) == int(0.05 * 3 * GB)
+    setup.manager.baseline_bytes = int(2.9 * GB)  # a model that fills most of its limit
+    assert setup.manager.shed_margin(3 * GB) == int(0.05 * GB)  # half the room: it can still stop shedding
 
 
 def test_shedding_ends_as_soon_as_a_purge_brings_memory_under_the_limit() -> None:
@@ -304,8 +361,8 @@ def test_shedding_ends_as_soon_as_a_purge_brings_memory_under_the_limit() -> Non
     with pytest.raises(Unavailable):
         setup.manager.admit()  # the full cleanup (cooldown 30 s) could not help
     assert setup.value("embedding_cleanups_total", reason="limit") == 1
-    setup.clock.advance(1)  # well inside the cooldown
-    setup.sampler.set(int(3.1 * GB), int(2.9 * GB))  # above at the check, under once the free heap is given back
+    setup.clock.advance(memory.SHED_MIN_S)  # well inside the cooldown
+    setup.sampler.set(int(3.1 * GB), int(2.8 * GB))  # above at the check, under once the free heap is given back
     setup.manager.admit()
     assert setup.manager.report()["shedding"] is False
     assert setup.value("embedding_cleanups_total", reason="limit") == 1
@@ -327,8 +384,8 @@ def test_an_idle_service_stops_shedding_on_its_own() -> None:
         setup.manager.admit()
     assert setup.manager._seconds_to_next_check() <= memory.SHED_CHECK_INTERVAL_S
 
-    setup.heap.on_release = lambda: setup.sampler.set(int(2.9 * GB))  # the purge gives memory back
-    setup.clock.advance(1)
+    setup.heap.on_release = lambda: setup.sampler.set(int(2.8 * GB))  # the purge gives memory back
+    setup.clock.advance(memory.SHED_MIN_S)
     setup.manager.tick()  # no request arrives: the monitor purges and re-checks by itself
     assert setup.manager.report()["shedding"] is False
     assert setup.manager._seconds_to_next_check() > memory.SHED_CHECK_INTERVAL_S
@@ -340,6 +397,7 @@ def test_readiness_follows_the_limit_without_cleaning_up_on_the_probe() -> None:
     assert setup.manager.over_limit() is False  # at the limit: still ready
     setup.sampler.set(3 * GB + 1)
     assert setup.manager.over_limit() is True  # one byte above: out
+    setup.clock.advance(memory.SHED_MIN_S)
     setup.sampler.set(GB)
     assert setup.manager.over_limit() is False
     setup.sampler.set(int(3.4 * GB))
@@ -348,7 +406,8 @@ def test_readiness_follows_the_limit_without_cleaning_up_on_the_probe() -> None:
     assert setup.manager._seconds_to_next_check() <= memory.SHED_CHECK_INTERVAL_S  # the monitor gives back
     assert setup.heap.releases == []  # not the probe
     assert setup.value("embedding_cleanups_total", reason="limit") == 0
-    setup.sampler.set(int(2.9 * GB))
+    setup.clock.advance(memory.SHED_MIN_S)
+    setup.sampler.set(int(2.8 * GB))
     assert setup.manager.over_limit() is False
     assert setup.manager.report()["shedding"] is False
     assert Setup(SETTINGS, rss=100 * GB).manager.over_limit() is False  # no limit, never

@@ -1,0 +1,124 @@
+"""Memory bounded by what requests carry, against the real server: whole documents cost what the model reads,
+and the largest legal requests at once either complete or are refused at once, under the memory budget.
+
+The worker's RSS peak is the kernel's own high-water mark (VmHWM, reset before each case), so no spike
+between two samples is missed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from loadtest.largest import documents
+from loadtest.service import ServiceProcess, running_service
+
+MB = 1_000_000
+BUDGET = 120 * MB
+BATCH_RESERVE = 2048 * 23_040  # the largest batch's activations the budget leaves out (all-MiniLM-L6-v2)
+SLACK = 80 * MB  # what no estimate sees: allocator size classes, threads, the event loop's buffers
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """The default limits (512 texts of 32,768 characters, 16 MiB bodies) under a budget of 120 MB."""
+    env = {"EMBEDDING_MEMORY_BUDGET_BYTES": str(BUDGET)}
+    with running_service(tmp_path_factory.mktemp("whole") / "service.log", env) as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def largest_body() -> bytes:
+    """512 different documents of 32,760 characters: a body just under 16 MiB."""
+    return json.dumps({"inputs": documents(512, 32_760), "truncate": True}).encode()
+
+
+def post(url: str, body: bytes) -> tuple[int, float, Mapping[str, str]]:
+    started = time.perf_counter()
+    response = requests.post(f"{url}/embed", data=body, headers={"Content-Type": "application/json"}, timeout=600)
+    return response.status_code, time.perf_counter() - started, response.headers
+
+
+def test_a_whole_document_is_embedded_as_the_model_reads_it(whole: ServiceProcess) -> None:
+    (document,) = documents(1, 32_760)
+    start = document[:1500]  # more than the model's 256 tokens already
+    answer = requests.post(f"{whole.url}/embed", json={"inputs": [document, start]}, timeout=60)
+    assert answer.status_code == 200
+    whole_vector, start_vector = np.array(answer.json())
+    np.testing.assert_allclose(whole_vector, start_vector, atol=1e-5)  # cut before the tokenizer, read the same
+    assert answer.headers["x-compute-tokens"] == str(2 * 256)
+    refused = requests.post(f"{whole.url}/embed", json={"inputs": [document], "truncate": False}, timeout=60)
+    assert refused.status_code == 422
+    assert re.search(r"has \d{4} tokens, more than the model's maximum of 256", refused.json()["error"])
+
+
+def test_the_largest_request_costs_what_the_model_reads(whole: ServiceProcess, largest_body: bytes) -> None:
+    before = whole.worker_rss()
+    whole.reset_peak_rss()
+    status, seconds, _ = post(whole.url, largest_body)
+    peak = whole.worker_rss("VmHWM")
+    print(f"\n512 x 32,760 characters: {seconds:.1f} s, RSS {before / MB:.0f} -> peak {peak / MB:.0f} MB")
+    assert status == 200
+    # Tokenized whole, these texts held 1.6 GB of encodings; cut first, the request costs about 4 x its body.
+    assert peak - before <= 5 * len(largest_body) + BATCH_RESERVE + SLACK
+
+
+def test_sixteen_largest_requests_complete_or_are_refused_at_once(whole: ServiceProcess, largest_body: bytes) -> None:
+    before = whole.worker_rss()
+    whole.reset_peak_rss()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: post(whole.url, largest_body), range(16)))
+    peak = whole.worker_rss("VmHWM")
+    statuses = [status for status, _, _ in answers]
+    print(
+        f"\n16 x 512 x 32,760 characters at once: {statuses.count(200)} answered, {statuses.count(429)} refused; "
+        f"RSS {before / MB:.0f} -> peak {peak / MB:.0f} MB (budget {BUDGET / MB:.0f} MB)"
+    )
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) >= 1
+    refused = [(seconds, headers) for status, seconds, headers in answers if status == 429]
+    assert refused, "16 largest requests fit a 120 MB budget: the budget does not bound them"
+    assert all(seconds < 1.0 and headers["Retry-After"] == "2" for seconds, headers in refused)
+    assert peak - before <= BUDGET + BATCH_RESERVE + SLACK
+    memory = requests.get(f"{whole.url}/memory", timeout=10).json()["budget"]
+    assert memory["capacity_bytes"] == BUDGET and memory["source"] == "config"
+    assert memory["peak_bytes"] <= BUDGET
+    assert whole.metric("embedding_rejected_total", reason="budget") == len(refused)
+    logged = [e for e in whole.events("request.rejected") if e.get("reason") == "budget"]
+    assert len(logged) == len(refused)
+
+
+def test_an_idle_service_gives_a_burst_back(whole: ServiceProcess) -> None:
+    deadline = time.monotonic() + 30
+    baseline = requests.get(f"{whole.url}/memory", timeout=10).json()["budget"]["baseline_bytes"]
+    while whole.worker_rss() > baseline + 100 * MB:
+        assert time.monotonic() < deadline, f"RSS {whole.worker_rss() / MB:.0f} MB, baseline {baseline / MB:.0f} MB"
+        time.sleep(0.5)
+    assert whole.metric("embedding_memory_budget_used_bytes") == 0
+
+
+def test_the_budget_is_derived_from_the_thresholds_and_the_warmed_baseline(service: ServiceProcess) -> None:
+    report = requests.get(f"{service.url}/memory", timeout=10).json()
+    budget = report["budget"]
+    assert budget["source"] == "derived"
+    assert budget["ceiling_bytes"] == report["thresholds"]["elevated_bytes"]
+    room = budget["ceiling_bytes"] - budget["baseline_bytes"] - budget["batch_reserve_bytes"]
+    assert 0.85 * room <= budget["capacity_bytes"] <= room
+    assert service.metric("embedding_memory_budget_bytes") == budget["capacity_bytes"]
+
+
+def test_logs_say_what_the_budget_is(tmp_path: Path) -> None:
+    env = {"EMBEDDING_MEMORY_ELEVATED_BYTES": "1GB", "EMBEDDING_MEMORY_HIGH_BYTES": "1.2GB"}
+    with running_service(tmp_path / "service.log", env) as service:
+        (event,) = service.events("memory.budget")
+    assert event["ceiling_bytes"] == 1_000_000_000
+    assert event["source"] == "derived"
+    assert event["capacity_bytes"] < 1_000_000_000 - event["baseline_bytes"]
