@@ -50,6 +50,7 @@ def create_app(
         metrics=metrics,
         rss_sampler=rss_bytes,
         on_fatal=on_fatal,
+        request_timeout_s=settings.request_timeout_s,
     )
     # Until the model is loaded, only bodies arrive: the memory manager derives the real budget once it is.
     budget = MemoryBudget(settings.memory_budget_bytes or provisional_capacity(settings.max_body_bytes), metrics)

@@ -18,6 +18,7 @@ away) are dropped, not computed.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -29,7 +30,7 @@ import numpy as np
 import structlog
 
 from app.backend import EmbeddingBackend, ModelInfo, Token
-from app.errors import ModelFailed, QueueFull, ServiceError, TokenizerFailed, Unavailable, Unprocessable
+from app.errors import ModelFailed, QueueFull, ServiceError, TokenizerFailed, TooSlow, Unavailable, Unprocessable
 from app.metrics import Metrics
 from app.truncation import Fitted, Fitter
 
@@ -78,6 +79,16 @@ def plan_batches(lengths: list[int], max_size: int, overhead: int, max_tokens: i
         end = cut[end]
     return spans[::-1]
 
+
+QUEUE_TIME_SHARE = 0.8
+"""A request is queued only if the work ahead of it and its own are estimated to take at most this share of
+its timeout: one that would time out waiting is refused at once, before it costs any work."""
+
+PADDING_SLACK = 1.15
+"""Texts are padded to the longest of their batch: a text's tokens cost about this much more in a batch."""
+
+RATE_WEIGHT = 0.2
+"""Weight of the latest batch in the moving average of seconds per padded token."""
 
 CRASH_MESSAGE = "the inference thread crashed; the service restarts"
 
@@ -205,8 +216,10 @@ class Engine:
         metrics: Metrics,
         rss_sampler: Callable[[], int],
         on_fatal: Callable[[BaseException], None] | None = None,
+        request_timeout_s: float | None = None,
     ) -> None:
         self._backend = backend
+        self._request_timeout_s = request_timeout_s
         self._batch_size = batch_size
         self._max_batch_tokens = max_batch_tokens
         self._queue_size = queue_size
@@ -224,7 +237,10 @@ class Engine:
         self._on_ready: list[Callable[[], None]] = []
         self._batch_observers: list[Callable[[BatchStats], None]] = []
         self._batch_tokens_now = max_batch_tokens  # max_batch_tokens, or less while memory is short
+        self._seconds_per_token: float | None = None  # moving average over batches; None before the first
         self._fitter: Fitter | None = None
+        for reason in ("queue_full", "queue_time", "too_slow"):
+            metrics.rejected.labels(reason=reason)
         self.info: ModelInfo | None = None
         self.failure: str | None = None
 
@@ -344,6 +360,7 @@ class Engine:
             self._refuse_over_long(texts, prefix, fitted)
         with self._cond:
             self._refuse_unless_room(len(texts))  # again: the queue may have filled while this thread counted
+            self._refuse_unless_in_time(sum(f.tokens for f in fitted))
             assert self.info is not None
             job = Job(
                 [f.text for f in fitted], truncate, self.info.dimensions, request_id, lengths=[f.tokens for f in fitted]
@@ -410,6 +427,31 @@ class Engine:
             raise QueueFull(
                 f"inference queue is full ({self._pending} of {self._queue_size} texts waiting)",
                 retry_after_s=1,
+            )
+
+    def _refuse_unless_in_time(self, tokens: int) -> None:
+        """Refuse a request that would time out (``request_timeout_s``) before its answer, at the speed batches
+        have run at: 413 when its own ``tokens`` take too long, 429 while the work ahead of it does (under
+        ``_cond``). Until a batch has run, nothing is known and nothing refused."""
+        per_token, timeout = self._seconds_per_token, self._request_timeout_s
+        if per_token is None or timeout is None:
+            return
+        room_s = QUEUE_TIME_SHARE * timeout
+        own_s = tokens * per_token * PADDING_SLACK
+        if own_s > room_s:
+            self._metrics.rejected.labels(reason="too_slow").inc()
+            raise TooSlow(
+                f"this request's {tokens} tokens would take about {own_s:.0f} s to embed, longer than its timeout "
+                f"allows ({timeout:g} s, EMBEDDING_REQUEST_TIMEOUT_S); send fewer texts per request"
+            )
+        ahead = sum(job.lengths[i] for job in self._jobs for i in job.pending)
+        ahead_s = ahead * per_token * PADDING_SLACK
+        if ahead_s + own_s > room_s:
+            self._metrics.rejected.labels(reason="queue_time").inc()
+            raise QueueFull(
+                f"the queue holds about {ahead_s:.0f} s of work; this request would not be answered within its "
+                f"timeout ({timeout:g} s); retry shortly",
+                retry_after_s=max(1, min(60, math.ceil(ahead_s + own_s - room_s))),
             )
 
     def _unavailable_reason(self) -> str:
@@ -624,6 +666,9 @@ class Engine:
         return vectors, prepared.token_counts
 
     def _observe(self, stats: BatchStats, token_counts: list[int]) -> None:
+        per_token = stats.duration_s / max(1, stats.padded_tokens)
+        previous = self._seconds_per_token
+        self._seconds_per_token = per_token if previous is None else previous + RATE_WEIGHT * (per_token - previous)
         self._metrics.batch_size.observe(stats.size)
         self._metrics.batch_duration.observe(stats.duration_s)
         self._metrics.batch_padded_tokens.observe(stats.padded_tokens)

@@ -196,10 +196,15 @@ class ModelFailed(ServiceError):
 
 
 class QueueFull(ServiceError):
-    """Backpressure: the inference queue has no room for the request's texts."""
+    """Backpressure: the inference queue has no room for the request's texts, or no time to answer them."""
 
     status = 429
     type = "rate_limit_error"
+
+
+class TooSlow(PayloadTooLarge):
+    """A request whose own texts would take longer to embed than its timeout allows: it could never be answered
+    in time (413, as text-embeddings-inference answers a request over its limits)."""
 
 
 class Unavailable(ServiceError):

@@ -63,9 +63,10 @@ class Metrics:
         self.queue_depth = Gauge("embedding_queue_depth", "Texts waiting for the inference thread.", registry=r)
         self.rejected = Counter(
             "embedding_rejected",
-            "Requests refused before inference, by reason: queue_full, memory (over the hard limit), budget (no "
-            "room in the memory budget), too_costly (more than the whole budget), body_too_large, body_timeout, "
-            "header_timeout.",
+            "Requests refused before inference, by reason: queue_full, queue_time (it would time out waiting), "
+            "too_slow (it alone would take longer than its timeout), memory (over the hard limit), budget (no room "
+            "in the memory budget), too_costly (more than the whole budget), and the HTTP front's body_too_large, "
+            "body_timeout, header_timeout, bad_request, uri_too_long, headers_too_large, not_supported.",
             ["reason"],
             registry=r,
         )

@@ -609,7 +609,8 @@ def errors(lay: Layout) -> None:
     lay.add(
         timeseries(
             "Rejections by reason",
-            "Requests refused before inference: queue_full (429), memory (503, over the hard limit), budget (429, "
+            "Requests refused before inference: queue_full and queue_time (429: no room or no time in the queue), "
+            "too_slow (413: longer than its timeout alone), memory (503, over the hard limit), budget (429, "
             "no room in the memory budget), too_costly (413, more than the whole budget), and what the HTTP front "
             "refuses itself: body_too_large (413), body_timeout and header_timeout (408), bad_request, "
             "uri_too_long, headers_too_large, not_supported.",

@@ -4,12 +4,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
 from app.engine import Engine, EngineCrashed, Job, plan_batches
-from app.errors import ClientClosed, QueueFull, ServiceError, Unavailable, Unprocessable
+from app.errors import ClientClosed, QueueFull, ServiceError, TooSlow, Unavailable, Unprocessable
 from app.metrics import Metrics
 from tests.doubles import FakeBackend
 
@@ -413,3 +414,41 @@ def test_a_text_the_tokenizer_cannot_take_fails_its_request_with_its_index(runni
         engine.submit(["fine", "also fine", "bad \x00boom", "fine too"])
     assert caught.value.status == 422
     assert engine.submit(["fine"]).wait(5).embeddings.shape == (1, 8)  # other requests go on
+
+
+class SlowBackend(FakeBackend):
+    """The fake model at 1 ms a padded token (texts x longest): a speed the engine can measure."""
+
+    def encode(self, prepared: Any) -> Any:
+        time.sleep(0.001 * len(prepared.token_counts) * max(prepared.token_counts))
+        return super().encode(prepared)
+
+
+def test_a_request_that_would_time_out_waiting_is_refused_before_it_costs_work() -> None:
+    backend = SlowBackend()
+    metrics = Metrics()
+    engine = Engine(
+        backend, batch_size=32, queue_size=4096, metrics=metrics, rss_sampler=lambda: 0, request_timeout_s=1.0
+    )
+    engine.start()
+    wait_for(lambda: engine.ready)
+    assert len(engine.submit(["x " * 10] * 40).wait(30).token_counts) == 40  # nothing measured yet: admitted
+    with pytest.raises(TooSlow) as alone:
+        engine.submit(["x " * 10] * 200)  # 2400 tokens: about 2.8 s, never within the 1 s timeout
+    assert alone.value.status == 413 and "longer than its timeout allows (1 s" in alone.value.message
+    backend.gate.clear()  # the model holds the next batch: what is queued stays queued
+    blocker = engine.submit(["blocker"])
+    wait_for(lambda: engine.queue_depth == 0)
+    admitted: list[Job] = []
+    with pytest.raises(QueueFull) as late:
+        for _ in range(100):
+            admitted.append(engine.submit(["a b c d e f g h"] * 2))  # 20 tokens, about 23 ms each
+    assert 10 <= len(admitted) < 100  # the first ones fit in the 0.8 s there is, then the queue is full of time
+    assert late.value.headers()["Retry-After"] in {str(n) for n in range(1, 61)}
+    assert "would not be answered within its timeout" in late.value.message
+    assert metrics.registry.get_sample_value("embedding_rejected_total", {"reason": "queue_time"}) == 1
+    assert metrics.registry.get_sample_value("embedding_rejected_total", {"reason": "too_slow"}) == 1
+    backend.gate.set()
+    for job in (blocker, *admitted):
+        job.wait(30)
+    engine.stop(5)
