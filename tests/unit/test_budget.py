@@ -8,6 +8,7 @@ import json
 import sys
 import threading
 import time
+import tracemalloc
 
 import pytest
 
@@ -159,3 +160,39 @@ def test_a_route_holds_its_requests_cost_and_refuses_what_does_not_fit() -> None
 
 def test_the_front_reserves_three_times_a_body_before_parsing_it() -> None:
     assert body_estimate(1000) == 3000
+
+
+def test_a_queued_request_lets_its_texts_go() -> None:
+    backend = FakeBackend()
+    app = ready(create_app(Settings(model="fake", max_inputs=64), backend=backend))
+    client = app.test_client()
+    texts = [f"{i} " + "word " * 4000 for i in range(64)]  # 1.28 MB of text, 1.28 MB of body
+    body = json.dumps({"inputs": texts}).encode()
+    del texts
+    backend.gate.clear()
+    blocker = threading.Thread(target=client.post, args=("/embed",), kwargs={"json": {"inputs": ["blocker"]}})
+    blocker.start()
+    deadline = time.monotonic() + 5
+    while not backend.batches and app.extensions["embedding"].engine.queue_depth == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        sender = threading.Thread(
+            target=client.post, args=("/embed",), kwargs={"data": body, "content_type": "application/json"}
+        )
+        sender.start()
+        while app.extensions["embedding"].engine.queue_depth < 64:
+            assert time.monotonic() < deadline + 10
+            time.sleep(0.01)
+        time.sleep(0.1)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        backend.gate.set()
+        blocker.join(5)
+        sender.join(5)
+    # Queued, it holds what the model reads (64 short pieces) and the body the test client keeps; its parsed
+    # texts (1.28 MB more) are let go.
+    assert held < len(body) + 400_000, held

@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 from app import memory
 from app.config import Settings
-from app.engine import Engine
+from app.engine import BatchStats, Engine
 from app.errors import TooManyRequests, Unavailable
 from app.memory import (
     LEGACY_THRESHOLD_BYTES,
@@ -507,3 +507,24 @@ def test_each_policy_exports_a_zero_for_every_cleanup_it_can_run_and_no_other(po
 
 def test_a_policy_named_in_the_environment_becomes_the_typed_policy() -> None:
     assert SETTINGS.replace(memory_policy="legacy").memory_policy is MemoryPolicy.LEGACY
+
+
+def test_an_idle_engine_gives_a_bursts_memory_back_once_its_requests_are_answered() -> None:
+    setup = Setup()
+    reservation = setup.manager.budget.reservation()
+    reservation.resize(1000)  # a request still being answered
+    setup.manager.on_idle()
+    assert setup.heap.releases == []  # nothing ran yet
+    setup.manager.observe_batch(BatchStats(32, 900, 2, 0.1, GB, GB))
+    setup.manager.on_idle()
+    assert setup.heap.releases == []  # its answer is still being written
+    reservation.release()
+    setup.manager.on_idle()
+    assert len(setup.heap.releases) == 1
+    setup.clock.advance(60)
+    setup.manager.on_idle()
+    assert len(setup.heap.releases) == 1  # once a burst, not on every idle second
+    off = Setup(SETTINGS.replace(memory_policy="off"))
+    off.manager.observe_batch(BatchStats(32, 900, 2, 0.1, GB, GB))
+    off.manager.on_idle()
+    assert off.heap.releases == []  # policy off gives nothing back by itself

@@ -143,6 +143,17 @@ def test_keeping_the_end_reads_as_the_end_of_the_whole_text(tokenizer: Tokenizer
         assert fitted.tokens <= MAX_TOKENS
 
 
+def test_the_kept_end_of_prose_starts_at_a_word_and_reads_as_the_whole_text(tokenizer: Tokenizer) -> None:
+    fitter = Fitter(spans_of(tokenizer), max_tokens=MAX_TOKENS, special_tokens=2)
+    prose = " ".join(CORPUS)
+    step = (len(prose) - 5000) // 40
+    texts = [prose[i * step : i * step + random.Random(i).randrange(400, 5000)] for i in range(40)]
+    for text, fitted in zip(texts, fitter.fit(texts, keep_end=True), strict=True):
+        whole, read = ids(tokenizer, text), ids(tokenizer, fitted.text)
+        assert read == whole[-len(read) :], text[:80]  # every token read is the whole text's, none cut in two
+        assert fitter.room - NO_BOUNDARY_MARGIN <= len(read) <= fitter.room
+
+
 def test_a_whole_text_is_tokenized_at_most_about_twice_its_length() -> None:
     calls: list[int] = []
     tokenizer = wordpiece()
@@ -161,16 +172,15 @@ def test_a_whole_text_is_tokenized_at_most_about_twice_its_length() -> None:
 
 def test_a_cut_inside_a_word_needs_a_margin_of_tokens() -> None:
     """Without white space in the budget's last half, a piece must hold the margin's tokens more."""
-    seen: list[str] = []
 
-    def one_token_per_char(texts: list[str]) -> list[list[tuple[int, int]]]:
-        seen.extend(texts)
-        return [[(i, i + 1) for i in range(len(t))] for t in texts]
+    def six_chars_a_token(texts: list[str]) -> list[list[tuple[int, int]]]:
+        return [[(i, min(i + 6, len(t))) for i in range(0, len(t), 6)] for t in texts]
 
-    fitter = Fitter(one_token_per_char, max_tokens=10, special_tokens=2)
-    (fitted,) = fitter.fit(["a" * 200])
+    fitter = Fitter(six_chars_a_token, max_tokens=10, special_tokens=2)
+    (fitted,) = fitter.fit(["a" * 2000])
     assert fitted.tokens == 10 and fitted.over
-    assert len(fitted.text) >= fitter.room + NO_BOUNDARY_MARGIN
+    # The first budget (8 tokens x 6 characters) holds exactly the 8 tokens read: not enough inside a word.
+    assert len(fitted.text) >= 6 * (fitter.room + NO_BOUNDARY_MARGIN)
 
 
 def test_the_true_count_is_there_for_a_refusal() -> None:
