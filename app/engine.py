@@ -19,6 +19,7 @@ away) are dropped, not computed.
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import time
 from collections import deque
@@ -87,8 +88,8 @@ its timeout: one that would time out waiting is refused at once, before it costs
 PADDING_SLACK = 1.15
 """Texts are padded to the longest of their batch: a text's tokens cost about this much more in a batch."""
 
-RATE_WEIGHT = 0.2
-"""Weight of the latest batch in the moving average of seconds per padded token."""
+SPEED_WINDOW = 9
+"""Full batches whose speed (seconds per padded token) is remembered; their median is the drain rate."""
 
 CRASH_MESSAGE = "the inference thread crashed; the service restarts"
 
@@ -237,7 +238,7 @@ class Engine:
         self._on_ready: list[Callable[[], None]] = []
         self._batch_observers: list[Callable[[BatchStats], None]] = []
         self._batch_tokens_now = max_batch_tokens  # max_batch_tokens, or less while memory is short
-        self._seconds_per_token: float | None = None  # moving average over batches; None before the first
+        self._speeds: deque[float] = deque(maxlen=SPEED_WINDOW)  # seconds per padded token of recent full batches
         self._fitter: Fitter | None = None
         for reason in ("queue_full", "queue_time", "too_slow"):
             metrics.rejected.labels(reason=reason)
@@ -432,10 +433,11 @@ class Engine:
     def _refuse_unless_in_time(self, tokens: int) -> None:
         """Refuse a request that would time out (``request_timeout_s``) before its answer, at the speed batches
         have run at: 413 when its own ``tokens`` take too long, 429 while the work ahead of it does (under
-        ``_cond``). Until a batch has run, nothing is known and nothing refused."""
-        per_token, timeout = self._seconds_per_token, self._request_timeout_s
-        if per_token is None or timeout is None:
+        ``_cond``). Until a full batch has run, nothing is known and nothing refused."""
+        timeout = self._request_timeout_s
+        if not self._speeds or timeout is None:
             return
+        per_token = statistics.median(self._speeds)
         room_s = QUEUE_TIME_SHARE * timeout
         own_s = tokens * per_token * PADDING_SLACK
         if own_s > room_s:
@@ -649,6 +651,13 @@ class Engine:
         stats = BatchStats(len(batch), sum(token_counts), requests, duration, rss_before, rss_after, padded)
         self._observe(stats, token_counts)
 
+    def _is_full(self, stats: BatchStats) -> bool:
+        """A batch the size of those that drain a long queue: by count, or at least half the tokens allowed now.
+        A small batch's time is mostly the model's fixed cost per batch: counted per token, a one-text batch
+        looks ten or twenty times slower than the batches a queue drains in."""
+        allowed = self._batch_tokens_now
+        return stats.size >= self._batch_size or (allowed is not None and 2 * stats.padded_tokens >= allowed)
+
     def _retry_one_by_one(self, batch: list[tuple[Job, int]]) -> None:
         if len(batch) == 1:
             job, index = batch[0]
@@ -666,9 +675,8 @@ class Engine:
         return vectors, prepared.token_counts
 
     def _observe(self, stats: BatchStats, token_counts: list[int]) -> None:
-        per_token = stats.duration_s / max(1, stats.padded_tokens)
-        previous = self._seconds_per_token
-        self._seconds_per_token = per_token if previous is None else previous + RATE_WEIGHT * (per_token - previous)
+        if self._is_full(stats):
+            self._speeds.append(stats.duration_s / max(1, stats.padded_tokens))
         self._metrics.batch_size.observe(stats.size)
         self._metrics.batch_duration.observe(stats.duration_s)
         self._metrics.batch_padded_tokens.observe(stats.padded_tokens)

@@ -424,6 +424,32 @@ class SlowBackend(FakeBackend):
         return super().encode(prepared)
 
 
+class OverheadBackend(FakeBackend):
+    """The fake model at 50 ms a batch plus 0.1 ms a padded token: a one-text batch looks slow per token."""
+
+    def encode(self, prepared: Any) -> Any:
+        time.sleep(0.05 + 0.0001 * len(prepared.token_counts) * max(prepared.token_counts))
+        return super().encode(prepared)
+
+
+def test_a_small_batchs_fixed_cost_does_not_make_a_long_queue_look_slow() -> None:
+    engine = Engine(
+        OverheadBackend(),
+        batch_size=32,
+        queue_size=4096,
+        metrics=Metrics(),
+        rss_sampler=lambda: 0,
+        request_timeout_s=1.0,
+    )
+    engine.start()
+    wait_for(lambda: engine.ready)
+    engine.submit(["one"]).wait(5)  # about 17 ms a token, were it counted per token
+    engine.submit(["x " * 10] * 32).wait(5)  # one full batch: about 0.24 ms a token
+    answer = engine.submit(["x " * 10] * 96).wait(5)  # three batches: about 0.3 s, well within the 1 s timeout
+    assert len(answer.token_counts) == 96
+    engine.stop(5)
+
+
 def test_a_request_that_would_time_out_waiting_is_refused_before_it_costs_work() -> None:
     backend = SlowBackend()
     metrics = Metrics()
