@@ -159,13 +159,15 @@ class Derived:
 def derive(
     cost: CostModel, *, baseline: int, ceiling: int, max_batch_tokens: int, configured: int | None = None
 ) -> Derived:
-    """The budget above ``baseline`` under ``ceiling``; ``configured`` (EMBEDDING_MEMORY_BUDGET_BYTES) wins.
+    """The budget above ``baseline`` under ``ceiling``, or ``configured`` (EMBEDDING_MEMORY_BUDGET_BYTES).
 
     A batch of at most ``max_batch_tokens`` runs at any time; where the room is small the batch is made
-    smaller, to at most half the room (never under one text of the model's maximum length).
+    smaller, to at most half the room (never under one text of the model's maximum length). A configured
+    budget is taken as it is: the operator who sets it keeps the batches they configured too.
     """
     room = max(0, ceiling - baseline)
-    batch_tokens = max(cost.max_tokens, min(max_batch_tokens, cost.tokens_within(room // 2)))
+    fitting = cost.tokens_within(room // 2) if configured is None else max_batch_tokens
+    batch_tokens = max(cost.max_tokens, min(max_batch_tokens, fitting))
     reserve = cost.batch_bytes(batch_tokens)
     derived = int((room - reserve) * (1 - HEADROOM_SHARE))
     capacity = configured if configured is not None else max(MIN_CAPACITY_BYTES, derived)

@@ -6,10 +6,12 @@
 What Kubernetes does with deploy/kubernetes, on loopback ports: two services (replicas ``a`` and ``b``)
 behind haproxy, which health-checks ``GET /ready`` every 0.5 s (the readiness probe), retries a request
 another replica answered 503 (as clients of the Service should, with Retry-After) and a real Prometheus
-scrapes both. Replica ``b`` has a hard limit 60 MB above its idle RSS and no per-batch trims, so large
-batches take it over: it sheds (503 on new requests and on ``/ready``), haproxy takes it out, its
-monitor gives the memory back, ``/ready`` turns 200 and haproxy puts it back, again and again. After the
-load, ``b`` must be ready again within 2 s (memory given back by the monitor's purges, not after the
+scrapes both. Replica ``b`` has a hard limit 60 MB above its idle RSS, no per-batch trims and a memory
+budget set by hand (so its batches of 16,384 tokens stay: a derived budget would make them fit its small
+room), so large batches take it over: it sheds (503 on new requests and on ``/ready``), haproxy takes it
+out, its monitor gives the memory back, ``/ready`` turns 200 once memory is under the limit by its margin
+and shedding has lasted its minimum, and haproxy puts it back, again and again. After the load, ``b`` must
+be ready again within that minimum and 2 s more (memory given back by the monitor's purges, not after the
 limit cleanup's 60 s cooldown).
 
 It prints, and writes to ``reports/rehearsal/summary.json``: requests sent and their statuses, the
@@ -35,12 +37,14 @@ from pathlib import Path
 import requests
 import yaml
 
+from app.memory import SHED_MIN_S
 from loadtest.corpus import build_corpus, sample
 from loadtest.service import ServiceProcess, free_port
 
 MB = 1_000_000
 CHECK_INTERVAL_MS = 500
-READY_AGAIN_S = 2.0
+READY_AGAIN_S = SHED_MIN_S + 2.0
+"""Shedding lasts at least SHED_MIN_S; then the monitor's purges (every 0.5 s) end it."""
 HAPROXY_CONFIG = """\
 global
     log stdout format raw local0
@@ -236,6 +240,7 @@ def rehearse(work: Path, seconds: float, clients: int = 4) -> Summary:
             "EMBEDDING_TRIM_AFTER_BATCH": "false",
             "EMBEDDING_MAX_BATCH_TOKENS": "16384",
             "EMBEDDING_CLEANUP_COOLDOWN_S": "60",
+            "EMBEDDING_MEMORY_BUDGET_BYTES": "1GB",
         }
         b = ServiceProcess(work / "b.log", env_b).start()
         started.append(b)

@@ -70,8 +70,9 @@ def test_the_budget_is_the_room_above_the_baseline_less_one_batch() -> None:
     assert derived.batch_reserve_bytes == reserve
     assert derived.capacity_bytes == int((1400 * MB - reserve) * (1 - HEADROOM_SHARE))
     assert derived.max_batch_tokens == 2048
-    configured = derive(MINILM, baseline=600 * MB, ceiling=2000 * MB, max_batch_tokens=2048, configured=5 * MB)
+    configured = derive(MINILM, baseline=600 * MB, ceiling=650 * MB, max_batch_tokens=2048, configured=5 * MB)
     assert configured.capacity_bytes == 5 * MB
+    assert configured.max_batch_tokens == 2048  # set by hand: the configured batches stay, however little room
 
 
 def test_little_room_makes_batches_smaller_and_never_leaves_no_budget() -> None:
