@@ -435,7 +435,7 @@ class MemoryManager:
 
     def _shed_above_limit(self, limit: int) -> None:
         rss = self._sampler.rss()
-        if rss > limit:
+        if self._short_of(rss, limit):
             rss = self._release_for_limit()  # re-checked after giving back what can be, before refusing
         if not self._update_shedding(rss, limit):
             return
@@ -473,14 +473,22 @@ class MemoryManager:
                 self._release_lock.release()
         return self._sampler.rss()
 
-    def _update_shedding(self, rss: int, limit: int) -> bool:
+    def _short_of(self, rss: int, limit: int) -> bool:
+        """Whether memory must be given back: above the limit, or while shedding not yet under it by the margin
+        (purges until then, or shedding would wait for the next cleanup with memory just under the limit)."""
+        return rss > limit or (self._shedding and rss >= limit - self.shed_margin(limit))
+
+    def _update_shedding(self, rss: int, limit: int, idle: bool = False) -> bool:
         """Start shedding above the limit, stop it below the limit less a margin once it has lasted
-        ``SHED_MIN_S``; True while shedding. While it lasts, the engine runs its smallest batches."""
+        ``SHED_MIN_S``; True while shedding. While it lasts, the engine runs its smallest batches. With no work
+        in flight (``idle``) nothing can take memory back up: under the limit is enough then, so memory that
+        stays just under it after a purge is not a replica kept out of the balancer for good."""
         now = self._clock()
         with self._state_lock:
+            under = rss < limit - self.shed_margin(limit) or (idle and rss <= limit)
             if not self._shedding and rss > limit:
                 self._shedding, self._shedding_since, changed = True, now, True
-            elif self._shedding and rss < limit - self.shed_margin(limit) and now - self._shedding_since >= SHED_MIN_S:
+            elif self._shedding and under and now - self._shedding_since >= SHED_MIN_S:
                 self._shedding, changed = False, True
             else:
                 changed = False
@@ -563,8 +571,9 @@ class MemoryManager:
         rss = sample.rss_bytes
         if self._shedding and self.limit_bytes is not None:
             # Idle or not, give back what can be and stop shedding as soon as memory is under the limit.
-            rss = self._release_for_limit() if rss > self.limit_bytes else rss
-            self._update_shedding(rss, self.limit_bytes)
+            rss = self._release_for_limit() if self._short_of(rss, self.limit_bytes) else rss
+            idle = self._engine.is_idle() and self.budget.used == 0
+            self._update_shedding(rss, self.limit_bytes, idle=idle)
         self._update_status(rss)
         reason = self.due_reason(rss)
         if reason is None:

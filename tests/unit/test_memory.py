@@ -26,6 +26,7 @@ from app.reasons import CleanupReason, MemoryPolicy
 from tests.doubles import FakeBackend, FakeClock, FakeSampler
 
 GB = 1_000_000_000
+MB = 1_000_000
 SETTINGS = Settings(
     model="fake",
     memory_elevated_bytes=2 * GB,
@@ -390,6 +391,38 @@ def test_an_idle_service_stops_shedding_on_its_own() -> None:
     assert setup.manager.report()["shedding"] is False
     assert setup.manager._seconds_to_next_check() > memory.SHED_CHECK_INTERVAL_S
     assert setup.value("embedding_cleanups_total", reason="limit") == 1
+
+
+def test_the_monitor_purges_until_memory_is_under_the_limit_by_the_margin() -> None:
+    setup = Setup(SETTINGS.replace(memory_limit_bytes=3 * GB, monitor_interval_s=60), rss=int(3.4 * GB))
+    with pytest.raises(Unavailable):
+        setup.manager.admit()
+    setup.manager.budget.reservation().resize(MB)  # a request in flight: the margin holds
+    setup.sampler.set(int(2.9 * GB))  # under the limit, not by its margin (150 MB)
+    setup.heap.on_release = lambda: setup.sampler.set(int(2.8 * GB))
+    setup.clock.advance(memory.SHED_MIN_S)
+    releases = len(setup.heap.releases)
+    setup.manager.tick()
+    assert len(setup.heap.releases) > releases  # not left waiting for the next cleanup
+    assert setup.manager.report()["shedding"] is False
+
+
+def test_an_idle_service_just_under_its_limit_stops_shedding() -> None:
+    setup = Setup(SETTINGS.replace(memory_limit_bytes=3 * GB, monitor_interval_s=60), rss=int(3.4 * GB))
+    with pytest.raises(Unavailable):
+        setup.manager.admit()
+    setup.sampler.set(int(2.9 * GB))  # what a purge cannot give back: live memory, just under the limit
+    request = setup.manager.budget.reservation()
+    request.resize(MB)
+    setup.clock.advance(memory.SHED_MIN_S)
+    setup.manager.tick()
+    assert setup.manager.report()["shedding"] is True  # work in flight could take it over again
+    request.release()
+    setup.manager.tick()
+    assert setup.manager.report()["shedding"] is False  # nothing in flight: under the limit is enough
+    setup.sampler.set(int(3.1 * GB))
+    setup.manager.tick()
+    assert setup.manager.over_limit() is True  # above it, idle or not: shedding again
 
 
 def test_readiness_follows_the_limit_without_cleaning_up_on_the_probe() -> None:
