@@ -174,7 +174,8 @@ def test_a_queued_request_lets_its_texts_go() -> None:
     blocker = threading.Thread(target=client.post, args=("/embed",), kwargs={"json": {"inputs": ["blocker"]}})
     blocker.start()
     deadline = time.monotonic() + 5
-    while not backend.batches and app.extensions["embedding"].engine.queue_depth == 0:
+    engine = app.extensions["embedding"].engine
+    while engine.is_idle() or engine.queue_depth:  # until the blocker is in the model, held there
         assert time.monotonic() < deadline
         time.sleep(0.01)
     tracemalloc.start()
