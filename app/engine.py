@@ -239,6 +239,8 @@ class Engine:
         self._batch_observers: list[Callable[[BatchStats], None]] = []
         self._batch_tokens_now = max_batch_tokens  # max_batch_tokens, or less while memory is short
         self._speeds: deque[float] = deque(maxlen=SPEED_WINDOW)  # seconds per padded token of recent full batches
+        self._progress_at = time.monotonic()  # a batch finished, or work came to an idle engine
+        metrics.inference_stalled.set_function(self.stalled_s)
         self._fitter: Fitter | None = None
         for reason in ("queue_full", "queue_time", "too_slow"):
             metrics.rejected.labels(reason=reason)
@@ -282,6 +284,10 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return self._pending
+
+    def stalled_s(self) -> float:
+        """Seconds the engine has had work without finishing a batch; 0 while idle."""
+        return 0.0 if self.is_idle() else max(0.0, time.monotonic() - self._progress_at)
 
     def is_idle(self) -> bool:
         """True when nothing is queued and no batch is running."""
@@ -366,6 +372,8 @@ class Engine:
             job = Job(
                 [f.text for f in fitted], truncate, self.info.dimensions, request_id, lengths=[f.tokens for f in fitted]
             )
+            if self.is_idle():
+                self._progress_at = time.monotonic()
             self._jobs.append(job)
             self._pending += len(texts)
             self._metrics.queue_depth.set(self._pending)
@@ -641,6 +649,7 @@ class Engine:
                 failed = False
             duration = time.perf_counter() - started
             rss_after = self._rss()
+            self._progress_at = time.monotonic()
         if failed:
             self._retry_one_by_one(batch)
             return

@@ -21,8 +21,8 @@ from prometheus_client import (
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 BATCH_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# 5 s is a bucket bound: EmbeddingQueueWaitHigh alerts on the 95th percentile above it.
-QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# 2 s is a bucket bound: the latency objective (alerts/slos.yml) counts the requests that waited longer.
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 INPUT_TOKENS_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 PADDED_TOKENS_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 _MIB = 1024 * 1024
@@ -61,6 +61,12 @@ class Metrics:
         self.inputs = Counter("embedding_inputs", "Texts embedded.", registry=r)
         self.tokens = Counter("embedding_tokens", "Tokens embedded (after truncation).", registry=r)
         self.queue_depth = Gauge("embedding_queue_depth", "Texts waiting for the inference thread.", registry=r)
+        self.inference_stalled = Gauge(
+            "embedding_inference_stalled_seconds",
+            "Seconds since the inference thread last made progress (a batch finished, or work arrived at an idle "
+            "engine) while it has work; 0 while idle. Grows without bound when the thread is wedged.",
+            registry=r,
+        )
         self.rejected = Counter(
             "embedding_rejected",
             "Requests refused before inference, by reason: queue_full, queue_time (it would time out waiting), "

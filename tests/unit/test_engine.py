@@ -478,3 +478,24 @@ def test_a_request_that_would_time_out_waiting_is_refused_before_it_costs_work()
     for job in (blocker, *admitted):
         job.wait(30)
     engine.stop(5)
+
+
+def test_a_wedged_inference_thread_shows_as_stalled_seconds(running: tuple[Engine, Metrics]) -> None:
+    engine, metrics = running
+
+    def stalled() -> float:
+        value = metrics.registry.get_sample_value("embedding_inference_stalled_seconds")
+        assert value is not None
+        return value
+
+    assert stalled() == 0  # idle: nothing waits
+    backend: FakeBackend = engine._backend  # type: ignore[assignment]
+    backend.gate.clear()  # the model holds its batch: no progress
+    first = engine.submit(["held"])
+    queued = engine.submit(["waits behind it"])
+    time.sleep(0.3)
+    assert stalled() >= 0.25  # texts wait, no batch finishes
+    backend.gate.set()
+    first.wait(5)
+    queued.wait(5)
+    wait_for(lambda: stalled() == 0)  # idle again
