@@ -28,11 +28,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from app.config import Settings
 
 OUT = Path(__file__).with_name("embedding-service.json")
 DS = {"type": "prometheus", "uid": "${datasource}"}
 INSTANCE = 'instance=~"$instance"'
+SLOS = yaml.safe_load((Path(__file__).resolve().parents[1] / "alerts" / "slos.yml").read_text())
+"""The service level objectives (alerts/slos.yml), quoted in the panels' descriptions."""
+AVAILABILITY_BUDGET = f"{1 - float(SLOS['availability']['objective']):.1%}"
+LATENCY_OBJECTIVE = f"{float(SLOS['latency']['objective']):.0%} start within {SLOS['latency']['threshold_seconds']} s"
 EMBED_ROUTES = 'route=~"/|/embed|/v1/embeddings"'
 """The embedding routes: text-embeddings-inference's (``/`` and ``/embed``) and OpenAI's."""
 RI = "$__rate_interval"
@@ -274,7 +280,7 @@ def overview(lay: Layout, settings: Settings) -> None:
         stat(
             "Error ratio",
             "Share of embedding requests that failed: 5xx, or 424 from a failed inference on TEI's routes "
-            "(EmbeddingErrorRate pages above 5%).",
+            f"(the availability objective allows {AVAILABILITY_BUDGET}: EmbeddingAvailabilityBudgetBurn).",
             "percentunit",
             f"({rate('embedding_requests_total', extra=f'{EMBED_ROUTES},{SERVER_ERRORS}')} or vector(0)) / "
             f"{rate('embedding_requests_total', extra=EMBED_ROUTES)}",
@@ -536,8 +542,8 @@ def throughput(lay: Layout) -> None:
     lay.add(
         timeseries(
             "Queue wait and batch time",
-            "How long requests waited for the model to start on them (EmbeddingQueueWaitHigh pages above 5 s at "
-            "the 95th percentile), and how long one model batch took.",
+            "How long requests waited for the model to start on them (the latency objective: "
+            f"{LATENCY_OBJECTIVE}, EmbeddingLatencyBudgetBurn), and how long one model batch took.",
             "s",
             (quantile(0.5, "embedding_queue_wait_seconds"), "queue wait p50"),
             (quantile(0.95, "embedding_queue_wait_seconds"), "queue wait p95"),

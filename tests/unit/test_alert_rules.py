@@ -25,8 +25,20 @@ RULE_TESTS = ROOT / "alerts" / "tests" / "embedding-service.test.yml"
 RUNBOOKS = ROOT / "ops" / "runbooks.md"
 
 
+def shipped_group() -> list[dict[str, Any]]:
+    (group,) = yaml.safe_load(RULES.read_text())["groups"]
+    rules: list[dict[str, Any]] = group["rules"]
+    return rules
+
+
 def shipped_rules() -> list[dict[str, Any]]:
-    return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+    """The alerting rules."""
+    return [rule for rule in shipped_group() if "alert" in rule]
+
+
+def recording_rules() -> list[dict[str, Any]]:
+    """The recording rules, which come first in the group: each evaluation records before it alerts."""
+    return [rule for rule in shipped_group() if "record" in rule]
 
 
 def rule_tests() -> dict[str, Any]:
@@ -51,7 +63,7 @@ def test_the_committed_rules_are_what_the_generator_writes() -> None:
 def test_one_base_url_points_every_runbook_link_at_a_published_copy() -> None:
     base = "https://wiki.example.org/embedding/runbooks.md"
     rendered = yaml.safe_load(generator()["render"](base))
-    urls = [rule["annotations"]["runbook_url"] for rule in rendered["groups"][0]["rules"]]
+    urls = [rule["annotations"]["runbook_url"] for rule in rendered["groups"][0]["rules"] if "alert" in rule]
     assert urls == [f"{base}#{rule['alert'].lower()}" for rule in shipped_rules()]
 
 
@@ -66,7 +78,7 @@ def test_every_rule_is_labelled_and_annotated_like_the_mixins(rule: dict[str, An
     assert f"\n## {name}\n" in RUNBOOKS.read_text(), f"ops/runbooks.md has no section for {name}"
     assert "GB by default" not in annotations["description"]
     assert "humanize1024" not in annotations["description"], "bytes are SI here: 2.5GB is 2.5e9 bytes"
-    if name == "Watchdog":
+    if name == "EmbeddingServiceWatchdog":
         assert rule["labels"]["severity"] == "none"
         assert "for" not in rule
     else:
@@ -89,7 +101,7 @@ def test_every_alert_has_tests_where_it_fires_and_where_it_stays_quiet() -> None
     for rule in shipped_rules():
         fires = cases.get(rule["alert"], [])
         assert True in fires, f"{rule['alert']} is never tested firing"
-        if rule["alert"] != "Watchdog":
+        if rule["alert"] != "EmbeddingServiceWatchdog":
             assert False in fires, f"{rule['alert']} is never tested staying quiet"
 
 
@@ -100,155 +112,234 @@ def test_the_shipped_rules_pass_their_tests() -> None:
 
 @dataclass(frozen=True)
 class Mutation:
-    """A deliberate break of one rule: ``old`` (found exactly once in ``field``) becomes ``new``."""
+    """A deliberate break of one rule: ``old`` (found exactly once in ``field``) becomes ``new``. Where an
+    alert has a rule per severity (the burn rates), ``severity`` names the one; ``record`` breaks the
+    recording rule of that name instead."""
 
     alert: str
     field: str
     old: str
     new: str
     why: str
+    severity: str | None = None
+    record: str | None = None
 
-    def apply(self, rule: dict[str, Any]) -> None:
+    def apply(self, rules: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
+        if self.record is not None:
+            (rule,) = [r for r in records if r["record"] == self.record]
+        else:
+            (rule,) = [r for r in rules if self.severity in (None, r["labels"]["severity"])]
         text = rule[self.field]
         assert text.count(self.old) == 1, f"{self.old!r} is not found exactly once in {self.alert}.{self.field}"
         rule[self.field] = text.replace(self.old, self.new)
 
 
+J = 'job="embedding-service"'
 ROUTES = 'route=~"/|/embed|/v1/embeddings"'
+RSS = f"embedding_memory_rss_bytes{{{J}}}"
 CEILING = (
-    '(embedding_memory_threshold_bytes{level="limit"} or ignoring(level) '
-    'embedding_memory_threshold_bytes{level="high"})'
+    f'(embedding_memory_threshold_bytes{{{J}, level="limit"}} or ignoring(level) '
+    f'embedding_memory_threshold_bytes{{{J}, level="high"}})'
 )
+REQUESTS = "sum without (route, code) (rate(embedding_requests_total{" + J + ", " + ROUTES + "}"
+ERRORS_1H, ERRORS_5M = "embedding:request_errors:ratio_rate1h", "embedding:request_errors:ratio_rate5m"
+SLOW_1H, SLOW_5M = "embedding:queue_wait_slow:ratio_rate1h", "embedding:queue_wait_slow:ratio_rate5m"
 MUTATIONS = [
-    Mutation("Watchdog", "expr", "vector(1)", "absent(vector(1))", "never fires"),
-    Mutation("EmbeddingServiceDown", "expr", '{job="embedding-service"}', "", "another job's target pages"),
+    Mutation("EmbeddingServiceWatchdog", "expr", "vector(1)", "absent(vector(1))", "never fires"),
+    Mutation("EmbeddingServiceDown", "expr", f"{{{J}}}", "", "another job's target pages"),
     Mutation("EmbeddingServiceDown", "for", "2m", "1m", "one failed scrape minute pages"),
     Mutation("EmbeddingServiceDown", "for", "2m", "3m", "later than documented"),
-    Mutation("EmbeddingServiceAbsent", "expr", " == 1", "", "down targets count as present"),
-    Mutation("EmbeddingServiceAbsent", "for", "5m", "10m", "later than documented"),
+    Mutation("EmbeddingServiceAbsent", "expr", f"(up{{{J}}} == 1)", f"(up{{{J}}})", "down targets count as present"),
+    Mutation(
+        "EmbeddingServiceAbsent",
+        "expr",
+        "count by (namespace, job) (up",
+        "count by (job) (up",
+        "staging being up hides production being down",
+    ),
+    Mutation("EmbeddingServiceAbsent", "expr", f"\nor absent(up{{{J}}})", "", "no target at all pages nobody"),
+    Mutation("EmbeddingServiceAbsent", "for", "2m", "5m", "later than documented"),
     Mutation("EmbeddingServiceNotReady", "for", "5m", "4m", "a slow start pages"),
     Mutation("EmbeddingServiceNotReady", "for", "5m", "6m", "later than documented"),
     Mutation("EmbeddingServiceRestarting", "expr", ">= 3", ">= 2", "an upgrade and a rollback page"),
     Mutation("EmbeddingServiceRestarting", "expr", ">= 3", "> 3", "three restarts do not page"),
     Mutation("EmbeddingServiceRestarting", "expr", "[30m]", "[10m]", "a shorter window"),
     Mutation("EmbeddingServiceRestarting", "for", "5m", "10m", "later than documented"),
+    Mutation("EmbeddingInferenceStalled", "expr", "> 60", ">= 60", "a batch of exactly a minute pages"),
+    Mutation("EmbeddingInferenceStalled", "expr", "> 60", "> 120", "a wedged thread pages a minute later"),
+    Mutation("EmbeddingInferenceStalled", "for", "1m", "2m", "later than documented"),
+    Mutation("EmbeddingInferenceStalled", "for", "1m", "0m", "one long batch pages"),
     Mutation("EmbeddingMemoryHigh", "expr", "> ignoring", ">= ignoring", "RSS at the threshold pages"),
     Mutation(
         "EmbeddingMemoryHigh",
         "expr",
-        'ignoring(level) embedding_memory_threshold_bytes{level="high"}',
+        f"quantile_over_time(0.5, {RSS}[5m])",
+        RSS,
+        "the instant RSS: each cleanup's dip and each missed scrape restart the `for`",
+    ),
+    Mutation("EmbeddingMemoryHigh", "expr", "quantile_over_time(0.5,", "quantile_over_time(0.1,", "a low quantile"),
+    Mutation("EmbeddingMemoryHigh", "expr", "[5m]", "[1m]", "a window too short: a real drop resolves too soon"),
+    Mutation(
+        "EmbeddingMemoryHigh",
+        "expr",
+        f'ignoring(level) embedding_memory_threshold_bytes{{{J}, level="high"}}',
         "2500000000",
         "a constant instead of the configured threshold",
     ),
     Mutation("EmbeddingMemoryHigh", "expr", 'level="high"', 'level="elevated"', "the wrong level"),
-    Mutation("EmbeddingMemoryHigh", "expr", '{level="high"}', "", "every level matched"),
-    Mutation("EmbeddingMemoryHigh", "for", "5m", "4m", "pages before cleanups had their chance"),
-    Mutation("EmbeddingMemoryHigh", "for", "5m", "10m", "later than documented"),
+    Mutation("EmbeddingMemoryHigh", "for", "3m", "2m", "pages before cleanups had their chance"),
+    Mutation("EmbeddingMemoryHigh", "for", "3m", "4m", "later than documented"),
     Mutation("EmbeddingMemoryNearContainerLimit", "expr", "> 0.95", "> 0.9", "pages at the shedding limit"),
     Mutation("EmbeddingMemoryNearContainerLimit", "expr", "> 0.95", ">= 0.95", "pages at exactly 95%"),
     Mutation("EmbeddingMemoryNearContainerLimit", "expr", "> 0.95", "> 0.98", "too late"),
     Mutation("EmbeddingMemoryNearContainerLimit", "expr", 'level="container"', 'level="limit"', "the wrong level"),
-    Mutation("EmbeddingMemoryNearContainerLimit", "for", "2m", "1m", "a one-minute spike pages"),
+    Mutation("EmbeddingMemoryNearContainerLimit", "for", "1m", "2m", "later than documented"),
     Mutation(
         "EmbeddingMemoryGrowthPredicted",
         "expr",
         f"> ignoring(level) {CEILING}",
-        '> ignoring(level) embedding_memory_threshold_bytes{level="high"}',
+        f'> ignoring(level) embedding_memory_threshold_bytes{{{J}, level="high"}}',
         "the hard-limit branch dropped",
     ),
     Mutation(
         "EmbeddingMemoryGrowthPredicted",
         "expr",
-        f"and embedding_memory_rss_bytes < ignoring(level) {CEILING}\n",
+        f"and {RSS} < ignoring(level) {CEILING}\n",
         "",
         "the below-the-ceiling guard dropped: memory already high keeps paging as 'growth'",
     ),
     Mutation(
         "EmbeddingMemoryGrowthPredicted",
         "expr",
-        "\nand deriv(embedding_memory_rss_bytes[30m]) > 0",
+        f'and {RSS} > ignoring(level) embedding_memory_threshold_bytes{{{J}, level="elevated"}}\n',
+        "",
+        "the level guard dropped: memory that levelled off at a healthy level pages",
+    ),
+    Mutation(
+        "EmbeddingMemoryGrowthPredicted",
+        "expr",
+        f"\nand deriv({RSS}[30m]) > 0",
         "",
         "the still-rising guard dropped: growth that levelled off pages",
     ),
+    Mutation(
+        "EmbeddingMemoryGrowthPredicted",
+        "expr",
+        f"\nand time() - process_start_time_seconds{{{J}}} > 7200",
+        "",
+        "the age guard dropped: a new pod's warm-up is a trend",
+    ),
     Mutation("EmbeddingMemoryGrowthPredicted", "expr", "[30m]) > 0", "[2h]) > 0", "rising judged over 2h"),
     Mutation("EmbeddingMemoryGrowthPredicted", "expr", "[30m]) > 0", "[30m]) >= 0", "flat counts as rising"),
-    Mutation("EmbeddingMemoryGrowthPredicted", "expr", "4 * 3600", "5 * 3600", "a longer horizon"),
-    Mutation("EmbeddingMemoryGrowthPredicted", "expr", "4 * 3600", "3 * 3600", "a shorter horizon"),
+    Mutation("EmbeddingMemoryGrowthPredicted", "expr", "4 * 3600", "2 * 3600", "a shorter horizon"),
     Mutation("EmbeddingMemoryGrowthPredicted", "for", "30m", "15m", "pages on a short trend"),
     Mutation("EmbeddingMemoryGrowthPredicted", "for", "30m", "45m", "later than documented"),
     Mutation("EmbeddingCleanupStorm", "expr", "> 0.5", "> 0.4", "one cleanup per two requests pages"),
     Mutation("EmbeddingCleanupStorm", "expr", "> 0.5", "> 0.6", "a storm goes unseen"),
     Mutation("EmbeddingCleanupStorm", "expr", "10m])) > 0.05", "10m])) > 0.04", "the traffic guard lowered"),
     Mutation("EmbeddingCleanupStorm", "expr", "10m])) > 0.05", "10m])) > 0.06", "the traffic guard raised"),
+    Mutation("EmbeddingCleanupStorm", "expr", f"\nand {REQUESTS}[10m])) > 0.05", "", "the traffic guard dropped"),
     Mutation(
-        "EmbeddingCleanupStorm",
-        "expr",
-        f"\nand sum without (route, code) (rate(embedding_requests_total{{{ROUTES}}}[10m])) > 0.05",
-        "",
-        "the traffic guard dropped",
-    ),
-    Mutation(
-        "EmbeddingCleanupStorm", "expr", f"{{{ROUTES}}}[10m])) > 0.5", "[10m])) > 0.5", "scrapes dilute the ratio"
+        "EmbeddingCleanupStorm", "expr", f", {ROUTES}}}[10m])) > 0.5", "}[10m])) > 0.5", "scrapes dilute the ratio"
     ),
     Mutation("EmbeddingCleanupStorm", "for", "10m", "5m", "pages before the `for`"),
-    Mutation("EmbeddingCleanupIneffective", "expr", '{reason=~"threshold|limit"}', "", "idle periodic cleanups page"),
+    Mutation("EmbeddingCleanupIneffective", "expr", ', reason=~"threshold|limit"', "", "idle periodic cleanups page"),
     Mutation("EmbeddingCleanupIneffective", "expr", "threshold|limit", "threshold", "limit cleanups ignored"),
     Mutation("EmbeddingCleanupIneffective", "expr", ">= 3", "> 3", "three do not page"),
     Mutation("EmbeddingCleanupIneffective", "expr", ">= 3", ">= 2", "two page"),
     Mutation("EmbeddingCleanupIneffective", "expr", "[30m]", "[10m]", "a shorter window"),
     Mutation("EmbeddingCleanupIneffective", "for", "10m", "5m", "pages before the `for`"),
-    Mutation("EmbeddingErrorRate", "expr", 'code=~"5..|424"', 'code=~"[45].."', "client errors page"),
-    Mutation("EmbeddingErrorRate", "expr", 'code=~"5..|424"', 'code=~"5.."', "TEI's failed inferences missed"),
-    Mutation("EmbeddingErrorRate", "expr", f"{{{ROUTES}, code", '{route=~"/embed|/v1/embeddings", code', "/ missed"),
-    Mutation("EmbeddingErrorRate", "expr", "[5m])) > 0.05\nand", "[5m])) > 0.04\nand", "4.9% pages"),
-    Mutation("EmbeddingErrorRate", "expr", "[5m])) > 0.05\nand", "[5m])) > 0.06\nand", "5.1% does not page"),
     Mutation(
-        "EmbeddingErrorRate",
+        "EmbeddingAvailabilityBudgetBurn", "expr", "> 0.072\nand", "> 0.074\nand", "7.3% does not page", "critical"
+    ),
+    Mutation(
+        "EmbeddingAvailabilityBudgetBurn",
         "expr",
-        f"\nand sum without (route, code) (rate(embedding_requests_total{{{ROUTES}}}[5m])) > 0.05",
+        f"\nand {ERRORS_5M}{{{J}}} > 0.072",
         "",
-        "the traffic guard dropped",
+        "no short window: a page outlives the outage",
+        "critical",
     ),
     Mutation(
-        "EmbeddingErrorRate",
-        "expr",
-        f"and sum without (route, code) (rate(embedding_requests_total{{{ROUTES}}}[5m])) > 0.05",
-        f"and sum without (route, code) (rate(embedding_requests_total{{{ROUTES}}}[5m])) > 0.06",
-        "the traffic guard raised",
+        "EmbeddingAvailabilityBudgetBurn", "expr", f"{ERRORS_1H}{{{J}}} > 0.072\nand ", "", "no long window", "critical"
     ),
-    Mutation("EmbeddingErrorRate", "expr", f"{{{ROUTES}, code", "{code", "every route's 5xx count: /ready's 503s page"),
+    Mutation("EmbeddingAvailabilityBudgetBurn", "for", "2m", "5m", "later than documented", "critical"),
     Mutation(
-        "EmbeddingErrorRate",
-        "expr",
-        f"{{{ROUTES}}}[5m])) > 0.05\nand",
-        "[5m])) > 0.05\nand",
-        "every route's answers count: scrapes dilute the errors",
+        "EmbeddingAvailabilityBudgetBurn", "expr", "> 0.03\nand", "> 0.032\nand", "3.1% makes no ticket", "warning"
     ),
-    Mutation("EmbeddingErrorRate", "for", "5m", "3m", "pages before the `for`"),
-    Mutation("EmbeddingQueueWaitHigh", "expr", "[10m])) > 5\n", "[10m])) > 10\n", "a 9.7 s wait does not page"),
-    Mutation("EmbeddingQueueWaitHigh", "expr", "[10m])) > 5\n", "[10m])) > 4\n", "a 4.9 s wait pages"),
-    Mutation("EmbeddingQueueWaitHigh", "expr", "0.95", "0.9", "the 90th percentile"),
     Mutation(
-        "EmbeddingQueueWaitHigh",
+        "EmbeddingAvailabilityBudgetBurn", "expr", "> 0.03\nand", "> 0.032\nand", "3.1% makes no ticket", "warning"
+    ),
+    Mutation("EmbeddingAvailabilityBudgetBurn", "for", "15m", "30m", "later than documented", "warning"),
+    Mutation(
+        "EmbeddingAvailabilityBudgetBurn",
         "expr",
-        "\nand rate(embedding_queue_wait_seconds_count[10m]) > 0.05",
+        ', code!="499"',
         "",
-        "the traffic guard dropped",
+        "clients that leave dilute the errors",
+        record=ERRORS_1H,
     ),
-    Mutation("EmbeddingQueueWaitHigh", "expr", "count[10m]) > 0.05", "count[10m]) > 0.06", "the guard raised"),
-    Mutation("EmbeddingQueueWaitHigh", "for", "10m", "5m", "pages before the `for`"),
+    Mutation(
+        "EmbeddingAvailabilityBudgetBurn",
+        "expr",
+        'code=~"5..|424"',
+        'code=~"5.."',
+        "TEI's failed inferences missed",
+        record=ERRORS_1H,
+    ),
+    Mutation(
+        "EmbeddingAvailabilityBudgetBurn",
+        "expr",
+        'code=~"5..|424"',
+        'code=~"[45].."',
+        "client errors spend the budget",
+        record=ERRORS_1H,
+    ),
+    Mutation(
+        "EmbeddingAvailabilityBudgetBurn",
+        "expr",
+        f'{{{J}, {ROUTES}, code!="499"}}',
+        f'{{{J}, code!="499"}}',
+        "scrapes dilute the errors",
+        record=ERRORS_1H,
+    ),
+    Mutation(
+        "EmbeddingAvailabilityBudgetBurn",
+        "expr",
+        "sum by (namespace, job) (rate(embedding_requests_total{" + J + ", " + ROUTES + ', code=~"5..|424"}',
+        "sum by (namespace, job, instance) (rate(embedding_requests_total{" + J + ", " + ROUTES + ', code=~"5..|424"}',
+        "judged per instance, not per service",
+        record=ERRORS_1H,
+    ),
+    Mutation(
+        "EmbeddingLatencyBudgetBurn",
+        "expr",
+        "5m{" + J + "} > 0.144",
+        "5m{" + J + "} > 0.25",
+        "20% does not page",
+        "critical",
+    ),
+    Mutation("EmbeddingLatencyBudgetBurn", "expr", "> 0.144\nand", "> 0.25\nand", "20% does not page", "critical"),
+    Mutation(
+        "EmbeddingLatencyBudgetBurn", "expr", f"\nand {SLOW_5M}{{{J}}} > 0.144", "", "no short window", "critical"
+    ),
+    Mutation("EmbeddingLatencyBudgetBurn", "for", "2m", "5m", "later than documented", "critical"),
+    Mutation("EmbeddingLatencyBudgetBurn", "expr", "> 0.06\nand", "> 0.15\nand", "14% makes no ticket", "warning"),
+    Mutation("EmbeddingLatencyBudgetBurn", "for", "15m", "30m", "later than documented", "warning"),
+    Mutation("EmbeddingLatencyBudgetBurn", "expr", 'le=~"2|2.0"', 'le="2.0"', "Prometheus 3's labels", record=SLOW_1H),
+    Mutation("EmbeddingLatencyBudgetBurn", "expr", 'le=~"2|2.0"', 'le=~"5|5.0"', "another bound", record=SLOW_1H),
     Mutation("EmbeddingMemoryBudgetExhausted", "for", "10m", "5m", "pages before the `for`"),
     Mutation("EmbeddingMemoryBudgetExhausted", "expr", "[5m]", "[10m]", "refusals with quiet windows between page"),
-    Mutation("EmbeddingMemoryBudgetExhausted", "expr", '{reason="budget"}', "", "a full queue pages as the budget"),
+    Mutation("EmbeddingMemoryBudgetExhausted", "expr", ', reason="budget"', "", "a full queue pages as the budget"),
     Mutation("EmbeddingMemoryBudgetExhausted", "expr", ">= 1", ">= 6", "one refusal a minute does not page"),
     Mutation(
         "EmbeddingMemoryBudgetExhausted",
         "expr",
-        'increase(embedding_rejected_total{reason="budget"}[5m])',
-        'embedding_rejected_total{reason="budget"}',
+        f'increase(embedding_rejected_total{{{J}, reason="budget"}}[5m])',
+        f'embedding_rejected_total{{{J}, reason="budget"}}',
         "one old burst pages for ever",
     ),
-    Mutation("EmbeddingRequestsRejected", "expr", '{reason!="budget"}', "", "budget refusals page twice"),
+    Mutation("EmbeddingRequestsRejected", "expr", ', reason!="budget"', "", "budget refusals page twice"),
     Mutation("EmbeddingRequestsRejected", "expr", "> 6", "> 5", "5.9 refusals a minute page"),
     Mutation("EmbeddingRequestsRejected", "expr", "> 6", "> 7", "6.1 refusals a minute do not page"),
     Mutation("EmbeddingRequestsRejected", "for", "5m", "3m", "pages before the `for`"),
@@ -258,30 +349,51 @@ MUTATIONS = [
 def run_alone(workdir: Path, alert: str, mutation: Mutation | None = None) -> subprocess.CompletedProcess[str]:
     """promtool on one rule (broken by ``mutation`` if given) with only the test groups that name it."""
     rules = [r for r in shipped_rules() if r["alert"] == alert]
-    assert len(rules) == 1, alert
+    records = recording_rules()
+    assert rules, alert
     if mutation is not None:
-        mutation.apply(rules[0])
+        mutation.apply(rules, records)
     tests = rule_tests()
     tests["tests"] = [g for g in tests["tests"] if any(c["alertname"] == alert for c in g["alert_rule_test"])]
     (workdir / "tests").mkdir(parents=True, exist_ok=True)
     (workdir / "embedding-service.rules.yml").write_text(
-        yaml.safe_dump({"groups": [{"name": "embedding-service", "rules": rules}]}, sort_keys=False)
+        yaml.safe_dump({"groups": [{"name": "embedding-service", "rules": records + rules}]}, sort_keys=False)
     )
     test_file = workdir / "tests" / "embedding-service.test.yml"
     test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
     return subprocess.run([promtool(), "test", "rules", str(test_file)], capture_output=True, text=True, check=False)
 
 
-@pytest.mark.parametrize("alert", [r["alert"] for r in shipped_rules()])
+@pytest.mark.parametrize("alert", sorted({r["alert"] for r in shipped_rules()}))
 def test_each_rule_passes_its_own_tests_alone(alert: str, tmp_path: Path) -> None:
     """The control for the mutation tests: unbroken, each rule passes the groups that test it."""
     result = run_alone(tmp_path, alert)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda m: f"{m.alert}: {m.why}")
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda m: f"{m.alert} {m.severity or m.record or ''}: {m.why}")
 def test_the_rule_tests_catch_a_broken_rule(mutation: Mutation, tmp_path: Path) -> None:
     result = run_alone(tmp_path, mutation.alert, mutation)
     output = result.stdout + result.stderr
     assert result.returncode != 0, f"promtool test rules passed with {mutation}"
     assert f"alertname: {mutation.alert}," in output or f"rule: {mutation.alert}," in output, output
+
+
+def test_the_runbooks_quote_the_objectives_the_rules_are_built_from() -> None:
+    slos = yaml.safe_load((ROOT / "alerts" / "slos.yml").read_text())
+    runbooks = RUNBOOKS.read_text()
+    availability = runbooks[runbooks.index("\n## EmbeddingAvailabilityBudgetBurn\n") :]
+    latency = runbooks[runbooks.index("\n## EmbeddingLatencyBudgetBurn\n") :]
+    assert f"{slos['availability']['objective']:.1%}" in availability  # 99.5%
+    assert f"{slos['latency']['objective']:.0%}" in latency and f"{slos['latency']['threshold_seconds']} s" in latency
+    for rate in slos["burn_rates"]:
+        assert f"{rate['factor']:g} times too fast" in availability
+    critical = [r for r in shipped_rules() if r["alert"] == "EmbeddingAvailabilityBudgetBurn"]
+    assert {r["labels"]["severity"] for r in critical} == {rate["severity"] for rate in slos["burn_rates"]}
+
+
+def test_the_latency_objective_is_a_bucket_bound_of_the_queue_wait() -> None:
+    from app.metrics import QUEUE_WAIT_BUCKETS
+
+    slos = yaml.safe_load((ROOT / "alerts" / "slos.yml").read_text())
+    assert float(slos["latency"]["threshold_seconds"]) in QUEUE_WAIT_BUCKETS  # else every request counts as slow

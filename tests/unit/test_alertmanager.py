@@ -17,7 +17,7 @@ EXPECTED_RECEIVER = {"none": "heartbeat", "critical": "page", "warning": "ticket
 
 
 def shipped_rules() -> list[dict[str, Any]]:
-    return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+    return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"] if "alert" in rule]
 
 
 def route(labels: dict[str, str]) -> str:
@@ -34,6 +34,7 @@ def route(labels: dict[str, str]) -> str:
 
 @pytest.mark.parametrize("rule", shipped_rules(), ids=lambda r: r["alert"])
 def test_every_alert_reaches_the_receiver_its_severity_asks_for(rule: dict[str, Any]) -> None:
+    """Only the heartbeat and the critical alerts page; one replica down is a ticket."""
     labels = {"alertname": rule["alert"], **rule["labels"], "job": "embedding-service", "instance": "a:5000"}
     assert route(labels) == EXPECTED_RECEIVER[rule["labels"]["severity"]]
 
@@ -56,3 +57,36 @@ def test_the_compose_stack_wires_prometheus_to_alertmanager_to_the_receiver() ->
     port = receiver_command[receiver_command.index("--port") + 1]
     urls = [w["url"] for r in yaml.safe_load(CONFIG.read_text())["receivers"] for w in r["webhook_configs"]]
     assert all(url.startswith(f"http://alert-receiver:{port}/") for url in urls)
+
+
+def test_a_replica_down_is_a_ticket_and_the_service_down_a_page() -> None:
+    instance = {"job": "embedding-service", "instance": "a:5000", "namespace": "prod"}
+    assert route({"alertname": "EmbeddingServiceDown", "severity": "warning", **instance}) == "ticket"
+    assert route({"alertname": "EmbeddingServiceAbsent", "severity": "critical", "job": "embedding-service"}) == "page"
+
+
+def test_one_incident_is_one_group_and_causes_silence_their_symptoms() -> None:
+    config = yaml.safe_load(CONFIG.read_text())
+    assert config["route"]["group_by"] == ["alertname", "job", "namespace"]  # not per instance: one page a rollout
+    inhibitions = {
+        (tuple(rule["source_matchers"]), tuple(rule["target_matchers"])): rule["equal"]
+        for rule in config["inhibit_rules"]
+    }
+    assert inhibitions[
+        (('alertname="EmbeddingServiceAbsent"',), ('alertname=~"EmbeddingServiceDown|EmbeddingServiceNotReady"',))
+    ] == [
+        "namespace",
+        "job",
+    ]
+    assert inhibitions[(('alertname="EmbeddingServiceDown"',), ('alertname="EmbeddingServiceNotReady"',))] == [
+        "namespace",
+        "job",
+        "instance",
+    ]
+    memory = inhibitions[
+        (
+            ('alertname="EmbeddingMemoryNearContainerLimit"',),
+            ('alertname=~"EmbeddingMemoryHigh|EmbeddingMemoryGrowthPredicted|EmbeddingCleanupIneffective"',),
+        )
+    ]
+    assert memory == ["namespace", "job", "instance"]
