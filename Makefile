@@ -72,8 +72,8 @@ hadolint: $(STAMP)  ## lint the Dockerfile
 	$(BIN)/hadolint Dockerfile
 
 alerts: system-deps  ## promtool and amtool: check and unit-test the alert rules, check the Prometheus and Alertmanager configs
-	promtool check rules alerts/embedding-service.rules.yml
-	promtool test rules alerts/tests/embedding-service.test.yml
+	promtool check rules alerts/embedding-service.rules.yml alerts/embedding-service.kubernetes.rules.yml
+	promtool test rules alerts/tests/embedding-service.test.yml alerts/tests/embedding-service.kubernetes.test.yml
 	promtool check config ops/prometheus.yml
 	amtool check-config ops/alertmanager.yml
 

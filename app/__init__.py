@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 from flask import Flask
@@ -18,6 +19,7 @@ from app.components import Components, components
 from app.config import Settings, unknown_variables
 from app.engine import Engine
 from app.heaptrace import HeapTracer
+from app.lifecycle import RunRecord, default_state_dir
 from app.memory import MemoryManager, rss_bytes
 from app.metrics import Metrics
 from app.version import __version__
@@ -56,7 +58,8 @@ def create_app(
     budget = MemoryBudget(settings.memory_budget_bytes or provisional_capacity(settings.max_body_bytes), metrics)
     manager = MemoryManager(settings, metrics=metrics, engine=engine, budget=budget)
     heap_tracer = HeapTracer() if settings.debug_endpoints else None
-    Components(settings, engine, manager, metrics, ActivityTracker(), heap_tracer).init_app(app)
+    run = RunRecord(Path(settings.state_dir) if settings.state_dir else default_state_dir(settings.port))
+    Components(settings, engine, manager, metrics, ActivityTracker(), heap_tracer, run if start else None).init_app(app)
     instrumentation.init_app(app, metrics)
     errors.init_app(app)
     app.register_blueprint(api.bp)
@@ -67,6 +70,7 @@ def create_app(
         limit_glibc_arenas(settings.malloc_arenas)  # before the engine's and the server's threads exist
         manager.start()
         engine.start()
+        _begin(run, metrics)
         unknown = unknown_variables()
         if unknown:
             log.warning(
@@ -82,3 +86,18 @@ def create_app(
             settings={k: v for k, v in dataclasses.asdict(settings).items() if k != "admin_token"},
         )
     return app
+
+
+def _begin(record: RunRecord, metrics: Metrics) -> None:
+    """Mark this run as started; count and report a previous run that did not end cleanly."""
+    start = record.begin()
+    metrics.unclean_exits.inc(start.unclean_exits)
+    metrics.previous_exit_unclean.set(start.previous is not None)
+    if start.previous is not None:
+        log.warning(
+            "service.previous_run_unclean",
+            previous=start.previous,
+            unclean_exits=start.unclean_exits,
+            state_dir=str(record.dir),
+            message="the previous run ended without a clean shutdown: crashed, OOM-killed or SIGKILLed",
+        )

@@ -103,6 +103,7 @@ class Settings:
     admin_token: str | None = None
     debug_endpoints: bool = False
     log_level: str = "info"
+    state_dir: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.device in DEVICES, "DEVICE", f"one of {', '.join(DEVICES)}")
@@ -194,6 +195,7 @@ class Settings:
             "malloc_arenas": reader.get("MALLOC_ARENAS", _parse_int, "a whole number"),
             "admin_token": reader.get("ADMIN_TOKEN", str),
             "debug_endpoints": reader.get("DEBUG_ENDPOINTS", _parse_bool, "true or false"),
+            "state_dir": reader.get("STATE_DIR", str),
             "log_level": reader.get("LOG_LEVEL", _lower),
         }
         return cls(**{name: value for name, value in values.items() if value is not None})

@@ -138,6 +138,17 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("embedding_ready", "1 once the model is loaded and warmed up, else 0.", registry=r)
+        self.unclean_exits = Counter(
+            "embedding_unclean_exits",
+            "Runs of this service (same state directory) that ended without a clean shutdown: crashes, OOM "
+            "kills, SIGKILL. Counted at the next start and carried across restarts.",
+            registry=r,
+        )
+        self.previous_exit_unclean = Gauge(
+            "embedding_previous_exit_unclean",
+            "1 when this run started after a run that ended without a clean shutdown, else 0.",
+            registry=r,
+        )
 
         self.batch_memory_delta = Histogram(
             "embedding_batch_memory_delta_bytes",

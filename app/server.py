@@ -212,6 +212,8 @@ def serve(flask_app: Flask, settings: Settings) -> WSGIFront:
             parts.heap_tracer.stop()
         parts.memory.stop()
         parts.engine.stop(timeout_s=max(30.0, settings.request_timeout_s))
+        if parts.run is not None:
+            parts.run.end()  # a clean exit: an upgrade's or a rollout's restart is not counted
 
     metrics = components(flask_app).metrics
     for reason in FRONT_REASONS:

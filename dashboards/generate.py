@@ -35,6 +35,8 @@ from app.config import Settings
 OUT = Path(__file__).with_name("embedding-service.json")
 DS = {"type": "prometheus", "uid": "${datasource}"}
 INSTANCE = 'instance=~"$instance"'
+JOB = 'job="embedding-service"'
+"""The scrape job the instances are listed from (the alert rules' default selector)."""
 SLOS = yaml.safe_load((Path(__file__).resolve().parents[1] / "alerts" / "slos.yml").read_text())
 """The service level objectives (alerts/slos.yml), quoted in the panels' descriptions."""
 AVAILABILITY_BUDGET = f"{1 - float(SLOS['availability']['objective']):.1%}"
@@ -80,9 +82,11 @@ def ratio(metric: str) -> str:
 
 
 def per_interval(metric: str, by: str) -> str:
-    """Exact count of a counter's increments in each interval, summed by ``by`` (a reset counts as 0)."""
+    """Exact count of a counter's increments in each interval, summed by ``by``. Each series is differenced
+    before the sum: an instance's restart (a reset) counts 0 for that instance alone, and a new instance's
+    first point (no sample an interval earlier) is not booked as one bar of everything it counted so far."""
     series = selector(metric)
-    return f"clamp_min(sum by ({by}) ({series}) - sum by ({by}) ({series} offset $__interval), 0)"
+    return f"sum by ({by}) (clamp_min({series} - {series} offset $__interval, 0))"
 
 
 def target(expr: str, legend: str = "", ref: str = "A", **extra: Any) -> dict[str, Any]:
@@ -600,8 +604,56 @@ def throughput(lay: Layout) -> None:
     )
 
 
+def annotations() -> list[dict[str, Any]]:
+    """Marks on every panel: each restart of a selected instance, and the alerts firing on them."""
+    return [
+        {
+            "name": "Restarts",
+            "datasource": DS,
+            "enable": True,
+            "iconColor": "orange",
+            "expr": f"changes({selector('process_start_time_seconds')}[1m]) > 0",
+        },
+        {
+            "name": "Alerts",
+            "datasource": DS,
+            "enable": True,
+            "iconColor": "red",
+            "expr": f'ALERTS{{alertstate="firing", alertname=~"Embedding.*", {INSTANCE}}}',
+        },
+    ]
+
+
 def errors(lay: Layout) -> None:
     lay.row("Errors and rejections")
+    lay.add(
+        timeseries(
+            "Up and ready",
+            "Whether Prometheus scrapes each instance (up) and whether it is ready to serve (/ready: model loaded, "
+            "not shedding load). EmbeddingServiceDown and EmbeddingServiceNotReady page on these.",
+            "short",
+            (selector("up"), "up {{instance}}"),
+            (selector("embedding_ready"), "ready {{instance}}"),
+        ),
+        12,
+        7,
+    )
+    lay.add(
+        timeseries(
+            "Restarts and unclean exits",
+            "Starts of each instance's process in each interval, and those that followed a run ended without a "
+            "clean shutdown (a crash, an OOM kill: EmbeddingServiceExitedUncleanly).",
+            "short",
+            (
+                f"sum by (instance) (changes({selector('process_start_time_seconds')}[$__interval]))",
+                "starts {{instance}}",
+            ),
+            (per_interval("embedding_unclean_exits_total", "instance"), "unclean {{instance}}"),
+            bars=True,
+        ),
+        12,
+        7,
+    )
     lay.add(
         timeseries(
             "Responses by status code",
@@ -649,7 +701,7 @@ def build(settings: Settings | None = None) -> dict[str, Any]:
         "time": {"from": "now-1h", "to": "now"},
         "refresh": "30s",
         "timezone": "",
-        "annotations": {"list": []},
+        "annotations": {"list": annotations()},
         "links": [],
         "templating": {
             "list": [
@@ -669,7 +721,8 @@ def build(settings: Settings | None = None) -> dict[str, Any]:
                     "label": "Instance",
                     "type": "query",
                     "datasource": DS,
-                    "query": {"query": "label_values(embedding_model_info, instance)", "refId": "instance"},
+                    # From the scrape targets: an instance still loading its model (no model info yet) shows.
+                    "query": {"query": f"label_values(up{{{JOB}}}, instance)", "refId": "instance"},
                     "refresh": 2,
                     "includeAll": True,
                     "multi": True,

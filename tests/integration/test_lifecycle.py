@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -110,3 +112,34 @@ def test_a_full_queue_answers_429_with_retry_after_and_loses_no_accepted_work(tm
         assert requests.post(f"{service.url}/embed", json={"inputs": "after"}, timeout=30).status_code == 200
     finally:
         service.terminate()
+
+
+def test_a_killed_worker_is_counted_as_an_unclean_exit_and_a_clean_stop_is_not(tmp_path: Path) -> None:
+    """As an OOM kill does: SIGKILL to the worker; gunicorn starts another, which counts it."""
+    settings = {"EMBEDDING_STATE_DIR": str(tmp_path / "state")}
+    service = ServiceProcess(tmp_path / "first.log", settings).start()
+    try:
+        service.wait_ready()
+        assert service.metric("embedding_unclean_exits_total") == 0
+        killed = service.worker_pid()
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while service.worker_pid() == killed:
+            assert time.monotonic() < deadline, "gunicorn did not start another worker"
+            time.sleep(0.2)
+        service.wait_ready()
+        assert service.metric("embedding_unclean_exits_total") == 1
+        assert service.metric("embedding_previous_exit_unclean") == 1
+        (event,) = service.events("service.previous_run_unclean")
+        assert event["previous"]["pid"] == killed
+        assert event["level"] == "warning"
+    finally:
+        assert service.terminate() == 0
+    again = ServiceProcess(tmp_path / "second.log", settings).start()  # after a clean stop, as an upgrade does
+    try:
+        again.wait_ready()
+        assert again.metric("embedding_unclean_exits_total") == 1  # the count carries on; nothing new
+        assert again.metric("embedding_previous_exit_unclean") == 0
+        assert not again.events("service.previous_run_unclean")
+    finally:
+        assert again.terminate() == 0

@@ -165,6 +165,17 @@ MUTATIONS = [
     Mutation("EmbeddingServiceRestarting", "expr", ">= 3", "> 3", "three restarts do not page"),
     Mutation("EmbeddingServiceRestarting", "expr", "[30m]", "[10m]", "a shorter window"),
     Mutation("EmbeddingServiceRestarting", "for", "5m", "10m", "later than documented"),
+    Mutation("EmbeddingServiceExitedUncleanly", "expr", "< 900", "< 1800", "stays for half an hour"),
+    Mutation("EmbeddingServiceExitedUncleanly", "expr", "< 900", "< 600", "gone after 10 minutes"),
+    Mutation("EmbeddingServiceExitedUncleanly", "expr", " == 1\n", " >= 0\n", "every restart is unclean"),
+    Mutation(
+        "EmbeddingServiceExitedUncleanly",
+        "expr",
+        "\nand time() - process_start_time_seconds{" + J + "} < 900",
+        "",
+        "an old unclean exit alerts for ever",
+    ),
+    Mutation("EmbeddingServiceExitedUncleanly", "for", "1m", "3m", "later than documented"),
     Mutation("EmbeddingInferenceStalled", "expr", "> 60", ">= 60", "a batch of exactly a minute pages"),
     Mutation("EmbeddingInferenceStalled", "expr", "> 60", "> 120", "a wedged thread pages a minute later"),
     Mutation("EmbeddingInferenceStalled", "for", "1m", "2m", "later than documented"),
@@ -397,3 +408,42 @@ def test_the_latency_objective_is_a_bucket_bound_of_the_queue_wait() -> None:
 
     slos = yaml.safe_load((ROOT / "alerts" / "slos.yml").read_text())
     assert float(slos["latency"]["threshold_seconds"]) in QUEUE_WAIT_BUCKETS  # else every request counts as slow
+
+
+KUBERNETES_RULES = ROOT / "alerts" / "embedding-service.kubernetes.rules.yml"
+KUBERNETES_TESTS = ROOT / "alerts" / "tests" / "embedding-service.kubernetes.test.yml"
+KUBERNETES_MUTATIONS = [
+    Mutation("EmbeddingContainerOOMKilled", "expr", 'reason="OOMKilled"', 'reason=~".+"', "any restart pages as OOM"),
+    Mutation("EmbeddingContainerOOMKilled", "expr", "[10m]) > 0", "[30m]) > 0", "an old kill stays"),
+    Mutation("EmbeddingContainerOOMKilled", "expr", "> 0\nand on", ">= 0\nand on", "an old kill without restart"),
+    Mutation("EmbeddingContainerMemoryNearLimit", "expr", "> 0.95", ">= 0.95", "pages at exactly 95%"),
+    Mutation("EmbeddingContainerMemoryNearLimit", "expr", "> 0.95", "> 0.97", "96% does not page"),
+    Mutation("EmbeddingContainerMemoryNearLimit", "expr", "quantile_over_time(0.5,", "max_over_time(", "a spike"),
+    Mutation("EmbeddingContainerMemoryNearLimit", "for", "1m", "2m", "later than documented"),
+]
+
+
+def test_the_committed_kubernetes_rules_are_what_the_generator_writes() -> None:
+    assert KUBERNETES_RULES.read_text() == generator()["render_kubernetes"](), "run: make rules"
+
+
+def test_the_kubernetes_rules_pass_their_tests_and_have_runbooks() -> None:
+    result = subprocess.run(
+        [promtool(), "test", "rules", str(KUBERNETES_TESTS)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for group in yaml.safe_load(KUBERNETES_RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            assert f"\n## {rule['alert']}\n" in RUNBOOKS.read_text()
+
+
+@pytest.mark.parametrize("mutation", KUBERNETES_MUTATIONS, ids=lambda m: f"{m.alert}: {m.why}")
+def test_the_kubernetes_rule_tests_catch_a_broken_rule(mutation: Mutation, tmp_path: Path) -> None:
+    (group,) = yaml.safe_load(KUBERNETES_RULES.read_text())["groups"]
+    mutation.apply([r for r in group["rules"] if r["alert"] == mutation.alert], [])
+    (tmp_path / "tests").mkdir()
+    (tmp_path / KUBERNETES_RULES.name).write_text(yaml.safe_dump({"groups": [group]}, sort_keys=False))
+    test_file = tmp_path / "tests" / KUBERNETES_TESTS.name
+    shutil.copy(KUBERNETES_TESTS, test_file)
+    result = subprocess.run([promtool(), "test", "rules", str(test_file)], capture_output=True, text=True, check=False)
+    assert result.returncode != 0, f"promtool test rules passed with {mutation}"
