@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,9 @@ LATENCY_OBJECTIVE = f"{float(SLOS['latency']['objective']):.0%} start within {SL
 EMBED_ROUTES = 'route=~"/|/embed|/v1/embeddings"'
 """The embedding routes: text-embeddings-inference's (``/`` and ``/embed``) and OpenAI's."""
 RI = "$__rate_interval"
+RUNBOOK_BASE = "https://runbooks.example.com/embedding-service/runbooks.md"
+"""Where ops/runbooks.md is published: the alert rules' placeholder (alerts/generate.py --runbook-base)."""
+ALERT_NAME = re.compile(r"\bEmbedding[A-Z][A-Za-z]+\b")
 SERVER_ERRORS = 'code=~"5..|424"'
 """Failed answers: 5xx, and the 424 text-embeddings-inference's routes answer for a failed inference."""
 COUNT_INTERVAL = "1m"
@@ -203,6 +207,17 @@ class Layout:
         panel["id"] = len(self.panels) + 1
         panel["gridPos"] = {"h": h, "w": w, "x": self.x, "y": self.y}
         panel["datasource"] = DS
+        alerts = sorted(set(ALERT_NAME.findall(panel.get("description", ""))))
+        if alerts:  # from the panel's menu to what the on-call should do
+            panel["links"] = [
+                {
+                    "title": f"Runbook: {name}",
+                    "type": "link",
+                    "url": f"{RUNBOOK_BASE}#{name.lower()}",
+                    "targetBlank": True,
+                }
+                for name in alerts
+            ]
         self.panels.append(panel)
         self.x += w
         self.row_height = max(self.row_height, h)

@@ -7,6 +7,7 @@ label filter) and run promtool on that rule with its own test groups: each break
 
 from __future__ import annotations
 
+import re
 import runpy
 import shutil
 import subprocess
@@ -447,3 +448,18 @@ def test_the_kubernetes_rule_tests_catch_a_broken_rule(mutation: Mutation, tmp_p
     shutil.copy(KUBERNETES_TESTS, test_file)
     result = subprocess.run([promtool(), "test", "rules", str(test_file)], capture_output=True, text=True, check=False)
     assert result.returncode != 0, f"promtool test rules passed with {mutation}"
+
+
+@pytest.mark.parametrize("name", sorted({r["alert"] for r in shipped_rules()} - {"EmbeddingServiceWatchdog"}))
+def test_every_runbook_has_promql_to_paste_with_the_alerts_own_metrics(name: str) -> None:
+    """At 3 a.m. the on-call pastes a query, not a description of one: the runbook names the rule's series."""
+    runbooks = RUNBOOKS.read_text()
+    start = runbooks.index(f"\n## {name}\n")
+    section = runbooks[start : runbooks.index("\n## ", start + 3)]
+    assert "**Paste**:" in section
+    (rule, *_) = [r for r in shipped_rules() if r["alert"] == name]
+    series = re.compile(r"\bembedding:[a-z_:0-9]+|\bup(?=\{)")  # recorded ratios and `up`, beside the metrics
+
+    pasted = metric_names(section) | set(series.findall(section))
+    read = metric_names(rule["expr"]) | set(series.findall(rule["expr"]))
+    assert read & pasted, f"{name}: the runbook pastes none of {sorted(read)}"

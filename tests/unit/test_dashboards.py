@@ -193,3 +193,13 @@ def test_every_exported_metric_is_on_a_panel_or_in_an_alert() -> None:
     read |= {name for r in rules for name in metric_names(r["expr"])}
     shown = {exported_series()[name] for name in read if name in exported_series()}
     assert exported - shown == set(NOT_SHOWN), f"on no panel and in no alert: {sorted(exported - shown)}"
+
+
+def test_panels_that_name_an_alert_link_to_its_runbook() -> None:
+    rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r}
+    linked = {link["url"] for p in panels() for link in p.get("links", [])}
+    assert linked, "no panel links to a runbook"
+    for url in linked:
+        name = url.rsplit("#", 1)[1]
+        (rule,) = {r["annotations"]["runbook_url"] for r in rules.values() if r["alert"].lower() == name}
+        assert url == rule  # the alert exists, and the link is the very runbook_url its notifications carry
