@@ -150,7 +150,9 @@ class Rules:
             rules.append(
                 {
                     "record": recorded("availability", window),
-                    "expr": f"sum by ({SERVICE}) (rate({errors}[{window}]))\n"
+                    # 0, not nothing, while no request failed: the dashboard draws the ratio at all times.
+                    "expr": f"(\n  sum by ({SERVICE}) (rate({errors}[{window}]))\n"
+                    f"  or 0 * sum by ({SERVICE}) (rate({answered}[{window}]))\n)\n"
                     f"/ sum by ({SERVICE}) (rate({answered}[{window}]))\n",
                 }
             )

@@ -87,10 +87,11 @@ def ratio(metric: str) -> str:
 
 def per_interval(metric: str, by: str) -> str:
     """Exact count of a counter's increments in each interval, summed by ``by``. Each series is differenced
-    before the sum: an instance's restart (a reset) counts 0 for that instance alone, and a new instance's
-    first point (no sample an interval earlier) is not booked as one bar of everything it counted so far."""
-    series = selector(metric)
-    return f"sum by ({by}) (clamp_min({series} - {series} offset $__interval, 0))"
+    before the sum: where an instance restarted (its counter went down), its bar is what it counted since
+    the restart (a new process counts from 0), for that instance alone; a new instance's first point (no
+    sample an interval earlier) is not booked as one bar of everything it counted so far."""
+    series, before = selector(metric), f"{selector(metric)} offset $__interval"
+    return f"sum by ({by}) (({series} - {before} >= 0) or ({series} and {before}))"
 
 
 def target(expr: str, legend: str = "", ref: str = "A", **extra: Any) -> dict[str, Any]:
@@ -343,12 +344,13 @@ def memory(lay: Layout) -> None:
         {
             "type": "heatmap",
             "title": "RSS change per batch",
-            "description": "How many model batches in each interval added (or gave back) how much resident memory.",
+            "description": "How many model batches in each interval added (or gave back) how much resident memory. "
+                           "The buckets are binary (a quarter, 1, 4, 16, 64 MiB): the axis is in IEC units.",
             "interval": COUNT_INTERVAL,
             "targets": [target(per_interval("embedding_batch_memory_delta_bytes_bucket", "le"), "{{le}}",
                                format="heatmap")],
-            "fieldConfig": {"defaults": {"unit": "decbytes"}, "overrides": []},
-            "options": {"calculate": False, "yAxis": {"unit": "decbytes"}, "cellGap": 1,
+            "fieldConfig": {"defaults": {"unit": "bytes"}, "overrides": []},
+            "options": {"calculate": False, "yAxis": {"unit": "bytes"}, "cellGap": 1,
                         "color": {"mode": "scheme", "scheme": "Oranges"}},
         },
         12,
@@ -391,6 +393,8 @@ def memory(lay: Layout) -> None:
         stacking={"mode": "normal", "group": "A"},
         fillOpacity=40,
     )  # fmt: skip
+    where["title"] = "Where the memory is: $instance"
+    where["repeat"], where["repeatDirection"], where["maxPerRow"] = "instance", "h", 2  # a stack per instance
     lay.add(where, 12, 7)
     lay.add(
         timeseries(
@@ -458,31 +462,34 @@ def cleanup(lay: Layout, settings: Settings) -> None:
     )
     lay.add(
         timeseries(
-            "Freed bytes per cleanup",
-            "Average resident memory each cleanup gave back to the operating system.",
+            "Memory given back by cleanups",
+            "Resident memory the cleanups of each interval gave back to the operating system (0 where none ran: "
+            "no gaps between cleanups).",
             "decbytes",
-            (ratio("embedding_cleanup_freed_bytes"), "freed bytes"),
+            (per_interval("embedding_cleanup_freed_bytes_sum", "instance"), "{{instance}}"),
+            bars=True,
         ),
         8,
         7,
     )
     lay.add(
         timeseries(
-            "Freed objects per cleanup",
-            "Average objects the garbage collector freed in each cleanup.",
+            "Objects freed by cleanups",
+            "Objects the garbage collector freed in the cleanups of each interval (0 where none ran).",
             "short",
-            (ratio("embedding_cleanup_freed_objects"), "freed objects"),
+            (per_interval("embedding_cleanup_freed_objects_sum", "instance"), "{{instance}}"),
+            bars=True,
         ),
         8,
         7,
     )
     lay.add(
         timeseries(
-            "Cleanup duration",
-            "Average and 95th percentile time one cleanup took (the model waits meanwhile).",
+            "Time spent cleaning up",
+            "Seconds the cleanups of each interval took, per instance (the model waits meanwhile; 0 where none ran).",
             "s",
-            (ratio("embedding_cleanup_duration_seconds"), "average"),
-            (quantile(0.95, "embedding_cleanup_duration_seconds"), "p95"),
+            (per_interval("embedding_cleanup_duration_seconds_sum", "instance"), "{{instance}}"),
+            bars=True,
         ),
         8,
         7,
@@ -639,6 +646,34 @@ def annotations() -> list[dict[str, Any]]:
     ]
 
 
+def objectives(lay: Layout) -> None:
+    """How fast each objective's error budget burns, from the ratios the alert rules record."""
+    lay.row("Objectives")
+    selected = f"up{{{INSTANCE}}}"  # the services (namespace, job) of the selected instances
+    queries = []
+    for slo, recorded in (("availability", "embedding:request_errors"), ("latency", "embedding:queue_wait_slow")):
+        budget = 1 - float(SLOS[slo]["objective"])
+        for window in ("5m", "1h", "6h"):
+            expr = f"{recorded}:ratio_rate{window} / {budget:g} and on (namespace, job) {selected}"
+            queries.append((expr, f"{slo} {window} {{{{job}}}}"))
+    rates = sorted({float(r["factor"]) for r in SLOS["burn_rates"]})
+    panel = timeseries(
+        "Error budget burn rate",
+        f"How many times too fast each objective's error budget burns, over 5 minutes, 1 hour and 6 hours, per "
+        f"service (alerts/slos.yml: availability {SLOS['availability']['objective']:.1%} without a server error, "
+        f"latency {LATENCY_OBJECTIVE}). 1 spends the budget in exactly {SLOS['period']}. Lines: "
+        f"{' and '.join(f'{r:g}' for r in rates)}, where EmbeddingAvailabilityBudgetBurn and "
+        "EmbeddingLatencyBudgetBurn ticket (over 6 hours and 30 minutes) and page (over 1 hour and 5 minutes).",
+        "x",
+        *queries,
+        thresholdsStyle={"mode": "line"},
+    )
+    panel["fieldConfig"]["defaults"]["thresholds"] = steps(
+        ("green", None), *((colour, rate) for colour, rate in zip(("orange", "red"), rates, strict=True))
+    )
+    lay.add(panel, 24, 8)
+
+
 def errors(lay: Layout) -> None:
     lay.row("Errors and rejections")
     lay.add(
@@ -704,6 +739,7 @@ def build(settings: Settings | None = None) -> dict[str, Any]:
     cleanup(lay, settings)
     throughput(lay)
     errors(lay)
+    objectives(lay)
     return {
         "uid": "embedding-service",
         "title": "Embedding service",

@@ -286,8 +286,8 @@ MUTATIONS = [
     Mutation(
         "EmbeddingAvailabilityBudgetBurn",
         "expr",
-        ', code!="499"',
-        "",
+        f'/ sum by (namespace, job) (rate(embedding_requests_total{{{J}, {ROUTES}, code!="499"}}',
+        f"/ sum by (namespace, job) (rate(embedding_requests_total{{{J}, {ROUTES}}}",
         "clients that leave dilute the errors",
         record=ERRORS_1H,
     ),
@@ -310,8 +310,8 @@ MUTATIONS = [
     Mutation(
         "EmbeddingAvailabilityBudgetBurn",
         "expr",
-        f'{{{J}, {ROUTES}, code!="499"}}',
-        f'{{{J}, code!="499"}}',
+        f'/ sum by (namespace, job) (rate(embedding_requests_total{{{J}, {ROUTES}, code!="499"}}',
+        f'/ sum by (namespace, job) (rate(embedding_requests_total{{{J}, code!="499"}}',
         "scrapes dilute the errors",
         record=ERRORS_1H,
     ),

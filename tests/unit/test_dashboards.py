@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import runpy
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +106,10 @@ def test_every_panel_has_a_title_unit_description_and_the_datasource_variable(pa
     assert panel["title"]
     assert panel["description"]
     assert panel["fieldConfig"]["defaults"]["unit"]
-    assert panel["fieldConfig"]["defaults"]["unit"] not in ("bytes", "binBps"), "bytes are SI here (decbytes)"
+    if panel["title"] == "RSS change per batch":  # binary buckets (MiB multiples): IEC units read right
+        assert panel["fieldConfig"]["defaults"]["unit"] == panel["options"]["yAxis"]["unit"] == "bytes"
+    else:
+        assert panel["fieldConfig"]["defaults"]["unit"] not in ("bytes", "binBps"), "bytes are SI (decbytes)"
     assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
     assert panel["targets"]
     for target in panel["targets"]:
@@ -203,3 +208,44 @@ def test_panels_that_name_an_alert_link_to_its_runbook() -> None:
         name = url.rsplit("#", 1)[1]
         (rule,) = {r["annotations"]["runbook_url"] for r in rules.values() if r["alert"].lower() == name}
         assert url == rule  # the alert exists, and the link is the very runbook_url its notifications carry
+
+
+def test_per_interval_bars_count_a_restart_and_a_new_instance_exactly(tmp_path: Path) -> None:
+    """promtool evaluates the dashboard's own per-interval expression: a restart inside the window and an
+    instance that appears in it, every increment counted once, nothing booked twice."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed: run `make system-deps` (Debian package prometheus)"
+    expr = generator()["per_interval"]("embedding_cleanups_total", "reason")
+    concrete = expr.replace("$instance", ".*").replace("$__interval", "1m")
+    (tmp_path / "rules.yml").write_text(
+        yaml.safe_dump({"groups": [{"name": "bars", "rules": [{"record": "bars", "expr": concrete}]}]})
+    )
+    series = 'embedding_cleanups_total{{instance="{}", reason="periodic"}}'
+    tests = {
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    # a restarts between minutes 3 and 4; its new process ran one cleanup by minute 4
+                    {"series": series.format("a:5000"), "values": "0 1 2 3 1 2"},
+                    # b is first scraped at minute 3, with 5 cleanups from before: not one bar of 5
+                    {"series": series.format("b:5000"), "values": "_ _ _ 5 6 7"},
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": "bars",
+                        "eval_time": f"{minute}m",
+                        "exp_samples": [{"labels": 'bars{reason="periodic"}', "value": value}],
+                    }
+                    for minute, value in ((1, 1), (2, 1), (3, 1), (4, 2), (5, 2))
+                ],
+            }
+        ],
+    }
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = subprocess.run(
+        [promtool, "test", "rules", str(tmp_path / "test.yml")], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
