@@ -131,7 +131,7 @@ class Fitter:
             if not longer:
                 break
             for i in longer:
-                starts[i] = later[i].pop(0)
+                starts[i] = _later_start(texts[i], starts[i], later[i])
             for i, count in zip(longer, self._counts([prefix + texts[i][starts[i] :] for i in longer]), strict=True):
                 counts[i] = count
         return [
@@ -161,6 +161,27 @@ def _first_word_start(text: str, starts: list[int]) -> int:
         if text[start].isspace() or (start > 0 and text[start - 1].isspace()):
             return start
     return starts[0]
+
+
+def _later_start(text: str, start: int, later: list[int]) -> int:
+    """The next start to try after ``start`` read a token too many (taken from ``later``, the token starts
+    after it): the word itself where ``start`` is the white space before it (a Metaspace tokenizer marks a
+    leading space and a word's start alike, so the space adds a token), else the next token that begins a
+    word, else the next token."""
+    word = start
+    while word < len(text) and text[word].isspace():
+        word += 1
+    while later and later[0] <= start:
+        later.pop(0)
+    if start < word < len(text):
+        while later and later[0] <= word:
+            later.pop(0)
+        return word
+    for k, candidate in enumerate(later):
+        if text[candidate - 1].isspace() or text[candidate].isspace():
+            del later[: k + 1]
+            return candidate
+    return later.pop(0) if later else start
 
 
 def _head(text: str, budget: int) -> _Piece:

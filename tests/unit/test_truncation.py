@@ -14,7 +14,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from app.backend import resolve_model
-from app.truncation import CHARS_PER_TOKEN, NO_BOUNDARY_MARGIN, Fitter
+from app.truncation import CHARS_PER_TOKEN, NO_BOUNDARY_MARGIN, Fitter, _later_start
 from loadtest.corpus import build_corpus
 
 MAX_TOKENS = 64
@@ -188,3 +188,16 @@ def test_the_true_count_is_there_for_a_refusal() -> None:
     text = "one two three " * 400
     assert fitter.count(text) == 1202
     assert fitter.fit([text])[0].tokens == MAX_TOKENS
+
+
+def test_a_start_a_token_too_long_moves_to_the_word_not_into_it() -> None:
+    """Found on Python 3.13's corpus: the kept end began at the space before 'same', a Metaspace tokenizer
+    read a token too many there, and the next token start was inside the word ('ame values'). The next start
+    to try is the word itself, then the next word, and a token start inside a word only where none begins."""
+    text = "as the same values as"
+    space = text.index(" same")
+    later = [space + 1, space + 2, text.index(" values"), text.index("values"), text.index(" as", space)]
+    assert _later_start(text, space, later) == space + 1  # 'same', the word itself
+    assert later == [space + 2, text.index(" values"), text.index("values"), text.index(" as", space)]
+    assert _later_start(text, space + 2, later) == text.index(" values")  # never 'ame values'
+    assert _later_start("abcdef", 0, [2, 4]) == 2  # no word anywhere: the next token
