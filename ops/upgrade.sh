@@ -78,8 +78,16 @@ build() {
     pip+=(${EMBEDDING_PIP_ARGS:-})
     if [ -n "$source_dir" ]; then
         log "installing from $source_dir"
-        "${pip[@]}" -c "$source_dir/constraints.txt" "$source_dir" >>"$LOG_DIR/ops.log" 2>&1 \
+        # From a snapshot without build output: pip builds a local tree in place, and a build killed half-way
+        # leaves build/ behind, which fails every later build from that tree ("File exists").
+        local tree="$BUILDING/source"
+        mkdir -p "$tree" || { log "cannot create $tree"; return 1; }
+        tar -C "$source_dir" -cf - --exclude=./build --exclude='./.venv*' --exclude=./.git --exclude='*.egg-info' \
+            --exclude=__pycache__ --exclude=./reports --exclude='./.*_cache' . | tar -C "$tree" -xf - \
+            || { log "cannot copy the source $source_dir"; return 1; }
+        "${pip[@]}" -c "$tree/constraints.txt" "$tree" >>"$LOG_DIR/ops.log" 2>&1 \
             || { log "pip failed (its output is in $LOG_DIR/ops.log)"; return 1; }
+        rm -rf "$tree"
     else
         log "installing embedding-service==$version from the package index"
         "${pip[@]}" "embedding-service==$version" >>"$LOG_DIR/ops.log" 2>&1 \
@@ -95,6 +103,10 @@ build() {
     new_version=$(installed_version "$BUILDING")
     [ "$new_version" != unknown ] || { log "the new environment has no embedding-service package"; return 1; }
     NEW_NAME="$(date -u +%Y%m%dT%H%M%SZ)-$new_version"
+    if [ -n "$source_dir" ]; then  # pip freeze names the snapshot it built: name the source it came from
+        sed -i "s|file://$BUILDING/source|file://$source_dir|" \
+            "$BUILDING/venv/lib/"python*/site-packages/embedding_service-*.dist-info/direct_url.json 2>/dev/null || true
+    fi
     finish_version "$BUILDING" "$NEW_NAME" "$base" "$new_version" || { log "cannot publish $BUILDING as $NEW_NAME"; return 1; }
     log "built version $new_version as versions/$NEW_NAME"
 }

@@ -262,6 +262,7 @@ def test_an_idle_upgrade_builds_beside_the_running_version_and_a_second_one_wait
     assert fingerprint(old) == before  # the version that ran was never modified
     new = next(p for p in (install.home / "versions").iterdir() if p.name.endswith(f"-{NEW}"))
     assert f"embedding-service @ file://{install.sources[NEW]}" in (new / "requirements.txt").read_text()
+    assert not (install.sources[NEW] / "build").exists()  # built from a snapshot: a killed build leaves no debris
     assert (new / "service.env").read_text() == (old / "service.env").read_text()
     shebangs = [p.read_text().splitlines()[0] for p in (new / "venv" / "bin").iterdir() if p.name.startswith("pip")]
     assert shebangs and all(line.startswith(f"#!{new}/venv/bin/python") for line in shebangs)
