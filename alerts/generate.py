@@ -21,6 +21,7 @@ Byte values are SI (``humanize``), as the service's settings are: 2.5GB is 2.5e9
 from __future__ import annotations
 
 import argparse
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,13 @@ EMBED_ROUTES = 'route=~"/|/embed|/v1/embeddings"'
 SERVER_ERRORS = 'code=~"5..|424"'
 """Failed answers: 5xx, and the 424 text-embeddings-inference's routes answer for a failed inference."""
 ANSWERED = 'code!="499"'
-"""Requests that count for the objectives: all but those whose client left first (alerts/slos.yml)."""
+"""Requests that count for the objectives: all but those whose client left first (alerts/slos.toml)."""
 MIN_TRAFFIC_RPS = 0.05
 """Ratios of fewer requests than this (3 a minute) are noise: ratio alerts need at least this much traffic."""
 SERVICE = "namespace, job"
 """The labels of one service (all its replicas): the objectives and the page when none is up."""
-SLOS = yaml.safe_load(Path(__file__).with_name("slos.yml").read_text())
-"""The service level objectives (alerts/slos.yml)."""
+SLOS = tomllib.loads(Path(__file__).with_name("slos.toml").read_text())
+"""The service level objectives (alerts/slos.toml)."""
 SECONDS = {"m": 60, "h": 3600, "d": 86400}
 PERIOD_DAYS = int(SLOS["period"].removesuffix("d"))
 SLO_WINDOWS = sorted(

@@ -58,8 +58,9 @@ def create_app(
     budget = MemoryBudget(settings.memory_budget_bytes or provisional_capacity(settings.max_body_bytes), metrics)
     manager = MemoryManager(settings, metrics=metrics, engine=engine, budget=budget)
     heap_tracer = HeapTracer() if settings.debug_endpoints else None
-    run = RunRecord(Path(settings.state_dir) if settings.state_dir else default_state_dir(settings.port))
-    Components(settings, engine, manager, metrics, ActivityTracker(), heap_tracer, run if start else None).init_app(app)
+    state_dir = Path(settings.state_dir) if settings.state_dir else default_state_dir(settings.port)
+    run = RunRecord(state_dir) if start else None  # a served app marks its run; one built for a check does not
+    Components(settings, engine, manager, metrics, ActivityTracker(), heap_tracer, run).init_app(app)
     instrumentation.init_app(app, metrics)
     errors.init_app(app)
     app.register_blueprint(api.bp)
@@ -70,6 +71,7 @@ def create_app(
         limit_glibc_arenas(settings.malloc_arenas)  # before the engine's and the server's threads exist
         manager.start()
         engine.start()
+        assert run is not None
         _begin(run, metrics)
         unknown = unknown_variables()
         if unknown:

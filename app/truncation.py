@@ -158,9 +158,14 @@ def _first_word_start(text: str, starts: list[int]) -> int:
     """The first of these token starts that begins a word (at or just after white space), else the first: the
     kept text then tokenizes as the end of the whole text did, instead of a word cut in two."""
     for start in starts:
-        if text[start].isspace() or (start > 0 and text[start - 1].isspace()):
+        if _begins_word(text, start):
             return start
     return starts[0]
+
+
+def _begins_word(text: str, start: int) -> bool:
+    """Whether a token starting at ``start`` begins a word: at white space, or just after it."""
+    return text[start].isspace() or (start > 0 and text[start - 1].isspace())
 
 
 def _later_start(text: str, start: int, later: list[int]) -> int:
@@ -178,7 +183,7 @@ def _later_start(text: str, start: int, later: list[int]) -> int:
             later.pop(0)
         return word
     for k, candidate in enumerate(later):
-        if text[candidate - 1].isspace() or text[candidate].isspace():
+        if _begins_word(text, candidate):
             del later[: k + 1]
             return candidate
     return later.pop(0) if later else start

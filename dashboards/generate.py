@@ -26,10 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from app.config import Settings
 
@@ -38,8 +37,8 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 INSTANCE = 'instance=~"$instance"'
 JOB = 'job="embedding-service"'
 """The scrape job the instances are listed from (the alert rules' default selector)."""
-SLOS = yaml.safe_load((Path(__file__).resolve().parents[1] / "alerts" / "slos.yml").read_text())
-"""The service level objectives (alerts/slos.yml), quoted in the panels' descriptions."""
+SLOS = tomllib.loads((Path(__file__).resolve().parents[1] / "alerts" / "slos.toml").read_text())
+"""The service level objectives (alerts/slos.toml), quoted in the panels' descriptions."""
 AVAILABILITY_BUDGET = f"{1 - float(SLOS['availability']['objective']):.1%}"
 LATENCY_OBJECTIVE = f"{float(SLOS['latency']['objective']):.0%} start within {SLOS['latency']['threshold_seconds']} s"
 EMBED_ROUTES = 'route=~"/|/embed|/v1/embeddings"'
@@ -660,7 +659,7 @@ def objectives(lay: Layout) -> None:
     panel = timeseries(
         "Error budget burn rate",
         f"How many times too fast each objective's error budget burns, over 5 minutes, 1 hour and 6 hours, per "
-        f"service (alerts/slos.yml: availability {SLOS['availability']['objective']:.1%} without a server error, "
+        f"service (alerts/slos.toml: availability {SLOS['availability']['objective']:.1%} without a server error, "
         f"latency {LATENCY_OBJECTIVE}). 1 spends the budget in exactly {SLOS['period']}. Lines: "
         f"{' and '.join(f'{r:g}' for r in rates)}, where EmbeddingAvailabilityBudgetBurn and "
         "EmbeddingLatencyBudgetBurn ticket (over 6 hours and 30 minutes) and page (over 1 hour and 5 minutes).",
