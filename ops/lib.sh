@@ -240,8 +240,15 @@ start_service() {
         exec setsid "$dir/venv/bin/python" -m gunicorn -c python:app.gunicorn_conf app.asgi:app \
             >>"$LOG_DIR/service.log" 2>&1 </dev/null 9>&-
     ) &
-    echo $! >"$PID_FILE" || return 1
-    log "started version $(installed_version "$dir") from $dir (pid $!), logs in $LOG_DIR/service.log"
+    local pid=$! waited=0
+    echo "$pid" >"$PID_FILE" || return 1
+    # Until the subshell has become gunicorn, is_running does not know it: a command right after this one (or
+    # one that finishes an interrupted run) would start a second service, which finds the port taken.
+    while ! grep -q gunicorn "/proc/$pid/cmdline" 2>/dev/null && kill -0 "$pid" 2>/dev/null && [ "$waited" -lt 100 ]; do
+        sleep 0.05
+        waited=$((waited + 1))
+    done
+    log "started version $(installed_version "$dir") from $dir (pid $pid), logs in $LOG_DIR/service.log"
 }
 
 stop_service() {
