@@ -27,6 +27,9 @@ RUN python -c "import os; from sentence_transformers import SentenceTransformer;
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG EMBEDDING_MODEL=intfloat/multilingual-e5-small
+# What GET /info reports as TEI's sha and docker_label: docker build --build-arg BUILD_SHA=$(git rev-parse HEAD)
+ARG BUILD_SHA=""
+ARG DOCKER_LABEL=""
 # jemalloc: gunicorn's master preloads it into the service itself (app/allocator.py), as `make run` does.
 # The same Debian package `make system-deps` installs for CI.
 RUN apt-get update \
@@ -39,6 +42,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/opt/models \
     HF_HUB_OFFLINE=1 \
     EMBEDDING_MODEL=${EMBEDDING_MODEL} \
+    EMBEDDING_BUILD_SHA=${BUILD_SHA} \
+    EMBEDDING_DOCKER_LABEL=${DOCKER_LABEL} \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 USER 10001

@@ -27,14 +27,16 @@ from typing import Any
 
 import yaml
 
+from app.routes import EMBED_LABELS, prometheus_regex
+
 OUT = Path(__file__).with_name("embedding-service.rules.yml")
 RUNBOOK_BASE = "https://runbooks.example.com/embedding-service/runbooks.md"
 """Where the runbooks are published; the committed rules use this placeholder (see the README)."""
 
 SELECTOR = 'job="embedding-service"'
 """How every rule selects the service's series; ``--selector`` adds a namespace (or replaces the job)."""
-EMBED_ROUTES = 'route=~"/|/embed|/v1/embeddings"'
-"""The embedding routes: text-embeddings-inference's (``/`` and ``/embed``) and OpenAI's."""
+EMBED_ROUTES = f'route=~"{prometheus_regex(EMBED_LABELS)}"'
+"""The routes that run the model (app/routes.py): text-embeddings-inference's and OpenAI's."""
 SERVER_ERRORS = 'code=~"5..|424"'
 """Failed answers: 5xx, and the 424 text-embeddings-inference's routes answer for a failed inference."""
 ANSWERED = 'code!="499"'

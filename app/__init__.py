@@ -10,13 +10,13 @@ from pathlib import Path
 import structlog
 from flask import Flask
 
-from app import api, debug, errors, instrumentation, jsonio, ops
+from app import api, auth, debug, errors, instrumentation, jsonio, ops
 from app.activity import ActivityTracker
 from app.allocator import limit_glibc_arenas
 from app.backend import EmbeddingBackend, backend_for
 from app.budget import MemoryBudget, provisional_capacity
 from app.components import Components, components
-from app.config import Settings, unknown_variables
+from app.config import SECRETS, Settings, unknown_variables
 from app.engine import Engine
 from app.heaptrace import HeapTracer
 from app.lifecycle import RunRecord, default_state_dir
@@ -62,6 +62,7 @@ def create_app(
     run = RunRecord(state_dir) if start else None  # a served app marks its run; one built for a check does not
     Components(settings, engine, manager, metrics, ActivityTracker(), heap_tracer, run).init_app(app)
     instrumentation.init_app(app, metrics)
+    auth.init_app(app, settings.api_key, settings.cors_origins)
     errors.init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)
@@ -85,7 +86,7 @@ def create_app(
             "service.started",
             version=__version__,
             pid=os.getpid(),
-            settings={k: v for k, v in dataclasses.asdict(settings).items() if k != "admin_token"},
+            settings={k: v for k, v in dataclasses.asdict(settings).items() if k not in SECRETS},
         )
     return app
 

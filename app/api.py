@@ -1,46 +1,82 @@
-"""Embedding routes: ``POST /embed`` and ``POST /`` (text-embeddings-inference's), ``POST /v1/embeddings``
-(OpenAI's), ``POST /tokenize``, ``GET /info``, ``GET /openapi.json``."""
+"""The API's routes: text-embeddings-inference's (``POST /``, ``/embed``, ``/embed_all``, ``/similarity``,
+``/tokenize``, ``/decode``, ``GET /info``), OpenAI's (``POST /v1/embeddings`` and ``/embeddings``), and the
+API's description (``/openapi.json``, ``/api-doc/openapi.json``, ``/docs``). :mod:`app.routes` lists them."""
 
 from __future__ import annotations
 
 import io
 import itertools
+import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, get_args
 
-from flask import Blueprint, Response, g, jsonify, request
+import numpy as np
+import structlog
+from flask import Blueprint, Response, g, jsonify, request, send_from_directory
 
 from app.activity import OPS_CHECK_HEADER
 from app.backend import InputType, ModelInfo, Token
 from app.budget import Reservation
 from app.components import components
+from app.docs import DOCS_ASSETS, DOCS_PAGE, swagger_ui_dir
 from app.engine import EmbeddingResult
-from app.errors import ClientClosed, Unavailable
+from app.errors import ClientClosed, NotFound, Unavailable
 from app.front import BODY, CLIENT_GONE, RESERVATION
 from app.openapi import openapi_document
 from app.schemas import (
+    DecodeRequest,
+    EmbedAllRequest,
     EmbeddingRequest,
+    EmbedRequest,
     InfoLimits,
     InfoResponse,
+    SimilarityRequest,
     TokenizeRequest,
-    parse_embed,
+    model_names,
     parse_json_object,
     parse_openai,
+    quote,
 )
 from app.vectors import shape_vectors, to_base64
 from app.version import __version__
 
 bp = Blueprint("api", __name__)
+log = structlog.get_logger("app.api")
+
+BUILD_SHA_VARIABLE = "EMBEDDING_BUILD_SHA"
+"""The commit the image was built from (TEI's ``sha`` in ``/info``), set by the Dockerfile's build argument."""
+DOCKER_LABEL_VARIABLE = "EMBEDDING_DOCKER_LABEL"
+"""The image's label (TEI's ``docker_label``), set by the Dockerfile's build argument."""
+
+MAX_NAMES_LOGGED = 64
+"""Model names a request asked for that are logged once each (the rest are only counted)."""
+_names_logged: set[str] = set()
+_names_lock = threading.Lock()
 
 
 @bp.post("/")
+def embed_root() -> Response:
+    """TEI's default route: embeddings (``/embed``'s request), or similarities for a body whose ``inputs`` is an
+    object, as ``InferenceClient.sentence_similarity`` posts to the base URL."""
+    body = parse_json_object(_body())
+    if isinstance(body.get("inputs"), dict):
+        return _similarity(body)
+    return _embed(body)
+
+
 @bp.post("/embed")
 def embed() -> Response:
     """Embed one text or a list of texts: text-embeddings-inference's route, answer and errors."""
+    return _embed(parse_json_object(_body()))
+
+
+def _embed(body: dict[str, Any]) -> Response:
     started = time.perf_counter()
     info = _model_info()
-    req = parse_embed(parse_json_object(_body()), components().limits, info)
+    req = EmbedRequest.parse(body, components().limits, info)
+    body.clear()  # the request holds the texts now: once they are queued, nothing else does
     result = _run(req, info)
     vectors = shape_vectors(result.embeddings, dimensions=req.dimensions, normalize=req.normalize)
     response = jsonify(vectors)  # float32 rows, written by app.jsonio without Python floats
@@ -48,12 +84,47 @@ def embed() -> Response:
     return response
 
 
-@bp.post("/v1/embeddings")
-def openai_embeddings() -> Response:
-    """OpenAI-compatible embeddings."""
+@bp.post("/embed_all")
+def embed_all() -> Response:
+    """Each text's token vectors (the transformer's last hidden state, special tokens included): TEI's route."""
     started = time.perf_counter()
     info = _model_info()
-    req = parse_openai(parse_json_object(_body()), components().limits, info)
+    req = EmbedAllRequest.parse(parse_json_object(_body()), components().limits, info)
+    result = _run(req, info)
+    assert result.token_vectors is not None
+    response = jsonify(result.token_vectors)
+    response.headers.update(_compute_headers(req, result, info, started))
+    return response
+
+
+@bp.post("/similarity")
+def similarity() -> Response:
+    """The cosine similarity of a source sentence to each of the others: TEI's route."""
+    return _similarity(parse_json_object(_body()))
+
+
+def _similarity(body: dict[str, Any]) -> Response:
+    started = time.perf_counter()
+    info = _model_info()
+    req = SimilarityRequest.parse(body, components().limits, info)
+    body.clear()
+    result = _run(req, info)
+    vectors = shape_vectors(result.embeddings, dimensions=None, normalize=True)
+    response = jsonify(np.clip(vectors[1:] @ vectors[0], -1.0, 1.0))
+    response.headers.update(_compute_headers(req, result, info, started))
+    return response
+
+
+@bp.post("/v1/embeddings")
+@bp.post("/embeddings")
+def openai_embeddings() -> Response:
+    """OpenAI-compatible embeddings, with and without the ``/v1`` of the client's base URL."""
+    started = time.perf_counter()
+    info = _model_info()
+    limits = components().limits
+    req = parse_openai(parse_json_object(_body()), limits, info)
+    if req.model is not None and req.model not in model_names(info, limits.served_names):
+        _count_name_mismatch(req.model, info)
     result = _run(req, info)
     vectors = shape_vectors(result.embeddings, dimensions=req.dimensions, normalize=True)
     as_base64 = req.encoding_format == "base64"
@@ -66,11 +137,27 @@ def openai_embeddings() -> Response:
     response = jsonify(
         object="list",
         data=data,
-        model=info.model_id,
+        model=info.model_id,  # the model that embedded the texts, whatever name the request used
         usage={"prompt_tokens": tokens, "total_tokens": tokens},
     )
     response.headers.update(_compute_headers(req, result, info, started))
     return response
+
+
+def _count_name_mismatch(asked: str, info: ModelInfo) -> None:
+    """Count a request that named another model (answered by this one under the ``any`` policy); log each name
+    once, up to :data:`MAX_NAMES_LOGGED` names."""
+    components().metrics.model_name_mismatches.inc()
+    with _names_lock:
+        if asked in _names_logged or len(_names_logged) >= MAX_NAMES_LOGGED:
+            return
+        _names_logged.add(asked)
+    log.warning(
+        "request.model_name_mismatch",
+        asked=quote(asked),
+        served=info.model_id,
+        message="answered by the served model (EMBEDDING_MODEL_NAME_POLICY=any); logged once per name",
+    )
 
 
 @bp.post("/tokenize")
@@ -88,25 +175,35 @@ def tokenize() -> Response:
     return jsonify(answer)
 
 
+@bp.post("/decode")
+def decode() -> Response:
+    """Token ids back to text: text-embeddings-inference's route, answer and errors."""
+    info = _model_info()
+    req = DecodeRequest.validated(parse_json_object(_body()), components().limits, info)
+    return jsonify(components().engine.decode(req.rows, skip_special_tokens=req.skip_special_tokens))
+
+
 @bp.get("/info")
 def info() -> Response:
-    """What this service serves and its limits."""
+    """What this service serves and its limits, in TEI's fields and its own; 503 until the model is loaded (TEI
+    answers nothing before then), so no field is ever null for want of the model."""
     parts = components()
     settings = parts.settings
     model = parts.engine.info
-    model_id = model.model_id if model else settings.model
-    dtype = model.dtype if model else settings.dtype
+    if model is None or parts.engine.state in ("created", "loading"):
+        raise Unavailable(f"the model is not loaded yet ({parts.engine.state}); see GET /ready", retry_after_s=5)
+    served = settings.served_model_name
     answer = InfoResponse(
         version=__version__,
         status=parts.engine.state,
-        model=model_id,
-        dimensions=model.dimensions if model else None,
-        max_seq_length=model.max_seq_length if model else None,
-        device=model.device if model else settings.device,
-        dtype=dtype,
-        dtype_reason=model.dtype_reason if model else None,
-        input_types=[kind for kind in get_args(InputType) if model and kind in model.prompts],
-        prompts=dict(model.prompts) if model else {},
+        model=model.model_id,
+        dimensions=model.dimensions,
+        max_seq_length=model.max_seq_length,
+        device=model.device,
+        dtype=model.dtype,
+        dtype_reason=model.dtype_reason,
+        input_types=[kind for kind in get_args(InputType) if kind in model.prompts],
+        prompts=dict(model.prompts),
         batch_size=settings.batch_size,
         max_batch_tokens=settings.max_batch_tokens,
         limits=InfoLimits(
@@ -117,25 +214,52 @@ def info() -> Response:
             request_timeout_s=settings.request_timeout_s,
         ),
         memory_policy=settings.memory_policy,
-        model_id=model_id,
-        model_sha=None,
-        model_dtype=dtype,
-        model_type={"embedding": {"pooling": model.pooling if model else "unknown"}},
+        model_names=sorted(model_names(model, served)),
+        model_name_policy=settings.model_name_policy,
+        model_id=model.model_id,
+        model_sha=model.revision,
+        model_dtype=model.dtype,
+        served_model_name=served[0] if served else model.model_id,
+        model_type={"embedding": {"pooling": model.pooling}},
         max_concurrent_requests=settings.http_threads,
-        max_input_length=model.max_seq_length if model else None,
+        max_input_length=model.max_seq_length,
         max_batch_requests=settings.batch_size,
         max_client_batch_size=settings.max_inputs,
         auto_truncate=True,
         tokenization_workers=settings.http_threads,
+        sha=os.environ.get(BUILD_SHA_VARIABLE) or None,
+        docker_label=os.environ.get(DOCKER_LABEL_VARIABLE) or None,
     )
     return jsonify(answer.model_dump(mode="json"))
 
 
 @bp.get("/openapi.json")
+@bp.get("/api-doc/openapi.json")
 def openapi() -> Response:
-    """The OpenAPI document of this API."""
+    """The OpenAPI document of this API (also where TEI serves its own)."""
     parts = components()
-    return jsonify(openapi_document(__version__, parts.limits, parts.engine.info, debug=parts.heap_tracer is not None))
+    document = openapi_document(
+        __version__,
+        parts.limits,
+        parts.engine.info,
+        debug=parts.heap_tracer is not None,
+        api_key=bool(parts.settings.api_key),
+    )
+    return jsonify(document)
+
+
+@bp.get("/docs")
+def docs() -> Response:
+    """The API's documentation page (Swagger UI, served from this package: no CDN)."""
+    return Response(DOCS_PAGE, mimetype="text/html")
+
+
+@bp.get("/docs/<name>")
+def docs_asset(name: str) -> Response:
+    """The Swagger UI files the docs page loads."""
+    if name not in DOCS_ASSETS:
+        raise NotFound(f"no such file: {quote(name)}")
+    return send_from_directory(swagger_ui_dir(), name, max_age=86400)
 
 
 def _body() -> bytes:
@@ -164,19 +288,23 @@ def _run(req: EmbeddingRequest, info: ModelInfo) -> EmbeddingResult:
     assert cost is not None  # derived once the model is loaded, which _model_info has checked
     reservation = _reservation()
     body_bytes = request.content_length or 0
-    reservation.resize(cost.request_bytes(body_bytes=body_bytes, texts=req.texts, dimensions=req.dimensions))
+    answer_floats = cost.token_vector_floats if req.token_vectors else req.dimensions
+    reservation.resize(cost.request_bytes(body_bytes=body_bytes, texts=req.texts, dimensions=answer_floats))
     if OPS_CHECK_HEADER not in request.headers:  # the ops scripts' own check after a start is not indexing
         parts.activity.record()
     prefix = info.prompts[req.prompt_name] if req.prompt_name else info.prefix_for(req.input_type)
+    if req.cut:
+        parts.metrics.inputs_truncated.labels(at="characters").inc(len(req.cut))
     job = parts.engine.submit(
         req.texts,
         truncate=req.truncate,
         keep_end=req.truncation_direction == "left",
         prefix=prefix,
         request_id=g.get("request_id"),
+        token_vectors=req.token_vectors,
     )
     req.let_texts_go()  # queued: the engine holds what the model reads of them
-    reservation.resize(cost.queued_bytes(job.texts, req.dimensions))
+    reservation.resize(cost.queued_bytes(job.texts, answer_floats))
     gone = request.environ.get(CLIENT_GONE)
     if gone is not None:  # served by app.server: a client that disconnects takes its texts off the queue
         gone.subscribe(lambda: job.fail(ClientClosed("the client closed the connection before the answer")))
@@ -209,8 +337,12 @@ def _compute_headers(req: EmbeddingRequest, result: EmbeddingResult, info: Model
         "x-compute-characters": str(g.characters),
         "x-compute-time": total_ms,
         "x-total-time": total_ms,
+        "x-tokenization-time": str(round(result.tokenization_s * 1000)),
         "x-queue-time": str(round(result.queue_s * 1000)),
         "x-inference-time": str(round(result.inference_s * 1000)),
+        # Texts the model did not read whole: cut to EMBEDDING_MAX_INPUT_CHARS, or at its maximum sequence length.
+        "x-truncated-inputs": str(len(req.cut | result.truncated)),
+        "x-model-id": info.model_id,
     }
 
 

@@ -12,6 +12,7 @@ import copy
 import importlib.util
 import itertools
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,8 @@ class ModelInfo:
     special_tokens: int = 2
     """Tokens the tokenizer adds to every text (BERT's [CLS] and [SEP])."""
     shape: ModelShape = DEFAULT_SHAPE
+    revision: str | None = None
+    """The model's commit on the hub where it came from the hub's cache (TEI's ``model_sha``); None otherwise."""
 
     def prefix_for(self, input_type: str | None) -> str:
         """The text prefix the model expects for an input type ("" when none)."""
@@ -131,6 +134,23 @@ def resolve_model(name: str) -> ModelSource:
     if name.startswith((".", "/", "~")):
         raise ModelLoadError(f"model directory {name!r} does not exist")
     return ModelSource(name, name)
+
+
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+def model_revision(source: ModelSource) -> str | None:
+    """The hub commit of a model loaded from the hub's cache (its ``snapshots/<commit>`` directory), found
+    without the network; None for a bundled model or a directory of its own."""
+    location = Path(source.location)
+    if location.is_dir():
+        return location.name if location.parent.name == "snapshots" and _COMMIT_RE.match(location.name) else None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source.location, "config.json")
+    if isinstance(cached, str) and _COMMIT_RE.match(Path(cached).parent.name):
+        return Path(cached).parent.name
+    return None
 
 
 def pick_device(requested: str) -> str:
@@ -268,6 +288,15 @@ class EmbeddingBackend(ABC):
     def finish(self, encoded: Any) -> np.ndarray:
         """Turn the model output into a float32 array of shape (batch, dimensions)."""
 
+    @abstractmethod
+    def finish_tokens(self, encoded: Any, token_counts: list[int]) -> list[np.ndarray]:
+        """Each text's token vectors from the model output (``POST /embed_all``): float32 arrays of shape
+        (its tokens, the transformer's width), padding left out."""
+
+    @abstractmethod
+    def decode(self, ids: list[list[int]], *, skip_special_tokens: bool = True) -> list[str]:
+        """Each list of token ids as text (``POST /decode``); called from request threads: must be thread-safe."""
+
     def release_caches(self) -> None:  # noqa: B027  (an optional hook: backends without caches keep this)
         """Give back memory the framework caches (accelerator allocators); default: nothing."""
 
@@ -323,6 +352,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
             weight_bytes=self.weight_bytes(),
             special_tokens=int(self._counter.num_special_tokens_to_add(pair=False)),
             shape=self._shape(model),
+            revision=model_revision(source),
         )
 
     def _choose_dtype(self, device: str, flags: set[str] | None = None) -> tuple[str, str]:
@@ -445,10 +475,24 @@ class SentenceTransformerBackend(EmbeddingBackend):
             torch.inference_mode(),
             torch.autocast(device_type, dtype=getattr(torch, self._dtype), enabled=reduced),
         ):
-            return self._model.forward(prepared.features)["sentence_embedding"]
+            output = self._model.forward(prepared.features)
+        # The pooled vectors, and the token vectors the forward pass made anyway (let go with this batch).
+        return output["sentence_embedding"], output["token_embeddings"]
 
     def finish(self, encoded: Any) -> np.ndarray:
-        return np.ascontiguousarray(encoded.float().cpu().numpy(), dtype=np.float32)
+        return np.ascontiguousarray(encoded[0].float().cpu().numpy(), dtype=np.float32)
+
+    def finish_tokens(self, encoded: Any, token_counts: list[int]) -> list[np.ndarray]:
+        rows = encoded[1].float().cpu().numpy()
+        # Padding is on the right for the tokenizers sentence-transformers loads: a text's tokens come first.
+        return [
+            np.ascontiguousarray(row[:count], dtype=np.float32) for row, count in zip(rows, token_counts, strict=True)
+        ]
+
+    def decode(self, ids: list[list[int]], *, skip_special_tokens: bool = True) -> list[str]:
+        # The counter's copy: decoding only reads it.
+        decoded: list[str] = self._counter.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+        return decoded
 
     def release_caches(self) -> None:
         import torch

@@ -97,6 +97,11 @@ class CostModel:
             per_token += 2 * self.heads * self.max_tokens * 4
         return int(per_token)
 
+    @property
+    def token_vector_floats(self) -> int:
+        """The floats of one text's token vectors at their most (``POST /embed_all``): its answer's "dimensions"."""
+        return self.max_tokens * self.hidden
+
     def batch_bytes(self, padded_tokens: int) -> int:
         """Peak memory one forward pass over ``padded_tokens`` (texts x longest) takes."""
         return padded_tokens * self.activation_bytes_per_token

@@ -38,7 +38,13 @@ class Components:
 
     @property
     def limits(self) -> Limits:
-        return Limits(max_inputs=self.settings.max_inputs, max_input_chars=self.settings.max_input_chars)
+        settings = self.settings
+        return Limits(
+            max_inputs=settings.max_inputs,
+            max_input_chars=settings.max_input_chars,
+            served_names=settings.served_model_name,
+            refuse_unknown_models=settings.model_name_policy == "served",
+        )
 
     def init_app(self, app: Flask) -> None:
         """Attach to ``app``."""

@@ -25,6 +25,9 @@ MEMORY_POLICIES = tuple(MemoryPolicy)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MODEL_NAME_POLICIES = ("any", "served")
+SECRETS = frozenset({"admin_token", "api_key"})
+"""Settings never logged."""
 
 _BYTE_UNITS = {
     "": 1,
@@ -104,6 +107,12 @@ class Settings:
     debug_endpoints: bool = False
     log_level: str = "info"
     state_dir: str | None = None
+    served_model_name: tuple[str, ...] = ()
+    """More names the model answers to on the OpenAI routes (its id and the id's last part always do)."""
+    model_name_policy: str = "any"
+    """``any``: a request naming another model is answered by this one (TEI's behaviour); ``served``: 404."""
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(self.device in DEVICES, "DEVICE", f"one of {', '.join(DEVICES)}")
@@ -157,6 +166,22 @@ class Settings:
         )
         _check(self.log_level in LOG_LEVELS, "LOG_LEVEL", f"one of {', '.join(LOG_LEVELS)}")
         _check(bool(self.model.strip()), "MODEL", "a hub model id, a local directory or a bundled model name")
+        _check(
+            self.model_name_policy in MODEL_NAME_POLICIES,
+            "MODEL_NAME_POLICY",
+            f"one of {', '.join(MODEL_NAME_POLICIES)}",
+        )
+        _check(
+            self.api_key is None
+            or (len(self.api_key) >= 16 and self.api_key.isprintable() and " " not in self.api_key),
+            "API_KEY",
+            "at least 16 printable characters without spaces (e.g. openssl rand -hex 32)",
+        )
+        _check(
+            all(origin == "*" or _ORIGIN_RE.match(origin) for origin in self.cors_origins),
+            "CORS_ORIGINS",
+            "a comma-separated list of origins such as https://app.example.com, or *",
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -197,6 +222,10 @@ class Settings:
             "debug_endpoints": reader.get("DEBUG_ENDPOINTS", _parse_bool, "true or false"),
             "state_dir": reader.get("STATE_DIR", str),
             "log_level": reader.get("LOG_LEVEL", _lower),
+            "served_model_name": reader.get("SERVED_MODEL_NAME", _parse_list, "a comma-separated list of names"),
+            "model_name_policy": reader.get("MODEL_NAME_POLICY", _lower),
+            "api_key": reader.get("API_KEY", str.strip),
+            "cors_origins": reader.get("CORS_ORIGINS", _parse_list, "a comma-separated list of origins"),
         }
         return cls(**{name: value for name, value in values.items() if value is not None})
 
@@ -205,8 +234,11 @@ class Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]  # field types are checked in __post_init__
 
 
-# EMBEDDING_* variables that are not settings: the ops scripts' (ops/*.sh) and the allocator's re-exec mark.
-NOT_SETTINGS = frozenset({"EMBEDDING_HOME", "EMBEDDING_PIP_ARGS", REEXEC_MARK})
+# EMBEDDING_* variables that are not settings: the ops scripts' (ops/*.sh), the allocator's re-exec mark and
+# what the image says of its build (the Dockerfile's, reported by GET /info).
+NOT_SETTINGS = frozenset(
+    {"EMBEDDING_HOME", "EMBEDDING_PIP_ARGS", REEXEC_MARK, "EMBEDDING_BUILD_SHA", "EMBEDDING_DOCKER_LABEL"}
+)
 
 
 def setting_variables() -> frozenset[str]:
@@ -244,6 +276,16 @@ def _parse_bool(text: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"not a boolean: {text!r}")
+
+
+def _parse_list(text: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in text.split(","))
+    if not all(items):
+        raise ValueError(f"an empty item in {text!r}")
+    return items
+
+
+_ORIGIN_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
 
 
 def _lower(text: str) -> str:

@@ -125,6 +125,12 @@ class EmbeddingResult:
     """Seconds from the request's enqueueing to the start of its first batch."""
     inference_s: float = 0.0
     """Seconds from the start of its first batch to its last text's vector."""
+    token_vectors: list[np.ndarray] | None = None
+    """Each text's token vectors (``POST /embed_all``), when the request asked for them."""
+    tokenization_s: float = 0.0
+    """Seconds spent cutting and counting its texts' tokens, on the request's thread, before it was queued."""
+    truncated: frozenset[int] = frozenset()
+    """Indices of the texts cut at the model's maximum sequence length (the model did not read them whole)."""
 
     @property
     def total_tokens(self) -> int:
@@ -146,7 +152,14 @@ class Job:
     """When its last text's vector was delivered."""
     lengths: list[int] = field(default_factory=list)
     """Tokens the model reads of each text (special tokens included), counted when it was submitted."""
+    wants_tokens: bool = False
+    """Answer each text's token vectors (``POST /embed_all``) instead of its pooled vector."""
+    truncated: frozenset[int] = frozenset()
+    """Indices of the texts cut at the model's maximum sequence length (found when it was submitted)."""
+    tokenization_s: float = 0.0
+    """Seconds its texts took to cut and count, on the request's thread (TEI's ``x-tokenization-time``)."""
     embeddings: np.ndarray = field(init=False)
+    token_vectors: list[np.ndarray] | None = field(init=False)
     token_counts: list[int] = field(init=False)
     error: ServiceError | None = None
     cancelled: bool = False
@@ -158,7 +171,8 @@ class Job:
     _done: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self.embeddings = np.zeros((len(self.texts), self.dimensions), dtype=np.float32)
+        self.embeddings = np.zeros((len(self.texts), 0 if self.wants_tokens else self.dimensions), dtype=np.float32)
+        self.token_vectors = [np.empty((0, 0), dtype=np.float32)] * len(self.texts) if self.wants_tokens else None
         self.token_counts = [0] * len(self.texts)
         self.pending = deque(range(len(self.texts)))
         self.lengths = self.lengths or [1] * len(self.texts)
@@ -169,8 +183,12 @@ class Job:
         return self._done.is_set() or self.cancelled
 
     def deliver(self, index: int, vector: np.ndarray, tokens: int) -> None:
-        """Store one text's embedding; the job completes with its last text."""
-        self.embeddings[index] = vector
+        """Store one text's embedding (its token vectors for a job that wants them); the job completes with its
+        last text."""
+        if self.token_vectors is not None:
+            self.token_vectors[index] = vector
+        else:
+            self.embeddings[index] = vector
         self.token_counts[index] = tokens
         self._remaining -= 1
         if self._remaining == 0:
@@ -195,7 +213,15 @@ class Job:
             raise self.error
         queue_s = self.queue_wait_s or 0.0
         inference_s = max(0.0, (self.completed_at or self.enqueued_at) - self.enqueued_at - queue_s)
-        return EmbeddingResult(self.embeddings, self.token_counts, queue_s, inference_s)
+        return EmbeddingResult(
+            self.embeddings,
+            self.token_counts,
+            queue_s,
+            inference_s,
+            self.token_vectors,
+            self.tokenization_s,
+            self.truncated,
+        )
 
     def _let_texts_go(self) -> None:
         """Drop the texts of a job no one waits for, so their memory goes before the engine reaches them
@@ -351,10 +377,12 @@ class Engine:
         keep_end: bool = False,
         prefix: str = "",
         request_id: str | None = None,
+        token_vectors: bool = False,
     ) -> Job:
         """Queue texts, each with ``prefix`` before it, for embedding; raise 429 when the queue is full, 503
         when not serving, 422 when a text too long for the model must not be truncated. With ``keep_end``
         (``truncation_direction=left``) a text too long loses its start instead of its end; the prefix stays.
+        With ``token_vectors`` the job answers each text's token vectors instead of its pooled vector.
 
         Here, on the caller's thread (in parallel with inference), each text is cut to what the model reads
         (:class:`app.truncation.Fitter`): the queue holds those pieces and their token counts, and the inference
@@ -362,20 +390,31 @@ class Engine:
         """
         with self._cond:
             self._refuse_unless_room(len(texts))  # refused before the tokenizer runs: overload costs no work
+        started = time.perf_counter()
         fitted = self._fit(texts, prefix, keep_end=keep_end and truncate)
         if not truncate:
             self._refuse_over_long(texts, prefix, fitted)
+        tokenization_s = time.perf_counter() - started
         with self._cond:
             self._refuse_unless_room(len(texts))  # again: the queue may have filled while this thread counted
             self._refuse_unless_in_time(sum(f.tokens for f in fitted))
             assert self.info is not None
             job = Job(
-                [f.text for f in fitted], truncate, self.info.dimensions, request_id, lengths=[f.tokens for f in fitted]
+                [f.text for f in fitted],
+                truncate,
+                self.info.dimensions,
+                request_id,
+                lengths=[f.tokens for f in fitted],
+                wants_tokens=token_vectors,
+                truncated=frozenset(i for i, f in enumerate(fitted) if f.over),
+                tokenization_s=tokenization_s,
             )
             if self.is_idle():
                 self._progress_at = time.monotonic()
             self._jobs.append(job)
             self._pending += len(texts)
+            if job.truncated:
+                self._metrics.inputs_truncated.labels(at="tokens").inc(len(job.truncated))
             self._metrics.queue_depth.set(self._pending)
             self._cond.notify()
         return job
@@ -414,6 +453,15 @@ class Engine:
                     "shorten it or set truncate to true",
                     param="input",
                 )
+
+    def decode(self, ids: list[list[int]], *, skip_special_tokens: bool = True) -> list[str]:
+        """Each list of token ids as text (``POST /decode``), on the caller's thread; 422 if the tokenizer fails."""
+        self._require_serving()
+        try:
+            return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        except Exception as exc:  # noqa: BLE001  (ids the tokenizer cannot take are the client's)
+            log.warning("tokenizer.failed", error=str(exc), error_type=type(exc).__name__)
+            raise TokenizerFailed("the tokenizer could not decode the ids") from None
 
     def tokenize(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[Token]]:
         """Each text's tokens (``POST /tokenize``), on the caller's thread; 422 if the tokenizer fails."""
@@ -521,7 +569,7 @@ class Engine:
         self._fitter = Fitter(self._token_spans, max_tokens=info.max_seq_length, special_tokens=info.special_tokens)
         self.info = info
         warm_up = [*WARM_UP_TEXTS, " ".join(["warm"] * info.max_seq_length)]
-        self._encode(warm_up)
+        self._encode(warm_up, tokens=True)
         self._run_hooks(self._on_ready)
         self._metrics.model_info.labels(
             model=info.model_id, device=info.device, dimensions=str(info.dimensions), dtype=info.dtype
@@ -641,7 +689,9 @@ class Engine:
             for job, _ in batch:
                 self._leave_queue(job, started)
             try:
-                vectors, token_counts = self._encode(texts)
+                vectors, token_counts, token_rows = self._encode(
+                    texts, tokens=any(job.wants_tokens for job, _ in batch)
+                )
             except Exception as exc:  # noqa: BLE001  (isolate the failure to the texts that cause it)
                 log.warning("batch.failed", size=len(batch), error=str(exc), error_type=type(exc).__name__)
                 failed = True
@@ -653,8 +703,8 @@ class Engine:
         if failed:
             self._retry_one_by_one(batch)
             return
-        for (job, index), vector, tokens in zip(batch, vectors, token_counts, strict=True):
-            job.deliver(index, vector, tokens)
+        for k, ((job, index), tokens) in enumerate(zip(batch, token_counts, strict=True)):
+            job.deliver(index, token_rows[k] if job.wants_tokens else vectors[k], tokens)
         requests = len({id(job) for job, _ in batch})
         padded = len(batch) * max(token_counts)
         stats = BatchStats(len(batch), sum(token_counts), requests, duration, rss_before, rss_after, padded)
@@ -676,12 +726,17 @@ class Engine:
             if not item[0].finished:
                 self._run_batch([item])
 
-    def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+    def _encode(self, texts: list[str], *, tokens: bool = False) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
+        """The batch's pooled vectors, token counts and, with ``tokens``, each text's token vectors."""
         prepared = self._backend.prepare(texts)
-        vectors = self._backend.finish(self._backend.encode(prepared))
-        if not np.isfinite(vectors).all():  # reduced precision can overflow; never answer NaN (or null) vectors
+        encoded = self._backend.encode(prepared)
+        vectors = self._backend.finish(encoded)
+        rows = self._backend.finish_tokens(encoded, prepared.token_counts) if tokens else []
+        del encoded
+        # Reduced precision can overflow; never answer NaN (or null) vectors.
+        if not np.isfinite(vectors).all() or not all(np.isfinite(row).all() for row in rows):
             raise FloatingPointError("the model's output holds non-finite values")
-        return vectors, prepared.token_counts
+        return vectors, prepared.token_counts, rows
 
     def _observe(self, stats: BatchStats, token_counts: list[int]) -> None:
         if self._is_full(stats):

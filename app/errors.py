@@ -2,10 +2,10 @@
 
 Everywhere but text-embeddings-inference's routes: ``{"error": {"message", "type", "code"}}``, whose
 ``type`` values follow the OpenAI API where one fits, so OpenAI clients raise their usual exception
-classes. On TEI's routes (:data:`TEI_PATHS`): TEI's ``{"error": "...", "error_type": "..."}`` with TEI's
-statuses, so TEI clients (``huggingface_hub``, the LangChain/LlamaIndex/Haystack embedders) read them
-as they read TEI's: 400 empty, 413 too many inputs, 422 validation or tokenizer, 424 inference failed,
-429 overloaded, 503 unhealthy.
+classes. On TEI's routes (:data:`app.routes.TEI_PATHS`): TEI's ``{"error": "...", "error_type": "..."}``
+with TEI 1.9's statuses and its ``error_type`` spelling (its router's serialised enum), so TEI clients
+(``huggingface_hub``, the LangChain/LlamaIndex/Haystack embedders) read them as they read TEI's: 400
+Empty, 422 Validation (too many inputs included) or Tokenizer, 424 Backend, 429 Overloaded, 503 Unhealthy.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from flask import Flask, Response, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 
+from app.routes import TEI_PATHS
+
 log = structlog.get_logger("app.errors")
 
+TEI_ERROR_TYPES = ("Unhealthy", "Backend", "Overloaded", "Validation", "Tokenizer", "Empty")
+"""text-embeddings-inference's ``error_type`` values, as its router serialises its ``ErrorType`` enum."""
 
-TEI_PATHS = frozenset({"/", "/embed", "/tokenize"})
-"""Routes that answer errors in text-embeddings-inference's shape and statuses."""
-
-
-_TEI_TYPES = {429: "overloaded", 503: "unhealthy"}
+_TEI_TYPES = {429: "Overloaded", 503: "Unhealthy"}
 
 
 class ServiceError(Exception):
@@ -58,11 +58,11 @@ class ServiceError(Exception):
 
     @property
     def tei_type(self) -> str:
-        """TEI's ``error_type``: unhealthy (503), overloaded (429), backend (other 5xx), validation (4xx),
-        unless the class says otherwise (empty, tokenizer)."""
+        """TEI's ``error_type``: Unhealthy (503), Overloaded (429), Backend (other 5xx), Validation (4xx),
+        unless the class says otherwise (Empty, Tokenizer)."""
         if self.tei_error_type is not None:
             return self.tei_error_type
-        return _TEI_TYPES.get(self.status, "backend" if self.status >= 500 else "validation")
+        return _TEI_TYPES.get(self.status, "Backend" if self.status >= 500 else "Validation")
 
     def tei_body(self) -> dict[str, str]:
         """The JSON body of the error on TEI's routes."""
@@ -171,26 +171,24 @@ class Unprocessable(ServiceError):
 
 
 class EmptyInput(Unprocessable):
-    """No text, or a text of white space only (TEI: 400 ``empty``)."""
+    """No text at all (TEI: 400 ``Empty``); a blank or empty text is embedded (app/schemas.py)."""
 
     tei_status: int | None = 400
-    tei_error_type = "empty"
+    tei_error_type = "Empty"
 
 
 class TooManyInputs(Unprocessable):
-    """More texts in one request than the limit (TEI: 413)."""
-
-    tei_status: int | None = 413
+    """More texts in one request than the limit (TEI 1.9: 422 ``Validation``, as every validation error)."""
 
 
 class TokenizerFailed(Unprocessable):
-    """The tokenizer could not encode a text (TEI: 422 ``tokenizer``)."""
+    """The tokenizer could not encode a text (TEI: 422 ``Tokenizer``)."""
 
-    tei_error_type = "tokenizer"
+    tei_error_type = "Tokenizer"
 
 
 class ModelFailed(ServiceError):
-    """The model failed on an input, or the inference thread died (TEI: 424 ``backend``)."""
+    """The model failed on an input, or the inference thread died (TEI: 424 ``Backend``)."""
 
     tei_status: int | None = 424
 

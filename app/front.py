@@ -17,7 +17,7 @@ The same place answers what it decides itself (408, 413, 429) with the service's
 and counts each refusal (``on_refusal``), and tells a request when its client disconnects
 (:class:`ClientGone`), so the engine drops its queued texts instead of computing them.
 
-Probes and scrapes (``/health``, ``/ready``, ``/metrics``) run on a small pool of their own, so a service
+Probes and scrapes (:data:`app.routes.PROBE_PATHS`) run on a small pool of their own, so a service
 whose request threads all wait for the model still answers its liveness check.
 """
 
@@ -34,15 +34,13 @@ from typing import Any
 
 from app.budget import MemoryBudget, Reservation, body_estimate
 from app.errors import PayloadTooLarge, RequestTimeout, ServiceError, error_for_status
+from app.routes import PROBE_PATHS
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-
-OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
-"""Answered on their own threads: probes and scrapes never wait behind embedding requests."""
 
 OPS_THREADS = 4
 CLIENT_GONE = "embedding.client_gone"
@@ -57,6 +55,8 @@ DISCARD_FACTOR = 4
 
 Refused = Callable[[Scope, int, str, str, bool], None]
 """Told of each refusal the front decides: (scope, status, reason, message, already counted by the budget)."""
+Authorize = Callable[[Scope], ServiceError | None]
+"""The refusal of a request, from its method, path and headers alone (the API key), or None to let it in."""
 
 MAX_DETAIL_CHARS = 200
 """Longest quote of client input in an error message."""
@@ -112,8 +112,10 @@ class WSGIFront:
         budget: MemoryBudget,
         on_refusal: Refused | None = None,
         on_shutdown: Callable[[], None] | None = None,
+        authorize: Authorize | None = None,
     ) -> None:
         self.wsgi_app = wsgi_app
+        self._authorize = authorize
         self.budget = budget
         self._max_body = max_body_bytes
         self._body_timeout = body_timeout_s
@@ -140,7 +142,7 @@ class WSGIFront:
                 return
             gone = ClientGone()
             loop = asyncio.get_running_loop()
-            pool = self._ops if scope["path"] in OPS_PATHS else self._requests
+            pool = self._ops if scope["path"] in PROBE_PATHS else self._requests
             watcher = loop.create_task(_watch_disconnect(receive, gone))
             try:
                 environ = wsgi_environ(scope, body, gone)
@@ -156,7 +158,11 @@ class WSGIFront:
             reservation.release()
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send, reservation: Reservation) -> bytes | None:
-        """The whole body, or None after refusing it (408, 413, 429) or when the client left."""
+        """The whole body, or None after refusing it (401, 408, 413, 429) or when the client left."""
+        refusal = self._authorize(scope) if self._authorize is not None else None
+        if refusal is not None:  # before a byte of the body is read or held
+            await self._refuse(scope, receive, send, refusal, "unauthorized")
+            return None
         declared = _content_length(scope)
         if declared is not None and declared > self._max_body:
             await self._refuse(scope, receive, send, PayloadTooLarge(self._too_large()), "body_too_large")

@@ -11,10 +11,10 @@ import structlog
 from flask import Flask, Response, g, request
 
 from app.metrics import Metrics
+from app.routes import QUIET_LABELS, label_for
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
-_QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
 
 log = structlog.get_logger("app.http")
 
@@ -40,11 +40,11 @@ def init_app(app: Flask, metrics: Metrics) -> None:
     def _complete_request(response: Response) -> Response:
         request_id = g.get("request_id") or new_request_id(None)
         response.headers[REQUEST_ID_HEADER] = request_id
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        route = label_for(request.method, request.url_rule.rule if request.url_rule is not None else None)
         duration = time.perf_counter() - g.get("started", time.perf_counter())
         metrics.requests.labels(route=route, code=str(response.status_code)).inc()
         metrics.request_duration.labels(route=route).observe(duration)
-        emit = log.debug if route in _QUIET_ROUTES else log.info
+        emit = log.debug if route in QUIET_LABELS else log.info
         fields = {"inputs": g.inputs} if "inputs" in g else {}
         emit(
             "request.completed",

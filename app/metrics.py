@@ -61,6 +61,21 @@ class Metrics:
         self.inputs = Counter("embedding_inputs", "Texts embedded.", registry=r)
         self.tokens = Counter("embedding_tokens", "Tokens embedded (after truncation).", registry=r)
         self.queue_depth = Gauge("embedding_queue_depth", "Texts waiting for the inference thread.", registry=r)
+        self.inputs_truncated = Counter(
+            "embedding_inputs_truncated",
+            "Texts cut because truncation is on, by where: characters (longer than EMBEDDING_MAX_INPUT_CHARS, cut "
+            "before tokenizing) or tokens (longer than the model's maximum sequence length).",
+            ["at"],
+            registry=r,
+        )
+        for at in ("characters", "tokens"):
+            self.inputs_truncated.labels(at=at)
+        self.model_name_mismatches = Counter(
+            "embedding_model_name_mismatches",
+            "OpenAI requests that named a model other than the served one (EMBEDDING_SERVED_MODEL_NAME); answered "
+            "by the served model under EMBEDDING_MODEL_NAME_POLICY=any, refused under served.",
+            registry=r,
+        )
         self.inference_stalled = Gauge(
             "embedding_inference_stalled_seconds",
             "Seconds since the inference thread last made progress (a batch finished, or work arrived at an idle "
@@ -72,7 +87,8 @@ class Metrics:
             "Requests refused before inference, by reason: queue_full, queue_time (it would time out waiting), "
             "too_slow (it alone would take longer than its timeout), memory (over the hard limit), budget (no room "
             "in the memory budget), too_costly (more than the whole budget), and the HTTP front's body_too_large, "
-            "body_timeout, header_timeout, bad_request, uri_too_long, headers_too_large, not_supported.",
+            "body_timeout, header_timeout, bad_request, uri_too_long, headers_too_large, not_supported, unauthorized "
+            "(no or a wrong EMBEDDING_API_KEY).",
             ["reason"],
             registry=r,
         )

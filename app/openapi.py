@@ -16,10 +16,15 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from app.backend import ModelInfo
+from app.docs import DOCS_ASSETS
 from app.heaptrace import MAX_SECONDS, MAX_TOP
 from app.memory import CleanupRecord
 from app.schemas import (
     ActivityResponse,
+    DecodeRequest,
+    DecodeResponse,
+    EmbedAllRequest,
+    EmbedAllResponse,
     EmbedRequest,
     EmbedResponse,
     ErrorResponse,
@@ -31,19 +36,29 @@ from app.schemas import (
     OpenAIEmbeddingRequest,
     OpenAIEmbeddingResponse,
     ReadyResponse,
+    SimilarityRequest,
+    SimilarityResponse,
     TeiErrorResponse,
     TokenizeRequest,
     TokenizeResponse,
     model_names,
 )
 
-_REQUESTS: tuple[type[EmbedRequest] | type[OpenAIEmbeddingRequest] | type[TokenizeRequest], ...] = (
+_REQUESTS: tuple[type[Any], ...] = (
     EmbedRequest,
+    EmbedAllRequest,
+    SimilarityRequest,
     OpenAIEmbeddingRequest,
     TokenizeRequest,
+    DecodeRequest,
 )
+_TEXT_REQUESTS = (EmbedRequest, EmbedAllRequest, OpenAIEmbeddingRequest, TokenizeRequest)
+"""The requests whose texts field is a string or a list of strings."""
 _ANSWERS: tuple[type[Any], ...] = (
     EmbedResponse,
+    EmbedAllResponse,
+    SimilarityResponse,
+    DecodeResponse,
     TokenizeResponse,
     TeiErrorResponse,
     OpenAIEmbeddingResponse,
@@ -58,20 +73,22 @@ _ANSWERS: tuple[type[Any], ...] = (
 )
 _ERRORS = {
     "400": "Malformed JSON, a field of the wrong type, or text that is not valid Unicode.",
-    "404": "A model other than the served one was asked for.",
+    "401": "EMBEDDING_API_KEY is set and the request does not carry it (Authorization: Bearer <key>).",
+    "404": "A model other than the served ones was asked for, under EMBEDDING_MODEL_NAME_POLICY=served.",
     "413": "Request body over the size limit.",
-    "422": "Empty input, too many inputs, a text too long, or dimensions out of range.",
+    "422": "Empty input, too many inputs, or dimensions out of range.",
     "429": "Inference queue full; retry after Retry-After seconds.",
     "503": "Not ready, shutting down, over the memory limit, or timed out in the queue.",
 }
 _TEI_ERRORS = {
-    "400": "Empty input or an empty text (error_type empty), or a body that is not a JSON object.",
-    "413": "More texts than the limit, or a body over the size limit (error_type validation).",
-    "422": "A field of the wrong type, a text too long, token ids, an unknown prompt_name (validation), or a text "
-    "the tokenizer cannot take (tokenizer).",
-    "424": "The model failed on an input (error_type backend).",
-    "429": "Inference queue full; retry after Retry-After seconds (error_type overloaded).",
-    "503": "Not ready, shutting down, over the memory limit, or timed out in the queue (error_type unhealthy).",
+    "400": 'No input or an empty text "" (error_type Empty), or a body that is not a JSON object.',
+    "401": "EMBEDDING_API_KEY is set and the request does not carry it (Authorization: Bearer <key>).",
+    "413": "A body over the size limit (error_type Validation).",
+    "422": "A field of the wrong type, more texts than the limit, a text too long with truncate false, token ids, "
+    "an unknown prompt_name (Validation), or a text the tokenizer cannot take (Tokenizer).",
+    "424": "The model failed on an input (error_type Backend).",
+    "429": "Inference queue full; retry after Retry-After seconds (error_type Overloaded).",
+    "503": "Not ready, shutting down, over the memory limit, or timed out in the queue (error_type Unhealthy).",
 }
 
 
@@ -96,59 +113,128 @@ def _json(model: type[BaseModel] | type[CleanupRecord] | None, description: str 
 
 def _with_limits(schemas: dict[str, Any], limits: Limits, info: ModelInfo | None) -> None:
     """Write the settings' and the model's limits into the request schemas (the models state fixed ones only)."""
-    for model in _REQUESTS:
+    for model in _TEXT_REQUESTS:
         properties = schemas[model.__name__]["properties"]
         one_text, many = properties[model.texts_field]["anyOf"]
-        one_text["maxLength"] = many["items"]["maxLength"] = limits.max_input_chars
         many["maxItems"] = limits.max_inputs
+        if model is TokenizeRequest:  # the others cut a longer text (truncate true) or refuse it (false)
+            one_text["maxLength"] = many["items"]["maxLength"] = limits.max_input_chars
         if info is not None and "dimensions" in properties:
-            properties["dimensions"]["maximum"] = info.dimensions
+            _option(properties["dimensions"])["maximum"] = info.dimensions
+    schemas[DecodeRequest.__name__]["properties"]["ids"]["anyOf"][1]["maxItems"] = limits.max_inputs
+    schemas["SimilarityInput"]["properties"]["sentences"]["maxItems"] = limits.max_inputs - 1
+    if info is not None and limits.refuse_unknown_models:
+        names = sorted(model_names(info, limits.served_names))
+        _option(schemas[OpenAIEmbeddingRequest.__name__]["properties"]["model"])["enum"] = names
     if info is not None:
-        schemas[OpenAIEmbeddingRequest.__name__]["properties"]["model"]["enum"] = sorted(model_names(info))
-        for model in (EmbedRequest, TokenizeRequest):
-            properties = schemas[model.__name__]["properties"]
+        for name in (EmbedRequest.__name__, EmbedAllRequest.__name__, TokenizeRequest.__name__, "SimilarityParameters"):
+            properties = schemas[name]["properties"]
             if info.prompts:
-                properties["prompt_name"]["enum"] = sorted(info.prompts)
+                _option(properties["prompt_name"])["enum"] = sorted(info.prompts)
             else:  # a model without prompts takes no prompt_name
                 del properties["prompt_name"]
 
 
-def openapi_document(version: str, limits: Limits, info: ModelInfo | None, *, debug: bool = False) -> dict[str, Any]:
+def _option(prop: dict[str, Any]) -> dict[str, Any]:
+    """The non-null alternative of a nullable property's schema."""
+    options: list[dict[str, Any]] = prop.get("anyOf", [prop])
+    return next(option for option in options if option != {"type": "null"})
+
+
+def openapi_document(
+    version: str, limits: Limits, info: ModelInfo | None, *, debug: bool = False, api_key: bool = False
+) -> dict[str, Any]:
     """The API description, with the service version, its limits and (once loaded) the model's; the debug
-    route only where it is enabled."""
+    route only where it is enabled; the API key's scheme on the routes that need it where one is set."""
     schemas = copy.deepcopy(_component_schemas())
     _with_limits(schemas, limits, info)
     errors = {code: _json(ErrorResponse, text) for code, text in _ERRORS.items()}
     tei_errors = {code: _json(TeiErrorResponse, text) for code, text in _TEI_ERRORS.items()}
 
-    def embedding_route(summary: str, request: type[BaseModel], answer: type[BaseModel]) -> dict[str, Any]:
-        body = {"required": True, "content": {"application/json": {"schema": _ref(request)}}}
-        failed = tei_errors if request is not OpenAIEmbeddingRequest else errors
-        return {"post": {"summary": summary, "requestBody": body, "responses": {"200": _json(answer), **failed}}}
+    security: list[dict[str, list[str]]] | None = [{"apiKey": []}] if api_key else None
 
+    def embedding_route(summary: str, request: Any, answer: type[BaseModel]) -> dict[str, Any]:
+        schema = _ref(request) if isinstance(request, type) else request
+        body = {"required": True, "content": {"application/json": {"schema": schema}}}
+        failed = tei_errors if request is not OpenAIEmbeddingRequest else errors
+        operation = {"summary": summary, "requestBody": body, "responses": {"200": _json(answer), **failed}}
+        return {"post": operation | ({"security": security} if security else {})}
+
+    headers_note = (
+        "tokens, characters and times in the x-compute-* and x-*-time headers, cut texts in x-truncated-inputs"
+    )
     tei_embed = embedding_route(
-        "Embed one text or a list of texts (text-embeddings-inference's API): an array of vectors; tokens, "
-        "characters and times in the x-compute-* and x-*-time headers.",
+        f"Embed one text or a list of texts (text-embeddings-inference's API): an array of vectors; {headers_note}.",
         EmbedRequest,
         EmbedResponse,
     )
-
-    return {
+    openai_embed = embedding_route(
+        "OpenAI-compatible embeddings (also at /embeddings, for clients whose base URL has no /v1).",
+        OpenAIEmbeddingRequest,
+        OpenAIEmbeddingResponse,
+    )
+    health = {
+        "get": {
+            "summary": "Health, as text-embeddings-inference answers it: 200 once the model is loaded and serves, "
+            "503 while it loads (GET / and /ping answer the same).",
+            "responses": {"200": _json(HealthResponse), "503": _json(TeiErrorResponse, "Loading, or failed.")},
+        }
+    }
+    root = {
+        **health,
+        "post": embedding_route(
+            "Embeddings (/embed's request), or similarities when inputs is an object (/similarity's request): "
+            "text-embeddings-inference's default route.",
+            {"anyOf": [_ref(EmbedRequest), _ref(SimilarityRequest)]},
+            EmbedResponse,
+        )["post"],
+    }
+    root["post"]["responses"]["200"] = {
+        "description": "Vectors, or similarities",
+        "content": {"application/json": {"schema": {"anyOf": [_ref(EmbedResponse), _ref(SimilarityResponse)]}}},
+    }
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "Embedding service", "version": version},
         "paths": {
-            "/": tei_embed,
+            "/": root,
             "/embed": tei_embed,
-            "/v1/embeddings": embedding_route(
-                "OpenAI-compatible embeddings.", OpenAIEmbeddingRequest, OpenAIEmbeddingResponse
+            "/embed_all": embedding_route(
+                "Each text's token vectors, special tokens included (text-embeddings-inference's API); "
+                f"{headers_note}.",
+                EmbedAllRequest,
+                EmbedAllResponse,
             ),
+            "/similarity": embedding_route(
+                "The cosine similarity of source_sentence to each of sentences (text-embeddings-inference's API).",
+                SimilarityRequest,
+                SimilarityResponse,
+            ),
+            "/v1/embeddings": openai_embed,
+            "/embeddings": openai_embed,
             "/tokenize": embedding_route(
                 "Each text's tokens, as the model's tokenizer splits it (text-embeddings-inference's API).",
                 TokenizeRequest,
                 TokenizeResponse,
             ),
-            "/info": {"get": {"summary": "Model, limits and version.", "responses": {"200": _json(InfoResponse)}}},
-            "/health": {"get": {"summary": "Liveness.", "responses": {"200": _json(HealthResponse)}}},
+            "/decode": embedding_route(
+                "Token ids back to text (text-embeddings-inference's API).", DecodeRequest, DecodeResponse
+            ),
+            "/info": {
+                "get": {
+                    "summary": "Model, limits and version; 503 until the model is loaded.",
+                    "responses": {"200": _json(InfoResponse), "503": _json(TeiErrorResponse, "Loading.")},
+                }
+            },
+            "/health": health,
+            "/ping": health,
+            "/live": {
+                "get": {
+                    "summary": "Liveness: 200 while the process serves HTTP, loading or not (the Kubernetes liveness "
+                    "probe's route).",
+                    "responses": {"200": _json(HealthResponse)},
+                }
+            },
             "/ready": {
                 "get": {
                     "summary": "Readiness: 200 once the model is loaded and warmed up.",
@@ -194,10 +280,33 @@ def openapi_document(version: str, limits: Limits, info: ModelInfo | None, *, de
                 }
             },
             "/openapi.json": {"get": {"summary": "This document.", "responses": {"200": _json(None)}}},
+            "/api-doc/openapi.json": {
+                "get": {"summary": "This document, where TEI serves its own.", "responses": {"200": _json(None)}}
+            },
+            "/docs": {
+                "get": {
+                    "summary": "This document, rendered by Swagger UI (served by the service itself, offline).",
+                    "responses": {
+                        "200": {"description": "OK", "content": {"text/html": {"schema": {"type": "string"}}}}
+                    },
+                }
+            },
+            "/docs/{name}": {
+                "get": {
+                    "summary": "The Swagger UI files /docs loads.",
+                    "parameters": [
+                        {"name": "name", "in": "path", "required": True, "schema": {"enum": sorted(DOCS_ASSETS)}}
+                    ],
+                    "responses": {"200": {"description": "OK"}, "404": _json(ErrorResponse, "No such file.")},
+                }
+            },
             **(_DEBUG_PATHS if debug else {}),
         },
         "components": {"schemas": schemas},
     }
+    if security:
+        document["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+    return document
 
 
 _DEBUG_PATHS = {

@@ -1,4 +1,5 @@
-"""Operational routes: ``/health``, ``/ready``, ``/activity``, ``/memory``, ``/cleanup``, ``/metrics``."""
+"""Operational routes: ``/live``, ``/health`` (and TEI's ``GET /`` and ``/ping``), ``/ready``, ``/activity``,
+``/memory``, ``/cleanup``, ``/metrics``."""
 
 from __future__ import annotations
 
@@ -16,9 +17,23 @@ from app.schemas import quote
 bp = Blueprint("ops", __name__)
 
 
+@bp.get("/live")
+def live() -> Response:
+    """Liveness: 200 while the process serves HTTP, loading its model or not (the Kubernetes liveness probe:
+    a process that loads a large model is not restarted for it)."""
+    return jsonify(status="ok")
+
+
 @bp.get("/health")
+@bp.get("/ping")
+@bp.get("/")
 def health() -> Response:
-    """Liveness: 200 while the process serves HTTP."""
+    """Health as text-embeddings-inference answers it (``InferenceClient.health_check()``, load balancers'
+    default probe of ``/``): 200 once the model is loaded and serves, 503 while it loads or if it failed.
+    Shedding load is not ill health: ``/ready`` says when to send requests elsewhere."""
+    engine = components().engine
+    if not engine.ready:
+        raise Unavailable(f"unhealthy: {engine.failure or engine.state}", retry_after_s=5)
     return jsonify(status="ok")
 
 

@@ -7,9 +7,15 @@ raises a :class:`~app.errors.ServiceError` (pydantic lets those through untouche
 only ever see values that already passed.
 
 Wrong JSON or wrong types are 400; well-typed input the service will not embed (empty, too many, too
-long, an impossible ``dimensions``) is 422. An optional field is either left out (its default) or of its
-type: ``null`` is a wrong type, as with OpenAI's API. Unknown fields are ignored, as OpenAI's API does.
-Messages quote the client's input up to ``MAX_QUOTE_CHARS``.
+long without truncation, an impossible ``dimensions``) is 422. An optional field is left out, ``null`` (both
+mean its default, as text-embeddings-inference and OpenAI's schema have it) or of its type. Unknown fields
+are ignored, as OpenAI's API does. Messages quote the client's input up to ``MAX_QUOTE_CHARS``.
+
+Nothing that TEI or OpenAI would embed fails a batch, nor a blank chunk: a text of white space, and the
+empty string (TEI and OpenAI refuse it; LlamaIndex strips a blank chunk to it), are embedded, and only no
+text at all is empty; with truncation on (the default) a text longer than ``EMBEDDING_MAX_INPUT_CHARS`` is cut to
+that many characters (its kept end, with ``truncation_direction: left``) before the model's own cut in
+tokens; the body limit still bounds what a request can carry.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ from pydantic import (
     ConfigDict,
     Field,
     RootModel,
-    StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -45,10 +50,14 @@ MAX_QUOTE_CHARS = 100
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits from the settings."""
+    """Per-request limits and rules from the settings."""
 
     max_inputs: int
     max_input_chars: int
+    served_names: tuple[str, ...] = ()
+    """More names the model answers to (``EMBEDDING_SERVED_MODEL_NAME``)."""
+    refuse_unknown_models: bool = False
+    """``EMBEDDING_MODEL_NAME_POLICY=served``: a request naming another model is a 404."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,12 @@ class EmbeddingRequest:
     """Which end of an over-long text goes: ``right`` (the end) or ``left`` (the start)."""
     prompt_name: str | None = None
     """A key of the model's prompts, whose text is put before each input (TEI's ``prompt_name``)."""
+    cut: frozenset[int] = frozenset()
+    """Indices of the texts cut to ``EMBEDDING_MAX_INPUT_CHARS`` characters before tokenizing."""
+    model: str | None = None
+    """The model the request named (OpenAI's ``model``), if any."""
+    token_vectors: bool = False
+    """Answer each text's token vectors (``POST /embed_all``) instead of one vector a text."""
 
     def let_texts_go(self) -> None:
         """Empty :attr:`texts` once they are queued (the engine holds what the model reads of them), so that
@@ -74,20 +89,38 @@ class EmbeddingRequest:
 
 # --- requests ---------------------------------------------------------------------
 
-Text = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
-"""A text holds at least one character that is not white space; its longest length is a setting."""
+Text = str
+"""Any string is a text, white space and the empty string included: a pipeline's blank chunk (which LlamaIndex
+strips to ``""``) is embedded as the model embeds no words, never a reason to fail its batch. The longest
+length is a setting."""
 Texts = Text | Annotated[list[Text], Field(min_length=1)]
 
+_SCHEMA_KEYS = frozenset(
+    {"$ref", "type", "anyOf", "enum", "const", "items", "minimum", "maximum", "pattern", "minLength", "minItems"}
+)
 
-def _no_null_defaults(schema: dict[str, Any]) -> None:
-    """``null`` is not a value an optional field takes (it is left out instead): the document says no default."""
-    for prop in schema.get("properties", {}).values():
-        if "default" in prop and prop["default"] is None:
-            del prop["default"]
+
+def _nullable_optionals(schema: dict[str, Any]) -> None:
+    """Every optional field takes ``null`` (its default) in the document, as the service does."""
+    required = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        if name in required:
+            continue
+        options = prop.get("anyOf") or [{k: v for k, v in prop.items() if k in _SCHEMA_KEYS}]
+        if {"type": "null"} not in options:
+            options = [*options, {"type": "null"}]
+        for key in _SCHEMA_KEYS & prop.keys():
+            del prop[key]
+        prop["anyOf"] = options
+
+
+def _without_nulls(body: dict[str, Any], required: str | None) -> dict[str, Any]:
+    """``body`` without its optional fields that are ``null``: they take their defaults."""
+    return {key: value for key, value in body.items() if value is not None or key == required}
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore", json_schema_extra=_no_null_defaults)
+    model_config = ConfigDict(frozen=True, extra="ignore", json_schema_extra=_nullable_optionals)
     texts_field: ClassVar[str]
 
     @model_validator(mode="before")
@@ -95,7 +128,7 @@ class _Request(BaseModel):
     def _texts_given(cls, body: Any) -> Any:
         if isinstance(body, dict) and cls.texts_field not in body:
             raise BadRequest(f"'{cls.texts_field}' is required: a string or a list of strings", param=cls.texts_field)
-        return body
+        return _without_nulls(body, cls.texts_field) if isinstance(body, dict) else body
 
     @classmethod
     def validated(cls, body: dict[str, Any], limits: Limits, info: ModelInfo) -> Self:
@@ -110,9 +143,9 @@ class _Request(BaseModel):
     @classmethod
     def parse(cls, body: dict[str, Any], limits: Limits, info: ModelInfo) -> EmbeddingRequest:
         """The validated embedding request of a decoded JSON body."""
-        return cls.validated(body, limits, info).to_request()
+        return cls.validated(body, limits, info).to_request(limits)
 
-    def to_request(self) -> EmbeddingRequest:
+    def to_request(self, limits: Limits) -> EmbeddingRequest:
         raise NotImplementedError
 
 
@@ -145,6 +178,11 @@ def _is_token_ids(value: Any) -> bool:
     return ids(value) or (isinstance(value, list) and bool(value) and all(ids(item) for item in value))
 
 
+def _whole(value: Any) -> Any:
+    """A whole number written as a float (``5.0``, an "integer" to JSON Schema) as an int; anything else as is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -168,14 +206,27 @@ def _check_texts(value: Any, info: ValidationInfo) -> list[str]:
                 f"{key}[{i}] is not valid Unicode text (it holds a lone surrogate, such as an unpaired \\ud800)",
                 param=key,
             )
-        if not text.strip():
-            raise EmptyInput(f"{key}[{i}] is empty", param=key)
-        if len(text) > limits.max_input_chars:
-            raise Unprocessable(
-                f"{key}[{i}] has {len(text)} characters, more than the limit of {limits.max_input_chars}",
-                param=key,
-            )
     return texts
+
+
+def cut_to_limit(
+    texts: list[str], limits: Limits, *, truncate: bool, keep_end: bool = False, key: str = "input"
+) -> frozenset[int]:
+    """Cut each text longer than ``max_input_chars`` to that many characters, in place (its end, or with
+    ``keep_end`` its start, goes), as TEI cuts text over its character limit when truncation is on; without
+    truncation, 422 for the first such text. The indices of the texts cut."""
+    limit = limits.max_input_chars
+    cut = frozenset(i for i, text in enumerate(texts) if len(text) > limit)
+    if cut and not truncate:
+        first = min(cut)
+        raise Unprocessable(
+            f"{key}[{first}] has {len(texts[first])} characters, more than the limit of {limit}; shorten it or set "
+            "truncate to true",
+            param=key,
+        )
+    for i in cut:
+        texts[i] = texts[i][-limit:] if keep_end else texts[i][:limit]
+    return cut
 
 
 def _check_bool(value: Any, info: ValidationInfo) -> bool:
@@ -194,8 +245,7 @@ def _check_input_type(value: Any) -> str:
 
 def _check_dimensions(value: Any, info: ValidationInfo) -> int:
     model = _model(info)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # 64.0 is a whole number (and an "integer" to JSON Schema)
+    value = _whole(value)  # 64.0 is a whole number (and an "integer" to JSON Schema)
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f"'dimensions' must be a whole number, got {_type_name(value)}", param="dimensions")
     if not 1 <= value <= model.dimensions:
@@ -261,19 +311,40 @@ class EmbedRequest(_Request):
     _input_type = field_validator("input_type", mode="before")(_check_input_type)
     _dimensions = field_validator("dimensions", mode="before")(_check_dimensions)
 
-    def to_request(self) -> EmbeddingRequest:
+    def to_request(self, limits: Limits) -> EmbeddingRequest:
         if self.prompt_name is not None and self.input_type is not None:
             raise Unprocessable("send prompt_name or input_type, not both: each puts a prompt before the text")
         texts = [self.inputs] if isinstance(self.inputs, str) else self.inputs
-        return EmbeddingRequest(
+        return _tei_request(
             texts,
-            self.normalize,
+            limits,
             self.truncate,
-            self.input_type,
-            self.dimensions,
-            truncation_direction=self.truncation_direction,
-            prompt_name=self.prompt_name,
+            self.truncation_direction,
+            self.prompt_name,
+            normalize=self.normalize,
+            input_type=self.input_type,
+            dimensions=self.dimensions,
         )
+
+
+def _tei_request(
+    texts: list[str],
+    limits: Limits,
+    truncate: bool,
+    truncation_direction: str,
+    prompt_name: str | None,
+    **fields: Any,
+) -> EmbeddingRequest:
+    """A TEI route's embedding request: its texts cut to the character limit as its truncation allows."""
+    keep_end = truncation_direction == "left"
+    return EmbeddingRequest(
+        texts,
+        truncate=truncate,
+        truncation_direction=truncation_direction,
+        prompt_name=prompt_name,
+        cut=cut_to_limit(texts, limits, truncate=truncate, keep_end=keep_end, key="inputs"),
+        **fields,
+    )
 
 
 class OpenAIEmbeddingRequest(_Request):
@@ -281,7 +352,11 @@ class OpenAIEmbeddingRequest(_Request):
 
     texts_field = "input"
     input: Texts
-    model: str | SkipJsonSchema[None] = Field(None, description="Optional; must name the served model.")
+    model: str | SkipJsonSchema[None] = Field(
+        None,
+        description="Optional. Any name is answered by the served model (the answer's model says which), unless "
+        "EMBEDDING_MODEL_NAME_POLICY=served: then one of the served names.",
+    )
     encoding_format: EncodingFormat = "float"
     dimensions: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = Field(None, description=_DIMENSIONS_DOC)
     input_type: InputType | SkipJsonSchema[None] = Field(None, description=_INPUT_TYPE_DOC)
@@ -296,11 +371,12 @@ class OpenAIEmbeddingRequest(_Request):
     def _served_model(cls, value: Any, info: ValidationInfo) -> str:
         if not isinstance(value, str):
             raise BadRequest(f"'model' must be a string, got {_type_name(value)}", param="model")
-        model = _model(info)
-        if value not in model_names(model):
+        model, limits = _model(info), _limits(info)
+        if limits.refuse_unknown_models and value not in model_names(model, limits.served_names):
             raise NotFound(
-                f"model {quote(value)} is not served here; this service serves {model.model_id!r} only "
-                "(embeddings of different models must not be mixed in one index)",
+                f"model {quote(value)} is not served here; this service serves {model.model_id!r} only, under the "
+                f"names {', '.join(sorted(model_names(model, limits.served_names)))} (embeddings of different "
+                "models must not be mixed in one index)",
                 param="model",
             )
         return value
@@ -322,10 +398,16 @@ class OpenAIEmbeddingRequest(_Request):
             raise BadRequest(f"'user' must be a string, got {_type_name(value)}", param="user")
         return value
 
-    def to_request(self) -> EmbeddingRequest:
+    def to_request(self, limits: Limits) -> EmbeddingRequest:
         texts = [self.input] if isinstance(self.input, str) else self.input
+        cut = cut_to_limit(texts, limits, truncate=True)  # OpenAI's API has no truncate: always on, as TEI's
         return EmbeddingRequest(
-            texts, input_type=self.input_type, dimensions=self.dimensions, encoding_format=self.encoding_format
+            texts,
+            input_type=self.input_type,
+            dimensions=self.dimensions,
+            encoding_format=self.encoding_format,
+            cut=cut,
+            model=self.model,
         )
 
 
@@ -346,6 +428,155 @@ class TokenizeRequest(_Request):
     @property
     def texts(self) -> list[str]:
         return [self.inputs] if isinstance(self.inputs, str) else self.inputs
+
+    @model_validator(mode="after")
+    def _within_limit(self, info: ValidationInfo) -> Self:
+        cut_to_limit(self.texts, _limits(info), truncate=False, key="inputs")  # TEI tokenizes texts whole: no cut
+        return self
+
+
+class EmbedAllRequest(_Request):
+    """``POST /embed_all``: text-embeddings-inference's request for each text's token vectors."""
+
+    texts_field = "inputs"
+    inputs: Texts
+    truncate: bool = Field(True, description="false: a text longer than the model's maximum sequence length is a 422.")
+    truncation_direction: TruncationDirection = Field(
+        "right", description="Which end of an over-long text is cut: right (its end) or left (its start)."
+    )
+    prompt_name: str | SkipJsonSchema[None] = Field(
+        None, description="A key of the model's prompts (GET /info's prompts): its text is put before each input."
+    )
+
+    _inputs = field_validator("inputs", mode="before")(_check_texts)
+    _flags = field_validator("truncate", mode="before")(_check_bool)
+    _direction = field_validator("truncation_direction", mode="before")(_check_truncation_direction)
+    _prompt_name = field_validator("prompt_name", mode="before")(_check_prompt_name)
+
+    def to_request(self, limits: Limits) -> EmbeddingRequest:
+        texts = [self.inputs] if isinstance(self.inputs, str) else self.inputs
+        return _tei_request(
+            texts,
+            limits,
+            self.truncate,
+            self.truncation_direction,
+            self.prompt_name,
+            normalize=False,
+            token_vectors=True,
+        )
+
+
+class SimilarityInput(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    source_sentence: Text = Field(description="The text the others are compared with.")
+    sentences: Annotated[list[Text], Field(min_length=1)] = Field(description="The texts compared with it.")
+
+
+class SimilarityParameters(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore", json_schema_extra=_nullable_optionals)
+
+    truncate: bool = True
+    truncation_direction: TruncationDirection = "right"
+    prompt_name: str | SkipJsonSchema[None] = Field(None, description="A key of the model's prompts.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, body: Any) -> Any:
+        if not isinstance(body, dict):
+            raise BadRequest(f"'parameters' must be an object, got {_type_name(body)}", param="parameters")
+        return _without_nulls(body, None)
+
+    _flags = field_validator("truncate", mode="before")(_check_bool)
+    _direction = field_validator("truncation_direction", mode="before")(_check_truncation_direction)
+    _prompt_name = field_validator("prompt_name", mode="before")(_check_prompt_name)
+
+
+class SimilarityRequest(_Request):
+    """``POST /similarity`` (and ``POST /`` with this shape, as ``InferenceClient.sentence_similarity`` sends it):
+    the cosine similarity of ``source_sentence`` to each of ``sentences``."""
+
+    texts_field = "inputs"
+    inputs: SimilarityInput
+    parameters: SimilarityParameters | SkipJsonSchema[None] = None
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, dict):
+            raise BadRequest(
+                '\'inputs\' must be an object: {"source_sentence": "...", "sentences": ["..."]}', param="inputs"
+            )
+        source, sentences = value.get("source_sentence"), value.get("sentences")
+        if not isinstance(source, str):
+            raise BadRequest(f"'inputs.source_sentence' must be a string, got {_type_name(source)}", param="inputs")
+        if not isinstance(sentences, list):
+            raise BadRequest(
+                f"'inputs.sentences' must be a list of strings, got {_type_name(sentences)}", param="inputs"
+            )
+        if not sentences:
+            raise EmptyInput("'inputs.sentences' is empty; send at least one text", param="inputs")
+        limits = _limits(info)
+        if len(sentences) + 1 > limits.max_inputs:
+            raise TooManyInputs(
+                f"'inputs.sentences' has {len(sentences)} texts; with the source sentence that is more than the "
+                f"limit of {limits.max_inputs}",
+                param="inputs",
+            )
+        _check_texts([source, *sentences], info)
+        return value
+
+    def to_request(self, limits: Limits) -> EmbeddingRequest:
+        texts = [self.inputs.source_sentence, *self.inputs.sentences]
+        options = self.parameters or SimilarityParameters.model_validate({})
+        return _tei_request(texts, limits, options.truncate, options.truncation_direction, options.prompt_name)
+
+
+MAX_TOKEN_ID = 2**32 - 1
+"""TEI reads token ids as unsigned 32-bit numbers."""
+
+
+class DecodeRequest(_Request):
+    """``POST /decode``: token ids back to text (text-embeddings-inference's request)."""
+
+    texts_field = "ids"
+    ids: (
+        Annotated[list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]], Field(min_length=1)]
+        | Annotated[
+            list[Annotated[list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]], Field(min_length=1)]],
+            Field(min_length=1),
+        ]
+    )
+    skip_special_tokens: bool = True
+
+    _flags = field_validator("skip_special_tokens", mode="before")(_check_bool)
+
+    @field_validator("ids", mode="before")
+    @classmethod
+    def _ids(cls, value: Any, info: ValidationInfo) -> Any:
+        form = "a list of token ids or a list of such lists"
+        if not isinstance(value, list):
+            raise BadRequest(f"'ids' must be {form}, got {_type_name(value)}", param="ids")
+        rows = value if value and isinstance(value[0], list) else [value]
+        rows = [[_whole(n) for n in row] if isinstance(row, list) else row for row in rows]
+        value = rows if value and isinstance(value[0], list) else rows[0]
+        limits = _limits(info)
+        if not value or not all(rows):
+            raise EmptyInput("'ids' is empty; send at least one token id", param="ids")
+        if len(rows) > limits.max_inputs:
+            raise TooManyInputs(f"'ids' has {len(rows)} lists, more than the limit of {limits.max_inputs}", param="ids")
+        for i, row in enumerate(rows):
+            if not isinstance(row, list) or not all(_is_int(n) and 0 <= n <= MAX_TOKEN_ID for n in row):
+                raise BadRequest(f"'ids' must be {form} (whole numbers from 0 to {MAX_TOKEN_ID})", param="ids")
+            if len(row) > limits.max_input_chars:
+                raise Unprocessable(
+                    f"ids[{i}] has {len(row)} token ids, more than the limit of {limits.max_input_chars}", param="ids"
+                )
+        return value
+
+    @property
+    def rows(self) -> list[list[int]]:
+        return self.ids if self.ids and isinstance(self.ids[0], list) else [self.ids]  # type: ignore[list-item]
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -380,6 +611,13 @@ def parse_openai(body: dict[str, Any], limits: Limits, info: ModelInfo) -> Embed
 # answer to these models, which forbid fields they do not declare, so the document cannot fall behind.
 
 
+def _no_null_defaults(schema: dict[str, Any]) -> None:
+    """An answer's field that is left out when empty is never ``null``: the document gives it no default."""
+    for prop in schema.get("properties", {}).values():
+        if "default" in prop and prop["default"] is None:
+            del prop["default"]
+
+
 class _Answer(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra=_no_null_defaults)
 
@@ -401,11 +639,23 @@ class TokenizeResponse(RootModel[list[list[SimpleToken]]]):
     """``POST /tokenize``: each input's tokens, in order, as TEI answers."""
 
 
+class EmbedAllResponse(RootModel[list[list[list[float]]]]):
+    """``POST /embed_all``: each text's token vectors (one per token the model read, special tokens included)."""
+
+
+class SimilarityResponse(RootModel[list[float]]):
+    """``POST /similarity``: the cosine similarity of the source sentence to each sentence, in order."""
+
+
+class DecodeResponse(RootModel[list[str]]):
+    """``POST /decode``: each list of ids as text."""
+
+
 class TeiErrorResponse(_Answer):
-    """Every error on TEI's routes (``/``, ``/embed``, ``/tokenize``), in TEI's shape."""
+    """Every error on TEI's routes (app/routes.py), in TEI 1.9's shape and spelling."""
 
     error: str
-    error_type: Literal["unhealthy", "backend", "overloaded", "validation", "tokenizer", "empty"]
+    error_type: Literal["Unhealthy", "Backend", "Overloaded", "Validation", "Tokenizer", "Empty"]
 
 
 class OpenAIEmbedding(_Answer):
@@ -469,35 +719,40 @@ class InfoLimits(_Answer):
 
 
 class InfoResponse(_Answer):
-    """What this service serves and its limits; the model's fields are null until it is loaded."""
+    """What this service serves and its limits (a 503 until the model is loaded, as TEI answers nothing then)."""
 
     version: str
     status: str
     model: str
-    dimensions: int | None
-    max_seq_length: int | None
+    dimensions: int
+    max_seq_length: int
     device: str
-    dtype: str = Field(
-        description="The precision the model computes in: float32, bfloat16 or float16 (auto until loaded)."
-    )
-    dtype_reason: str | None = Field(description="Why that dtype: the setting, or what auto found on this hardware.")
+    dtype: str = Field(description="The precision the model computes in: float32, bfloat16 or float16.")
+    dtype_reason: str = Field(description="Why that dtype: the setting, or what auto found on this hardware.")
     input_types: list[InputType]
     prompts: dict[str, str] = Field(description="The model's prompts: the prompt_name values /embed takes.")
     batch_size: int
     max_batch_tokens: int
     limits: InfoLimits
     memory_policy: MemoryPolicy
+    model_names: list[str] = Field(description="The names the model answers to on the OpenAI routes.")
+    model_name_policy: str = Field(
+        description="any: a request naming another model is answered by this one; served: it is a 404."
+    )
     # text-embeddings-inference's fields, for its clients
     model_id: str
-    model_sha: None = Field(description="Always null: the model is loaded from a directory or a package.")
+    model_sha: str | None = Field(description="The model's hub commit where it came from the hub's cache, else null.")
     model_dtype: str
+    served_model_name: str = Field(description="The first of EMBEDDING_SERVED_MODEL_NAME, else the model id.")
     model_type: dict[str, dict[str, str]] = Field(description='{"embedding": {"pooling": ...}}, as TEI says.')
     max_concurrent_requests: int = Field(description="Requests served at once (more wait for a request thread).")
-    max_input_length: int | None = Field(description="The model's maximum sequence length in tokens.")
+    max_input_length: int = Field(description="The model's maximum sequence length in tokens.")
     max_batch_requests: int = Field(description="Texts per model batch.")
     max_client_batch_size: int = Field(description="Texts per request.")
     auto_truncate: bool = Field(description="Whether texts are truncated when a request does not say (it is).")
     tokenization_workers: int = Field(description="Threads that tokenize: the request threads.")
+    sha: str | None = Field(description="The commit the image was built from (its build argument), else null.")
+    docker_label: str | None = Field(description="The image's label (its build argument), else null.")
 
 
 class AllocatorBreakdown(_Answer):
@@ -601,9 +856,9 @@ class HeapGrowthResponse(_Answer):
     sites: list[GrowthSite]
 
 
-def model_names(info: ModelInfo) -> set[str]:
-    """Names a client may use for the served model."""
-    return {info.model_id, info.model_id.rsplit("/", 1)[-1]}
+def model_names(info: ModelInfo, served: tuple[str, ...] = ()) -> set[str]:
+    """Names the served model answers to: its id, the id's last part and ``EMBEDDING_SERVED_MODEL_NAME``'s."""
+    return {info.model_id, info.model_id.rsplit("/", 1)[-1], *served}
 
 
 def quote(value: Any) -> str:

@@ -26,9 +26,12 @@ from gunicorn.asgi import protocol as gunicorn_protocol
 from gunicorn.workers import gasgi
 from werkzeug.exceptions import HTTPException
 
+from app.auth import api_key_refusal
 from app.components import components
 from app.config import Settings
+from app.errors import ServiceError
 from app.front import Scope, WSGIFront, clip, error_body
+from app.routes import label_for
 
 log = structlog.get_logger("app.http")
 
@@ -197,7 +200,7 @@ PROTOCOL_REFUSALS = {
 }
 """The reason of each refusal the protocol answers itself, by status."""
 
-FRONT_REASONS = frozenset({*PROTOCOL_REFUSALS.values(), "body_timeout"})
+FRONT_REASONS = frozenset({*PROTOCOL_REFUSALS.values(), "body_timeout", "unauthorized"})
 """Refusals the front and the protocol decide; counted in ``embedding_rejected_total`` by :func:`serve`."""
 
 
@@ -227,8 +230,17 @@ def serve(flask_app: Flask, settings: Settings) -> WSGIFront:
             metrics.rejected.labels(reason=reason).inc()
         log.info("request.rejected", route=route, status=status, reason=reason, error=clip(message))
 
+    def authorize(scope: Scope) -> ServiceError | None:
+        """The API key, checked from the headers before the body is read."""
+        if settings.api_key is None:
+            return None
+        headers = dict(scope.get("headers", ()))
+        raw = headers.get(b"authorization")
+        return api_key_refusal(settings.api_key, scope["method"], scope["path"], raw.decode("latin-1") if raw else None)
+
     return WSGIFront(
         flask_app,
+        authorize=authorize,
         threads=settings.http_threads,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
@@ -246,4 +258,4 @@ def _route(flask_app: Flask, path: str, method: str) -> str:
         rule, _ = flask_app.url_map.bind("localhost").match(path, method=method or None, return_rule=True)
     except HTTPException:
         return "unmatched"
-    return str(rule.rule)
+    return label_for(method, str(rule.rule))

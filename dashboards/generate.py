@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Settings
+from app.routes import EMBED_LABELS, prometheus_regex
 
 OUT = Path(__file__).with_name("embedding-service.json")
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -41,8 +42,8 @@ SLOS = tomllib.loads((Path(__file__).resolve().parents[1] / "alerts" / "slos.tom
 """The service level objectives (alerts/slos.toml), quoted in the panels' descriptions."""
 AVAILABILITY_BUDGET = f"{1 - float(SLOS['availability']['objective']):.1%}"
 LATENCY_OBJECTIVE = f"{float(SLOS['latency']['objective']):.0%} start within {SLOS['latency']['threshold_seconds']} s"
-EMBED_ROUTES = 'route=~"/|/embed|/v1/embeddings"'
-"""The embedding routes: text-embeddings-inference's (``/`` and ``/embed``) and OpenAI's."""
+EMBED_ROUTES = f'route=~"{prometheus_regex(EMBED_LABELS)}"'
+"""The routes that run the model (app/routes.py): text-embeddings-inference's and OpenAI's."""
 RI = "$__rate_interval"
 RUNBOOK_BASE = "https://runbooks.example.com/embedding-service/runbooks.md"
 """Where ops/runbooks.md is published: the alert rules' placeholder (alerts/generate.py --runbook-base)."""
@@ -720,9 +721,24 @@ def errors(lay: Layout) -> None:
             "too_slow (413: longer than its timeout alone), memory (503, over the hard limit), budget (429, "
             "no room in the memory budget), too_costly (413, more than the whole budget), and what the HTTP front "
             "refuses itself: body_too_large (413), body_timeout and header_timeout (408), bad_request, "
-            "uri_too_long, headers_too_large, not_supported.",
+            "uri_too_long, headers_too_large, not_supported, unauthorized (401: no or a wrong API key).",
             "reqps",
             (rate("embedding_rejected_total", "reason"), "{{reason}}"),
+        ),
+        12,
+        7,
+    )
+    lay.add(
+        timeseries(
+            "Texts cut, and other model names",
+            "Texts embedded in part, as truncation allows: cut at EMBEDDING_MAX_INPUT_CHARS before tokenizing "
+            "(characters) or at the model's maximum sequence length (tokens); a pipeline whose chunks are mostly cut "
+            "should chunk smaller. And OpenAI requests that named a model other than the served names "
+            "(EMBEDDING_SERVED_MODEL_NAME): answered by the served model, or 404 under "
+            "EMBEDDING_MODEL_NAME_POLICY=served.",
+            "ops",
+            (rate("embedding_inputs_truncated_total", "at"), "cut at {{at}}"),
+            (rate("embedding_model_name_mismatches_total"), "other model name"),
         ),
         12,
         7,

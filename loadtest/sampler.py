@@ -13,9 +13,10 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.reasons import CleanupReason
+from app.routes import EMBED_LABELS
 
-EMBED_ROUTES = ("/", "/embed", "/v1/embeddings")
-"""The embedding routes: text-embeddings-inference's and OpenAI's."""
+EMBED_ROUTES = EMBED_LABELS
+"""The routes that run the model (app/routes.py)."""
 REASONS = tuple(CleanupReason)  # a column each (cleanups_<reason>); a test keeps Sample's fields in step
 
 

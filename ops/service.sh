@@ -25,7 +25,11 @@ status() {
     info=$(http GET /info | cut -d' ' -f2-)
     ready=$(http GET /ready | cut -d' ' -f1)
     running=$(basename "$(running_dir)")
-    echo "running: pid $(cat "$PID_FILE"), version $(json_field version <<<"${info:-{\}}"), model $(json_field model <<<"${info:-{\}}"), $([ "$ready" = 200 ] && echo ready || echo "not ready")"
+    # /info answers 503 until the model is loaded: then the version is the installed one and the model not known yet.
+    local version model
+    version=$(json_field version <<<"${info:-{\}}")
+    model=$(json_field model <<<"${info:-{\}}")
+    echo "running: pid $(cat "$PID_FILE"), version ${version:-$(installed_version)}, model ${model:-(loading)}, $([ "$ready" = 200 ] && echo ready || echo "not ready")"
     if [ -n "$current" ] && [ "$running" != "$current" ]; then
         echo "restart pending: running versions/$running, current is versions/$current"
     fi

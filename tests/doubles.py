@@ -81,6 +81,15 @@ class FakeBackend(EmbeddingBackend):
     def finish(self, encoded: Any) -> np.ndarray:
         return np.asarray(encoded, dtype=np.float32)
 
+    def finish_tokens(self, encoded: Any, token_counts: list[int]) -> list[np.ndarray]:
+        """Token ``k`` of a text: its vector scaled by ``k + 1``."""
+        rows = np.asarray(encoded, dtype=np.float32)
+        return [np.stack([row * (k + 1) for k in range(n)]) for row, n in zip(rows, token_counts, strict=True)]
+
+    def decode(self, ids: list[list[int]], *, skip_special_tokens: bool = True) -> list[str]:
+        words = {101: "[CLS]", 102: "[SEP]"}
+        return [" ".join(words.get(i, f"w{i}") for i in row if not (skip_special_tokens and i in words)) for row in ids]
+
     def release_caches(self) -> None:
         self.released += 1
 

@@ -83,13 +83,14 @@ def test_openai_client_float_and_base64(service: ServiceProcess) -> None:
     assert len(shortened.data[0].embedding) == 128
 
 
-def test_openai_client_sees_a_wrong_model_as_not_found(service: ServiceProcess) -> None:
+def test_openai_client_asking_for_another_model_is_told_which_model_answered(service: ServiceProcess) -> None:
     import openai
 
     client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0)
-    with pytest.raises(openai.NotFoundError) as caught:
-        client.embeddings.create(model="text-embedding-3-small", input="x")
-    assert "serves 'sentence-transformers/all-MiniLM-L6-v2' only" in str(caught.value)
+    answer = client.embeddings.create(model="text-embedding-3-small", input="x")  # EMBEDDING_MODEL_NAME_POLICY=any
+    assert answer.model == "sentence-transformers/all-MiniLM-L6-v2"
+    with pytest.raises(openai.BadRequestError, match="'model' must be a string"):
+        client.embeddings.create(model=7, input="x")  # type: ignore[arg-type]
 
 
 def test_concurrent_single_texts_are_batched_and_each_caller_gets_its_own_vector(

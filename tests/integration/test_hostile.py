@@ -98,7 +98,7 @@ def test_an_over_limit_body_is_a_readable_413_chunked_or_not(service: ServicePro
     )
     for response in (sized, chunked):
         assert response.status_code == 413
-        assert response.json()["error_type"] == "validation"  # text-embeddings-inference's body on /embed
+        assert response.json()["error_type"] == "Validation"  # text-embeddings-inference's body on /embed
         assert "larger than the limit of 1048576 bytes" in response.json()["error"]
     assert requests.get(f"{service.url}/health", timeout=5).status_code == 200
 

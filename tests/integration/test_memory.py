@@ -195,7 +195,7 @@ def test_above_the_hard_limit_new_requests_get_503_and_the_service_stays_up(tmp_
         responses = [requests.post(f"{service.url}/embed", json={"inputs": "x"}, timeout=30) for _ in range(3)]
         assert [r.status_code for r in responses] == [503] * 3
         assert all(r.headers["Retry-After"] == "5" for r in responses)
-        assert responses[0].json()["error_type"] == "unhealthy"  # text-embeddings-inference's body on /embed
+        assert responses[0].json()["error_type"] == "Unhealthy"  # text-embeddings-inference's body on /embed
         assert "above the service's limit" in responses[0].json()["error"]
         assert service.metric("embedding_rejected_total", reason="memory") == 3
         assert service.metric("embedding_cleanups_total", reason="limit") == 1  # tried once, then the cooldown

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from app.metrics import QUEUE_WAIT_BUCKETS
+from app.routes import EMBED_LABELS, prometheus_regex
 from tests.unit.exported import exported_series, metric_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,7 +138,7 @@ class Mutation:
 
 
 J = 'job="embedding-service"'
-ROUTES = 'route=~"/|/embed|/v1/embeddings"'
+ROUTES = f'route=~"{prometheus_regex(EMBED_LABELS)}"'
 RSS = f"embedding_memory_rss_bytes{{{J}}}"
 CEILING = (
     f'(embedding_memory_threshold_bytes{{{J}, level="limit"}} or ignoring(level) '

@@ -15,8 +15,11 @@ from app import components, create_app
 from app.backend import INPUT_TYPES
 from app.config import Settings
 from app.memory import CleanupRecord
+from app.routes import ROUTES
 from app.schemas import (
     ActivityResponse,
+    DecodeResponse,
+    EmbedAllResponse,
     EmbedRequest,
     EmbedResponse,
     ErrorResponse,
@@ -26,6 +29,7 @@ from app.schemas import (
     OpenAIEmbeddingRequest,
     OpenAIEmbeddingResponse,
     ReadyResponse,
+    SimilarityResponse,
     TeiErrorResponse,
     TokenizeResponse,
 )
@@ -75,11 +79,11 @@ def test_every_error_is_a_json_error_body(
 @pytest.mark.parametrize(
     ("method", "path", "kwargs", "status", "error_type"),
     [
-        ("get", "/embed", {}, 405, "validation"),
-        ("post", "/embed", {"data": b'{"inputs": "' + b"x" * 3000 + b'"}'}, 413, "validation"),
-        ("post", "/embed", {"data": b"{bad"}, 400, "validation"),
-        ("post", "/", {"json": {"inputs": []}}, 400, "empty"),
-        ("post", "/tokenize", {"json": {"inputs": 3}}, 422, "validation"),
+        ("get", "/embed", {}, 405, "Validation"),
+        ("post", "/embed", {"data": b'{"inputs": "' + b"x" * 3000 + b'"}'}, 413, "Validation"),
+        ("post", "/embed", {"data": b"{bad"}, 400, "Validation"),
+        ("post", "/", {"json": {"inputs": []}}, 400, "Empty"),
+        ("post", "/tokenize", {"json": {"inputs": 3}}, 422, "Validation"),
     ],
 )
 def test_errors_on_text_embeddings_inference_routes_have_its_body(
@@ -114,7 +118,12 @@ def test_not_ready_until_the_model_is_loaded() -> None:
     backend.gate.clear()  # the warm-up batch waits here
     app = create_app(SETTINGS, backend=backend)
     client = app.test_client()
-    assert client.get("/health").status_code == 200
+    assert client.get("/live").status_code == 200  # the process serves: not to be restarted for loading
+    for health in ("/health", "/", "/ping"):  # TEI's health answers (InferenceClient.health_check reads /health)
+        unhealthy = client.get(health)
+        assert unhealthy.status_code == 503
+        assert unhealthy.get_json() == {"error": "unhealthy: loading", "error_type": "Unhealthy"}
+    assert client.get("/info").status_code == 503  # no null fields for want of the model: no answer until then
     response = client.get("/ready")
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "5"
@@ -125,21 +134,59 @@ def test_not_ready_until_the_model_is_loaded() -> None:
         assert time.monotonic() < deadline
         time.sleep(0.005)
     assert client.post("/embed", json={"inputs": "x"}).status_code == 200
+    assert client.get("/health").status_code == client.get("/ping").status_code == client.get("/").status_code == 200
     components(app).engine.stop(5)
 
 
 def test_the_openapi_document_describes_every_route(client: FlaskClient, app: Flask) -> None:
     document = client.get("/openapi.json").get_json()
     assert document["openapi"].startswith("3.1")
-    served = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
+    served = {_openapi_path(rule.rule) for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
     assert set(document["paths"]) == served
+
+
+def _openapi_path(rule: str) -> str:
+    return re.sub(r"<(\w+)>", r"{\1}", rule)
+
+
+def test_the_route_registry_is_what_the_app_serves(app: Flask) -> None:
+    """app/routes.py is where the error shapes, the probe pool, the API key, the metrics' labels and the alerts'
+    route selectors come from: every route served is in it, with its method and handler, and nothing else."""
+    served = {
+        (method, rule.rule, rule.endpoint)
+        for rule in app.url_map.iter_rules()
+        if rule.endpoint != "static"
+        for method in rule.methods or ()
+        if method not in ("HEAD", "OPTIONS")
+    }
+    registered = {(route.method, route.path, route.endpoint) for route in ROUTES if not route.path.startswith("/debug")}
+    assert served == registered
 
 
 ANSWERS: list[tuple[str, str, dict[str, Any], int, type[Any]]] = [
     ("post", "/embed", {"json": {"inputs": ["a", "b"], "dimensions": 4, "normalize": False}}, 200, EmbedResponse),
     ("post", "/v1/embeddings", {"json": {"input": "a", "model": "fake/model"}}, 200, OpenAIEmbeddingResponse),
     ("post", "/v1/embeddings", {"json": {"input": ["a"], "encoding_format": "base64"}}, 200, OpenAIEmbeddingResponse),
-    ("post", "/v1/embeddings", {"json": {"input": "a", "model": "other"}}, 404, ErrorResponse),
+    (
+        "post",
+        "/v1/embeddings",
+        {"json": {"input": "a", "model": "text-embedding-ada-002"}},
+        200,
+        OpenAIEmbeddingResponse,
+    ),
+    ("post", "/embeddings", {"json": {"input": ["a", " "], "user": None}}, 200, OpenAIEmbeddingResponse),
+    ("post", "/embed_all", {"json": {"inputs": ["a b", "c"]}}, 200, EmbedAllResponse),
+    (
+        "post",
+        "/similarity",
+        {"json": {"inputs": {"source_sentence": "a", "sentences": ["b"]}}},
+        200,
+        SimilarityResponse,
+    ),
+    ("post", "/", {"json": {"inputs": {"source_sentence": "a", "sentences": ["b", "c"]}}}, 200, SimilarityResponse),
+    ("post", "/decode", {"json": {"ids": [[101, 1000, 102]]}}, 200, DecodeResponse),
+    ("post", "/decode", {"json": {"ids": []}}, 400, TeiErrorResponse),
+    ("post", "/similarity", {"json": {"inputs": {"source_sentence": "a", "sentences": []}}}, 400, TeiErrorResponse),
     (
         "post",
         "/",
@@ -149,13 +196,16 @@ ANSWERS: list[tuple[str, str, dict[str, Any], int, type[Any]]] = [
     ),
     ("post", "/embed", {"json": {"inputs": 3}}, 422, TeiErrorResponse),
     ("post", "/embed", {"json": {"inputs": []}}, 400, TeiErrorResponse),
-    ("post", "/embed", {"json": {"inputs": ["a"] * 5}}, 413, TeiErrorResponse),
+    ("post", "/embed", {"json": {"inputs": ["a"] * 5}}, 422, TeiErrorResponse),
     ("post", "/embed", {"data": b"[1, 2]"}, 400, TeiErrorResponse),
     ("post", "/v1/embeddings", {"json": {"input": [[1, 2]]}}, 422, ErrorResponse),
     ("post", "/tokenize", {"json": {"inputs": ["é b", "c"], "add_special_tokens": False}}, 200, TokenizeResponse),
     ("post", "/tokenize", {"json": {"inputs": "a", "prompt_name": "nope"}}, 422, TeiErrorResponse),
     ("get", "/info", {}, 200, InfoResponse),
     ("get", "/health", {}, 200, HealthResponse),
+    ("get", "/", {}, 200, HealthResponse),
+    ("get", "/ping", {}, 200, HealthResponse),
+    ("get", "/live", {}, 200, HealthResponse),
     ("get", "/ready", {}, 200, ReadyResponse),
     ("get", "/activity", {}, 200, ActivityResponse),
     ("get", "/activity?minutes=0", {}, 400, ErrorResponse),
@@ -174,9 +224,10 @@ def test_every_answer_is_what_the_openapi_document_says(
     response = getattr(client, method)(path, **kwargs)
     assert response.status_code == status
     document = client.get("/openapi.json").get_json()
-    responses = next(iter(document["paths"][path.split("?", maxsplit=1)[0]].values()))["responses"]
+    responses = document["paths"][path.split("?", maxsplit=1)[0]][method]["responses"]
     schema = responses[str(status)]["content"]["application/json"]["schema"]
-    assert schema == {"$ref": f"#/components/schemas/{model.__name__}"}
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    assert schema == ref or ref in schema.get("anyOf", [])  # POST / answers vectors or similarities
     jsonschema_rs.Draft202012Validator({**schema, "components": document["components"]}).validate(response.get_json())
 
 
@@ -199,13 +250,18 @@ def test_the_documented_request_schema_is_the_models_with_this_services_limits(c
     assert set(embed) == set(EmbedRequest.model_fields)
     assert set(schemas["OpenAIEmbeddingRequest"]["properties"]) == set(OpenAIEmbeddingRequest.model_fields)
     one, many = embed["inputs"]["anyOf"]
-    assert one["maxLength"] == many["items"]["maxLength"] == SETTINGS.max_input_chars
+    assert "maxLength" not in one and "maxLength" not in many["items"]  # a longer text is cut (or, untruncated, 422)
+    tokenize_one, tokenize_many = schemas["TokenizeRequest"]["properties"]["inputs"]["anyOf"]
+    assert tokenize_one["maxLength"] == tokenize_many["items"]["maxLength"] == SETTINGS.max_input_chars
     assert many["maxItems"] == SETTINGS.max_inputs
-    assert embed["input_type"]["enum"] == list(INPUT_TYPES)
-    assert embed["prompt_name"]["enum"] == schemas["TokenizeRequest"]["properties"]["prompt_name"]["enum"]
-    assert embed["prompt_name"]["enum"] == ["passage", "query"]  # the model's prompts
-    assert "default" not in embed["dimensions"]  # null is refused, so the document offers no null default
-    assert schemas["OpenAIEmbeddingRequest"]["properties"]["model"]["enum"] == ["fake/model", "model"]
+    assert embed["input_type"]["anyOf"] == [{"enum": list(INPUT_TYPES), "type": "string"}, {"type": "null"}]
+    prompt_names = embed["prompt_name"]["anyOf"][0]["enum"]
+    assert prompt_names == schemas["TokenizeRequest"]["properties"]["prompt_name"]["anyOf"][0]["enum"]
+    assert prompt_names == ["passage", "query"]  # the model's prompts
+    # Every optional field takes null: its default (as TEI and OpenAI's schema have it).
+    for name, prop in embed.items():
+        assert name == "inputs" or {"type": "null"} in prop["anyOf"], name
+    assert "enum" not in str(schemas["OpenAIEmbeddingRequest"]["properties"]["model"])  # any name is answered
 
 
 @pytest.mark.parametrize("input_type", INPUT_TYPES)
@@ -310,5 +366,5 @@ def test_a_model_output_that_is_not_finite_fails_the_request_instead_of_answerin
     assert response.status_code == 500
     assert response.get_json()["error"]["message"] == "the model failed on input[1]"
     assert tei.status_code == 424  # text-embeddings-inference's status for a failed inference
-    assert tei.get_json() == {"error": "the model failed on input[0]", "error_type": "backend"}
+    assert tei.get_json() == {"error": "the model failed on input[0]", "error_type": "Backend"}
     assert fine.status_code == 200

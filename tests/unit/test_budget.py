@@ -142,7 +142,7 @@ def test_a_route_holds_its_requests_cost_and_refuses_what_does_not_fit() -> None
     assert asked_cost <= budget.capacity < cost.queued_bytes(held) + asked_cost  # each alone fits, not both
     assert client.post("/embed", json={"inputs": held}).status_code == 200 and budget.used == 0
     too_big = client.post("/embed", json={"inputs": ["word " * 4000] * 64})  # 2.6 MB of body: never fits
-    assert (too_big.status_code, too_big.get_json()["error_type"]) == (413, "validation")
+    assert (too_big.status_code, too_big.get_json()["error_type"]) == (413, "Validation")
     backend.gate.clear()  # hold the first request in the model
     holder = threading.Thread(target=client.post, args=("/embed",), kwargs={"json": {"inputs": held}})
     holder.start()

@@ -128,7 +128,7 @@ def test_a_refusal_on_a_text_embeddings_inference_route_has_its_body() -> None:
     feed = client(b"x" * 600, b"x" * 600, then_wait=0)
     start, body = run(front_for(Seen()), feed, scope("/embed", headers=[(b"content-length", b"1200")]))
     answer = json.loads(body["body"])
-    assert (start["status"], answer["error_type"]) == (413, "validation")
+    assert (start["status"], answer["error_type"]) == (413, "Validation")
     assert "larger than the limit of 1000 bytes" in answer["error"]
 
 

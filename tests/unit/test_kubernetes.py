@@ -189,7 +189,7 @@ def pod_problems(objects: Objects) -> list[str]:
         found.append(f"settings the service does not know: {sorted(unread)}")
     routes = set(openapi_document("0", Limits(max_inputs=1, max_input_chars=1), None)["paths"])
     ports = {p["name"] for p in main["ports"]}
-    for name, path in (("startupProbe", "/ready"), ("readinessProbe", "/ready"), ("livenessProbe", "/health")):
+    for name, path in (("startupProbe", "/ready"), ("readinessProbe", "/ready"), ("livenessProbe", "/live")):
         get = main.get(name, {}).get("httpGet", {})
         if get.get("path") != path or path not in routes or get.get("port") not in ports:
             found.append(f"{name} is not GET {path} on a container port: {get}")
@@ -302,7 +302,7 @@ def pods_metric(o: Objects) -> dict[str, Any]:
 
 
 BROKEN: list[tuple[str, Callable[[Objects], None]]] = [
-    ("GET /health", lambda o: probe(o, "livenessProbe").update(path="/healthz")),
+    ("GET /live", lambda o: probe(o, "livenessProbe").update(path="/health")),
     ("GET /ready", lambda o: probe(o, "readinessProbe").update(path="/health")),
     ("grace period", lambda o: pod_spec(o).update(terminationGracePeriodSeconds=60)),
     ("no room above", lambda o: container(o)["resources"]["limits"].update(memory="2Gi")),
