@@ -288,11 +288,13 @@ def _run(req: EmbeddingRequest, info: ModelInfo) -> EmbeddingResult:
     assert cost is not None  # derived once the model is loaded, which _model_info has checked
     reservation = _reservation()
     body_bytes = request.content_length or 0
-    answer_floats = cost.token_vector_floats if req.token_vectors else req.dimensions
-    reservation.resize(cost.request_bytes(body_bytes=body_bytes, texts=req.texts, dimensions=answer_floats))
+    prefix = info.prompts[req.prompt_name] if req.prompt_name else info.prefix_for(req.input_type)
+    # Token vectors (/embed_all) make an answer hundreds of times its request: held by each text's tokens.
+    bounds = (cost.token_bound(len(prefix) + len(text)) for text in req.texts)
+    tokens = cost.token_answer_bytes(bounds) if req.token_vectors else 0
+    reservation.resize(cost.request_bytes(body_bytes=body_bytes, texts=req.texts, dimensions=req.dimensions) + tokens)
     if OPS_CHECK_HEADER not in request.headers:  # the ops scripts' own check after a start is not indexing
         parts.activity.record()
-    prefix = info.prompts[req.prompt_name] if req.prompt_name else info.prefix_for(req.input_type)
     if req.cut:
         parts.metrics.inputs_truncated.labels(at="characters").inc(len(req.cut))
     job = parts.engine.submit(
@@ -304,7 +306,8 @@ def _run(req: EmbeddingRequest, info: ModelInfo) -> EmbeddingResult:
         token_vectors=req.token_vectors,
     )
     req.let_texts_go()  # queued: the engine holds what the model reads of them
-    reservation.resize(cost.queued_bytes(job.texts, answer_floats))
+    tokens = cost.token_answer_bytes(job.lengths) if req.token_vectors else 0  # counted now: exact
+    reservation.resize(cost.queued_bytes(job.texts, req.dimensions) + tokens)
     gone = request.environ.get(CLIENT_GONE)
     if gone is not None:  # served by app.server: a client that disconnects takes its texts off the queue
         gone.subscribe(lambda: job.fail(ClientClosed("the client closed the connection before the answer")))

@@ -170,3 +170,21 @@ def test_the_route_registry_derives_each_set() -> None:
     assert "/" not in PROBE_PATHS  # POST / is an embedding request: it waits with them
     assert (label_for("GET", "/"), label_for("POST", "/"), label_for("HEAD", "/")) == ("GET /", "/", "GET /")
     assert needs_api_key("POST", "/") and not needs_api_key("GET", "/") and not needs_api_key("OPTIONS", "/embed")
+
+
+def test_token_vectors_are_held_in_the_budget_by_each_texts_tokens(backend: FakeBackend) -> None:
+    """An /embed_all answer is hundreds of times its request: the budget holds it by what the model reads of each
+    text (16 tokens at most here), so many long texts are refused at once and as many short ones answered."""
+    budget = 4_000_000  # the fake model's width 768: a text of 16 tokens holds 16 x 768 x 72 = 885 KB of answer
+    app = ready(create_app(SETTINGS.replace(memory_budget_bytes=budget), backend=backend))
+    try:
+        client = app.test_client()
+        long = " ".join(f"w{i}" for i in range(12))
+        refused = client.post("/embed_all", json={"inputs": [long] * 6})
+        assert refused.status_code == 413
+        assert "more than the service's whole budget" in refused.get_json()["error"]
+        assert client.post("/embed_all", json={"inputs": ["a"] * 8}).status_code == 200  # 7 tokens each at most
+        assert client.post("/embed_all", json={"inputs": [long] * 2}).status_code == 200
+        assert client.post("/embed", json={"inputs": [long] * 8}).status_code == 200  # one vector a text: small
+    finally:
+        components(app).engine.stop(5)
