@@ -15,7 +15,7 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Same pins as `make install`: the service's own pyproject.toml and the full constraints.txt.
-COPY pyproject.toml constraints.txt README.md ./
+COPY pyproject.toml constraints.txt README.md LICENSE ./
 COPY app ./app
 RUN pip install -c constraints.txt .
 
@@ -27,6 +27,14 @@ RUN python -c "import os; from sentence_transformers import SentenceTransformer;
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG EMBEDDING_MODEL=intfloat/multilingual-e5-small
+# OCI labels: docker build --build-arg VERSION=0.1.0 --build-arg SOURCE_URL=https://... (the repository)
+ARG VERSION=0.1.0
+ARG SOURCE_URL=""
+LABEL org.opencontainers.image.title="embedding-service" \
+      org.opencontainers.image.description="An embedding HTTP service whose memory stays flat under indexing load" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="${SOURCE_URL}"
 # What GET /info reports as TEI's sha and docker_label: docker build --build-arg BUILD_SHA=$(git rev-parse HEAD)
 ARG BUILD_SHA=""
 ARG DOCKER_LABEL=""

@@ -42,7 +42,7 @@ def build_source(base: Path, version: str) -> Path:
     """A source tree of the service whose version is ``version``."""
     tree = base / f"src-{version}"
     shutil.copytree(ROOT / "app", tree / "app", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("README.md", "constraints.txt"):
+    for name in ("README.md", "LICENSE", "constraints.txt"):
         shutil.copy(ROOT / name, tree / name)
     pyproject = (ROOT / "pyproject.toml").read_text()
     (tree / "pyproject.toml").write_text(pyproject.replace('version = "0.1.0"', f'version = "{version}"', 1))
