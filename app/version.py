@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from importlib import metadata
 
-DISTRIBUTION = "embedding-service"
+DISTRIBUTION = "plateau-embeddings"
+"""The distribution's name: this project's own (the package index's ``embedding-service`` is someone else's);
+the service, its command and its metrics keep the name embedding-service."""
 
 try:
     __version__ = metadata.version(DISTRIBUTION)

@@ -28,6 +28,10 @@ def free_port() -> int:
         return port
 
 
+SERVICE = "app.asgi:app"
+"""The service's own application, which ``embedding-service serve`` runs."""
+
+
 class ServiceProcess:
     """gunicorn serving ``app.asgi:app`` exactly as ``make run`` does, logs captured to a file (``target``:
     another ASGI app built with :func:`app.server.serve`, such as the tests' leaky one)."""
@@ -37,7 +41,7 @@ class ServiceProcess:
         log_path: Path,
         env: dict[str, str] | None = None,
         port: int | None = None,
-        target: str = "app.asgi:app",
+        target: str = SERVICE,
     ) -> None:
         self.target = target
         self.port = port or free_port()
@@ -55,9 +59,14 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         """Start gunicorn; returns at once (see :meth:`wait_ready`)."""
         gunicorn = Path(sys.executable).with_name("gunicorn")
+        bind = ["--bind", f"127.0.0.1:{self.port}"]
+        if self.target == SERVICE:  # the command line users run: `embedding-service serve`
+            command = [sys.executable, "-m", "app", "serve", *bind]
+        else:  # another app behind the same front and gunicorn configuration
+            command = [str(gunicorn), "-c", "python:app.gunicorn_conf", *bind, self.target]
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [str(gunicorn), "-c", "python:app.gunicorn_conf", "--bind", f"127.0.0.1:{self.port}", self.target],
+            command,
             cwd=ROOT,
             env=self.env,
             stdout=self._log,

@@ -116,10 +116,24 @@ setting() {  # setting NAME DEFAULT
     printf '%s' "${value:-$2}"
 }
 
+# The service's distribution; versions installed before it had a name of its own carry the old one.
+DISTRIBUTION=plateau-embeddings
+OLD_DISTRIBUTION=embedding-service
+
 installed_version() {  # installed_version [DIR]: the service package's version in DIR/venv (default: the live one)
     local dir="${1:-$(live_dir 2>/dev/null)}"
-    "$dir/venv/bin/python" -I -c 'from importlib.metadata import version; print(version("embedding-service"))' \
-        2>/dev/null || echo unknown
+    "$dir/venv/bin/python" -I - "$DISTRIBUTION" "$OLD_DISTRIBUTION" 2>/dev/null <<'PY' || echo unknown
+import sys
+from importlib.metadata import PackageNotFoundError, version
+for name in sys.argv[1:]:
+    try:
+        print(version(name))
+        break
+    except PackageNotFoundError:
+        continue
+else:
+    raise SystemExit(1)
+PY
 }
 
 list_versions() {  # complete versions, newest first
@@ -237,6 +251,11 @@ start_service() {
         [ -f "$dir/service.env" ] && . "$dir/service.env"
         set +a
         cd "$EMBEDDING_HOME" || exit 1
+        # The service's command line (it runs gunicorn as `make run` does); a version from before it had one
+        # is started with gunicorn directly, so a rollback to it still starts.
+        if [ -x "$dir/venv/bin/embedding-service" ]; then
+            exec setsid "$dir/venv/bin/python" -m app serve >>"$LOG_DIR/service.log" 2>&1 </dev/null 9>&-
+        fi
         exec setsid "$dir/venv/bin/python" -m gunicorn -c python:app.gunicorn_conf app.asgi:app \
             >>"$LOG_DIR/service.log" 2>&1 </dev/null 9>&-
     ) &

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Upgrade the service installed in $EMBEDDING_HOME (layout: ops/lib.sh), so that it can be killed at any
 # moment and still leave a service that serves and a version that starts:
-#   ops/upgrade.sh [--force] [--active-minutes N] (--source DIR | --version X) [--config FILE]
+#   ops/upgrade.sh [--force] [--active-minutes N] [--config FILE] (--source DIR
+#                  | --wheel FILE --sha256 HEX | --version X (--find-links DIR | --index-url URL) --sha256 HEX)
+#
+# Where the new version comes from is always named here: a source tree, a wheel, or a version from a wheel
+# directory or an index given on this command line. pip runs isolated (no pip.conf, no PIP_* variables), so no
+# configured index can supply the service: a same-named package elsewhere is never installed. A wheel, given or
+# downloaded, is installed only if its SHA-256 is the one given (CI publishes it beside the wheel).
 #
 #  1. take the lock (a second upgrade, rollback, start or stop refuses, naming the holder) and clean what an
 #     interrupted run left: unfinished builds, a switch that was not finished
@@ -28,23 +34,36 @@ command_line="$(basename "$0") $*"
 # What the new version must import before it can become current: the service and its model stack.
 IMPORT_CHECK="import app, app.api, app.backend, app.engine, app.front, app.memory, app.server, gunicorn, torch, sentence_transformers"
 
-force=0 minutes=5 source_dir="" version="" config=""
-usage() { echo "usage: $0 [--force] [--active-minutes N] (--source DIR | --version X) [--config FILE]; --help for more" >&2; exit 2; }
+force=0 minutes=5 source_dir="" version="" config="" wheel="" sha256="" find_links="" index_url=""
+usage() {
+    echo "usage: $0 [--force] [--active-minutes N] [--config FILE] (--source DIR | --wheel FILE --sha256 HEX" \
+        "| --version X (--find-links DIR | --index-url URL) --sha256 HEX); --help for more" >&2
+    exit 2
+}
 while [ $# -gt 0 ]; do
     case "$1" in
         --force) force=1 ;;
         --active-minutes) minutes="${2:?}"; shift ;;
         --source) source_dir="$(readlink -f "${2:?}")"; shift ;;
         --version) version="${2:?}"; shift ;;
+        --wheel) wheel="$(readlink -f "${2:?}")"; shift ;;
+        --sha256) sha256="${2:?}"; shift ;;
+        --find-links) find_links="$(readlink -f "${2:?}")"; shift ;;
+        --index-url) index_url="${2:?}"; shift ;;
         --config) config="$(readlink -f "${2:?}")"; shift ;;
         -h | --help) help_text; exit 0 ;;
         *) echo "unknown option: $1" >&2; usage ;;
     esac
     shift
 done
-[ -n "$source_dir" ] || [ -n "$version" ] || usage
-[ -z "$source_dir" ] || [ -z "$version" ] || usage
+[ $(( (${#source_dir} > 0) + (${#wheel} > 0) + (${#version} > 0) )) = 1 ] || usage  # exactly one origin
+[ -z "$version" ] || [ $(( (${#find_links} > 0) + (${#index_url} > 0) )) = 1 ] \
+    || die "--version needs where to take it from: --find-links DIR or --index-url URL (never a configured index)" 2
+[ -z "$source_dir" ] || [ -z "$sha256$find_links$index_url" ] || usage
+[ -n "$source_dir" ] || [[ "$sha256" =~ ^[0-9a-f]{64}$ ]] || die "a wheel needs --sha256 HEX, its 64 hex digits" 2
 [ -z "$source_dir" ] || [ -f "$source_dir/pyproject.toml" ] || die "no pyproject.toml in $source_dir" 2
+[ -z "$wheel" ] || [ -f "$wheel" ] || die "no wheel file $wheel" 2
+[ -z "$find_links" ] || [ -d "$find_links" ] || die "no directory $find_links" 2
 [ -z "$config" ] || [ -f "$config" ] || die "no configuration file $config" 2
 
 check_activity() {
@@ -76,6 +95,12 @@ build() {
     local pip=("$BUILDING/venv/bin/python" -m pip install --upgrade --disable-pip-version-check)
     # shellcheck disable=SC2206  # EMBEDDING_PIP_ARGS is a list of options
     pip+=(${EMBEDDING_PIP_ARGS:-})
+    if "$BUILDING/venv/bin/python" -I -m pip show -q "$OLD_DISTRIBUTION" >/dev/null 2>&1; then
+        # A version from before the service's own distribution name: both would own app/; the copy drops the old
+        # one first (hard links: the running version keeps its files).
+        "$BUILDING/venv/bin/python" -I -m pip uninstall -y -q "$OLD_DISTRIBUTION" >>"$LOG_DIR/ops.log" 2>&1 \
+            || { log "cannot remove $OLD_DISTRIBUTION from the copy"; return 1; }
+    fi
     if [ -n "$source_dir" ]; then
         log "installing from $source_dir"
         # From a snapshot without build output: pip builds a local tree in place, and a build killed half-way
@@ -89,9 +114,29 @@ build() {
             || { log "pip failed (its output is in $LOG_DIR/ops.log)"; return 1; }
         rm -rf "$tree"
     else
-        log "installing embedding-service==$version from the package index"
-        "${pip[@]}" "embedding-service==$version" >>"$LOG_DIR/ops.log" 2>&1 \
+        # Only from where this command line says: isolated from pip.conf and PIP_* (a configured index could hold
+        # a same-named package), the wheel's hash checked before pip sees it.
+        local from=(--no-index) file="$wheel"
+        [ -z "$find_links" ] || from=(--no-index --find-links "$find_links")
+        [ -z "$index_url" ] || from=(--index-url "$index_url")
+        if [ -n "$version" ]; then
+            log "downloading $DISTRIBUTION==$version from ${find_links:-$index_url}"
+            mkdir -p "$BUILDING/wheel" || return 1
+            "$BUILDING/venv/bin/python" -m pip download --isolated --disable-pip-version-check --no-deps \
+                --only-binary=:all: "${from[@]}" -d "$BUILDING/wheel" "$DISTRIBUTION==$version" >>"$LOG_DIR/ops.log" 2>&1 \
+                || { log "cannot download $DISTRIBUTION==$version from ${find_links:-$index_url} (see $LOG_DIR/ops.log)"; return 1; }
+            file=$(find "$BUILDING/wheel" -name '*.whl' | head -n 1)
+        fi
+        local found
+        found=$(sha256sum "$file" | cut -d' ' -f1)
+        if [ "$found" != "$sha256" ]; then
+            log "$(basename "$file") has SHA-256 $found, not the $sha256 given: not installing it"
+            return 1
+        fi
+        log "installing $(basename "$file") (SHA-256 verified)"
+        "${pip[@]}" --isolated "${from[@]}" "$file" >>"$LOG_DIR/ops.log" 2>&1 \
             || { log "pip failed (its output is in $LOG_DIR/ops.log)"; return 1; }
+        rm -rf "$BUILDING/wheel"
     fi
     if [ -n "$config" ]; then
         cp "$config" "$BUILDING/service.env" || { log "cannot copy the configuration $config"; return 1; }
@@ -101,11 +146,11 @@ build() {
     "$BUILDING/venv/bin/python" -I -c "$IMPORT_CHECK" >>"$LOG_DIR/ops.log" 2>&1 \
         || { log "the new version does not import (see $LOG_DIR/ops.log)"; return 1; }
     new_version=$(installed_version "$BUILDING")
-    [ "$new_version" != unknown ] || { log "the new environment has no embedding-service package"; return 1; }
+    [ "$new_version" != unknown ] || { log "the new environment has no $DISTRIBUTION package"; return 1; }
     NEW_NAME="$(date -u +%Y%m%dT%H%M%SZ)-$new_version"
     if [ -n "$source_dir" ]; then  # pip freeze names the snapshot it built: name the source it came from
         sed -i "s|file://$BUILDING/source|file://$source_dir|" \
-            "$BUILDING/venv/lib/"python*/site-packages/embedding_service-*.dist-info/direct_url.json 2>/dev/null || true
+            "$BUILDING/venv/lib/"python*/site-packages/plateau_embeddings-*.dist-info/direct_url.json 2>/dev/null || true
     fi
     finish_version "$BUILDING" "$NEW_NAME" "$base" "$new_version" || { log "cannot publish $BUILDING as $NEW_NAME"; return 1; }
     log "built version $new_version as versions/$NEW_NAME"
@@ -115,7 +160,7 @@ take_lock "$command_line"
 clean_leftovers
 base=$(live_dir) || die "nothing installed in $EMBEDDING_HOME: no current version" 2
 previous=$(current_name)
-log "upgrade of $EMBEDDING_HOME from version $(installed_version) (versions/$previous) to ${version:-the source in $source_dir}"
+log "upgrade of $EMBEDDING_HOME from version $(installed_version) (versions/$previous) to ${version:-${wheel:-the source in $source_dir}}"
 check_activity
 if ! build "$base"; then
     rm -rf "${BUILDING:?}" || true

@@ -12,6 +12,7 @@ repair by hand.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +49,32 @@ def build_source(base: Path, version: str) -> Path:
     pyproject = (ROOT / "pyproject.toml").read_text()
     (tree / "pyproject.toml").write_text(pyproject.replace('version = "0.1.0"', f'version = "{version}"', 1))
     return tree
+
+
+def build_wheel(source: Path, into: Path) -> tuple[Path, str]:
+    """The service's wheel built from ``source`` into ``into``, and its SHA-256 (what CI publishes with it)."""
+    into.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(into)]
+    subprocess.run([*pip, str(source)], check=True, capture_output=True)
+    (wheel,) = into.glob("plateau_embeddings-*.whl")
+    return wheel, hashlib.sha256(wheel.read_bytes()).hexdigest()
+
+
+def strangers_wheel(into: Path, version: str) -> Path:
+    """A stranger's package under the service's distribution name: an ``app`` that refuses to be imported."""
+    into.mkdir(parents=True, exist_ok=True)
+    wheel = into / f"plateau_embeddings-{version}-py3-none-any.whl"
+    info = f"plateau_embeddings-{version}.dist-info"
+    files = {
+        "app/__init__.py": "raise ImportError('a stranger\\'s package of the same name')\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: plateau-embeddings\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+        archive.writestr(f"{info}/RECORD", "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"]))
+    return wheel
 
 
 def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> None:
@@ -174,8 +202,11 @@ def first_layout(home: Path, port: int, sources: dict[str, Path]) -> Install:
     home.mkdir()
     subprocess.run(["cp", "-al", sys.prefix, str(home / "venv")], check=True)
     own_shebangs(home / "venv", sys.prefix)
-    pip = [str(home / "venv" / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps"]
-    subprocess.run([*pip, "--no-build-isolation", str(sources[OLD])], check=True, capture_output=True)
+    pip = [str(home / "venv" / "bin" / "python"), "-m", "pip"]
+    # The test environment's own (editable) install goes: the version installed is the only one there.
+    subprocess.run([*pip, "uninstall", "--quiet", "--yes", "plateau-embeddings"], check=True, capture_output=True)
+    install = [*pip, "install", "--quiet", "--no-deps", "--no-build-isolation", str(sources[OLD])]
+    subprocess.run(install, check=True, capture_output=True)
     inst = Install(home, port, sources)
     shutil.copy(inst.config(), home / "service.env")
     return inst
@@ -261,7 +292,7 @@ def test_an_idle_upgrade_builds_beside_the_running_version_and_a_second_one_wait
 
     assert fingerprint(old) == before  # the version that ran was never modified
     new = next(p for p in (install.home / "versions").iterdir() if p.name.endswith(f"-{NEW}"))
-    assert f"embedding-service @ file://{install.sources[NEW]}" in (new / "requirements.txt").read_text()
+    assert f"plateau-embeddings @ file://{install.sources[NEW]}" in (new / "requirements.txt").read_text()
     assert not (install.sources[NEW] / "build").exists()  # built from a snapshot: a killed build leaves no debris
     assert (new / "service.env").read_text() == (old / "service.env").read_text()
     shebangs = [p.read_text().splitlines()[0] for p in (new / "venv" / "bin").iterdir() if p.name.startswith("pip")]
@@ -375,7 +406,7 @@ def test_a_failed_copy_install_or_switch_stops_the_upgrade_and_leaves_the_runnin
         shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
         full_disk[tool] = f"{shim.parent}:{path}"
     broken = build_source(tmp_path, "9.9.9")
-    (broken / "pyproject.toml").write_text("[project]\nname = 'embedding-service'\nversion = \n")
+    (broken / "pyproject.toml").write_text("[project]\nname = 'plateau-embeddings'\nversion = \n")
     attempts = [
         ("the copy failed", install.sources[NEW], full_disk["cp"]),
         ("pip failed", broken, path),
@@ -390,6 +421,72 @@ def test_a_failed_copy_install_or_switch_stops_the_upgrade_and_leaves_the_runnin
         assert install.version() == OLD and install.embeds()
         assert not list((install.home / "versions").glob(".building-*"))
     assert "stopping pid" not in install.log()  # never restarted
+
+
+def test_a_wheel_is_installed_only_from_where_the_command_says_and_with_its_hash(
+    install: Install, tmp_path: Path
+) -> None:
+    """The package index holds someone else's ``embedding-service``; a same-named package can sit on any index a
+    machine's pip is configured with. Here a second index (PIP_FIND_LINKS, as a pip.conf would give it) holds a
+    stranger's ``plateau-embeddings`` of the very version asked for: the upgrade takes the operator's wheel and
+    never the stranger's, and refuses a wheel whose hash is not the one given."""
+    ours, digest = build_wheel(install.sources[NEW], tmp_path / "ours")
+    elsewhere = tmp_path / "elsewhere"
+    strangers_wheel(elsewhere, NEW)
+    strangers_wheel(elsewhere, "9.9.9")
+    configured = {"PIP_FIND_LINKS": str(elsewhere), "PIP_INDEX_URL": elsewhere.as_uri()}
+    old = install.current()
+
+    usage = install.ops("upgrade.sh", "--version", NEW, "--sha256", digest, **configured)
+    assert usage.returncode == 2 and "--find-links DIR or --index-url URL" in usage.stderr
+    assert install.ops("upgrade.sh", "--wheel", str(ours), **configured).returncode == 2  # no hash, no install
+    for args, message in (
+        (["--version", "9.9.9", "--find-links", str(ours.parent), "--sha256", digest], "cannot download"),
+        (["--wheel", str(ours), "--sha256", "0" * 64], f"has SHA-256 {digest}, not the {'0' * 64} given"),
+        (["--wheel", str(elsewhere / f"plateau_embeddings-{NEW}-py3-none-any.whl"), "--sha256", digest], "not the"),
+    ):
+        refused = install.ops("upgrade.sh", *args, **configured)
+        assert refused.returncode == 1, refused.stderr
+        assert message in refused.stderr
+        assert install.current() == old and install.version() == OLD
+    assert "stopping pid" not in install.log()  # nothing was ever switched
+
+    upgraded = install.ops(
+        "upgrade.sh", "--version", NEW, "--find-links", str(ours.parent), "--sha256", digest, **configured
+    )
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert f"installing {ours.name} (SHA-256 verified)" in upgraded.stderr
+    assert install.version() == NEW and install.embeds()  # the stranger's app would not even import
+
+
+def test_a_version_of_the_old_distribution_name_upgrades_to_the_new_one(
+    tmp_path: Path, sources: dict[str, Path]
+) -> None:
+    """Installs from before the service had a distribution name of its own carry ``embedding-service``: the
+    upgrade removes it from the new version's copy (both would own ``app/``) and the old version keeps its own."""
+    legacy = build_source(tmp_path / "legacy", OLD)
+    pyproject = legacy / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('name = "plateau-embeddings"', 'name = "embedding-service"', 1))
+    version_py = legacy / "app" / "version.py"  # its code knew itself by that name too
+    version_py.write_text(
+        version_py.read_text().replace('DISTRIBUTION = "plateau-embeddings"', 'DISTRIBUTION = "embedding-service"')
+    )
+    install = first_layout(tmp_path / "embedding-service", free_port(), {**sources, OLD: legacy})
+    try:
+        assert install.ops("service.sh", "start").returncode == 0
+        assert install.versions()[0][1] == f"version {OLD}"  # read from the old name
+        old = install.current()
+        upgraded = install.ops("upgrade.sh", "--source", str(sources[NEW]))
+        assert upgraded.returncode == 0, upgraded.stderr
+        assert install.version() == NEW and install.embeds()
+        new = install.current()
+        names = [p.name.split("-")[0] for p in (new / "venv").glob("lib/python*/site-packages/*.dist-info")]
+        assert "plateau_embeddings" in names and "embedding_service" not in names
+        assert list(old.glob("venv/lib/python*/site-packages/embedding_service-*.dist-info"))  # untouched
+        assert install.ops("rollback.sh").returncode == 0  # back to the old name's version, which still starts
+        assert install.version() == OLD and install.embeds()
+    finally:
+        install.ops("service.sh", "stop")
 
 
 KILL_POINTS = {

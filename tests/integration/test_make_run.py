@@ -24,7 +24,12 @@ def environment(**given: str) -> dict[str, str]:
 def planned_port(env: dict[str, str]) -> str:
     """The port `make run` would pass to the service, from make's dry run (the venv taken as installed)."""
     plan = subprocess.run(
-        ["make", "-n", "-o", ".venv/.installed", "run"], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+        ["make", "-n", "-o", ".venv/.installed-run", "run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     (port,) = [word.split("=", 1)[1] for word in plan.stdout.split() if word.startswith("EMBEDDING_PORT=")]
     return port
@@ -38,6 +43,24 @@ def planned_port(env: dict[str, str]) -> str:
 )  # fmt: skip
 def test_the_port_make_run_chooses(given: dict[str, str], port: str) -> None:
     assert planned_port(environment(**given)) == port
+
+
+def test_make_run_installs_what_serving_needs_and_no_test_tools(tmp_path: Path) -> None:
+    """On a machine without the virtual environment: the service with its bundled model, nothing of the test or
+    load-test extras (mypy, schemathesis, Locust, ...), and it says so in one line."""
+    plan = subprocess.run(
+        ["make", "-n", "run", f"VENV={tmp_path / 'venv'}"],
+        check=False,
+        cwd=ROOT,
+        env=environment(),
+        capture_output=True,
+        text=True,
+    )
+    assert plan.returncode == 0, plan.stderr
+    installs = [line for line in plan.stdout.splitlines() if " install " in line and "-e " in line]
+    assert len(installs) == 1 and installs[0].endswith("-e '.[bundled]'"), installs
+    assert "torch 2.13.0" in plan.stdout and "jemalloc" in plan.stdout
+    assert "embedding-service serve" in plan.stdout
 
 
 def test_embedding_port_make_run_serves_there_on_jemalloc(tmp_path: Path) -> None:

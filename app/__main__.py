@@ -1,0 +1,5 @@
+"""``python -m app``: the command line (:mod:`app.cli`)."""
+
+from app.cli import main
+
+raise SystemExit(main())
