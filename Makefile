@@ -19,7 +19,7 @@ LOAD_USERS ?= 6
 REHEARSAL_S ?= 120
 
 .PHONY: help install system-deps run lint typecheck hadolint alerts rules unit integration e2e test bench loadtest largest \
-	loadtest-compare throughput dashboard deploy clean jemalloc unit-newest lock-check fidelity rehearsal
+	loadtest-compare throughput dashboard deploy clean jemalloc unit-newest lock-check fidelity rehearsal readme
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -89,6 +89,9 @@ alerts: system-deps  ## promtool and amtool: check and unit-test the alert rules
 rules: $(STAMP)  ## regenerate alerts/embedding-service.rules.yml from alerts/generate.py (and its PrometheusRule)
 	$(BIN)/python alerts/generate.py
 	$(BIN)/python deploy/kubernetes/generate.py
+
+readme: $(RUN_STAMP)  ## regenerate the README's configuration table from app/config.py
+	$(BIN)/python -c 'import pathlib, re, subprocess, sys; p = pathlib.Path("README.md"); t = subprocess.run([sys.executable, "-m", "app", "settings", "--markdown"], capture_output=True, text=True, check=True).stdout; p.write_text(re.sub(r"(<!-- settings: generated[^\n]*\n).*?(<!-- settings: end -->)", lambda m: m.group(1) + t + m.group(2), p.read_text(), flags=re.S))'
 
 dashboard: $(STAMP)  ## regenerate dashboards/embedding-service.json from dashboards/generate.py (and its ConfigMap)
 	$(BIN)/python dashboards/generate.py

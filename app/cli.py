@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from app.config import ConfigError, Settings, byte_text, reference
+from app.config import ConfigError, Settings, byte_text, markdown_table, reference
 from app.version import __version__
 
 EXIT_CONFIG = 2
@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         "and its meaning, and its value here when it is set.",
     )
     settings.add_argument("--json", action="store_true", help="print them as a JSON list")
+    settings.add_argument("--markdown", action="store_true", help="print the README's configuration table")
     settings.set_defaults(run=_settings)
     return parser
 
@@ -187,6 +188,9 @@ def _report(args: argparse.Namespace, report: dict[str, Any], code: int) -> int:
 
 def _settings(args: argparse.Namespace) -> int:
     docs = reference()
+    if args.markdown:
+        sys.stdout.write(markdown_table())
+        return 0
     if args.json:
         _say(json.dumps([{**vars(doc), "set": _value_here(doc.variable, doc.form)} for doc in docs]))
         return 0

@@ -251,8 +251,8 @@ def _read(reader: _EnvReader) -> dict[str, Any]:
 
 
 HELP: dict[str, str] = {
-    "model": "hub id, local directory, or all-minilm-l6-v2 (the bundled offline model); one that cannot be loaded "
-    "stops the start",
+    "model": "the model to serve (all-minilm-l6-v2: the bundled offline one); one that cannot be loaded stops the "
+    "start, no other is ever swapped in",
     "device": "where the model runs: auto picks CUDA, then MPS, then the CPU",
     "dtype": "the precision the model computes in; auto: bfloat16 where the hardware computes it natively and a "
     "start-up probe agrees, else float32",
@@ -332,6 +332,13 @@ def reference() -> list[SettingDoc]:
             SettingDoc(variable, default, f"one of {', '.join(choices)}" if choices else form or "text", HELP[field])
         )
     return docs
+
+
+def markdown_table() -> str:
+    """The README's configuration table, from :func:`reference` (``embedding-service settings --markdown``)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{d.variable}` | `{d.default}` | {d.meaning}; {d.form} |" for d in reference()]
+    return "\n".join(rows) + "\n"
 
 
 # EMBEDDING_* variables that are not settings: the ops scripts' (ops/*.sh), the allocator's re-exec mark and

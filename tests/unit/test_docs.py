@@ -7,10 +7,12 @@ from pathlib import Path
 
 from prometheus_client.metrics_core import Metric
 
+from app.config import markdown_table
 from app.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 ARCHITECTURE = (ROOT / "docs" / "architecture.md").read_text()
+README = (ROOT / "README.md").read_text()
 
 
 def exposed_name(family: Metric) -> str:
@@ -34,3 +36,11 @@ def test_every_log_event_of_the_code_is_documented() -> None:
     assert len(emitted) > 15  # the pattern still finds the calls
     undocumented = {event for event in emitted if f"`{event}`" not in ARCHITECTURE}
     assert not undocumented
+
+
+def test_the_readmes_configuration_table_is_the_codes() -> None:
+    """Generated from app/config.py (`make readme`): a setting added, renamed or given another default without
+    the README following fails here."""
+    found = re.search(r"<!-- settings: generated[^\n]*\n(.*?)<!-- settings: end -->", README, re.S)
+    assert found is not None, "the README lost its configuration table's markers"
+    assert found.group(1) == markdown_table(), "run `make readme`"
