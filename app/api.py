@@ -290,8 +290,9 @@ def _run(req: EmbeddingRequest, info: ModelInfo) -> EmbeddingResult:
     body_bytes = request.content_length or 0
     prefix = info.prompts[req.prompt_name] if req.prompt_name else info.prefix_for(req.input_type)
     # Token vectors (/embed_all) make an answer hundreds of times its request: held by each text's tokens.
-    bounds = (cost.token_bound(len(prefix) + len(text)) for text in req.texts)
-    tokens = cost.token_answer_bytes(bounds) if req.token_vectors else 0
+    tokens = 0
+    if req.token_vectors:
+        tokens = cost.token_answer_bytes(cost.token_bound(len(prefix) + len(text)) for text in req.texts)
     reservation.resize(cost.request_bytes(body_bytes=body_bytes, texts=req.texts, dimensions=req.dimensions) + tokens)
     if OPS_CHECK_HEADER not in request.headers:  # the ops scripts' own check after a start is not indexing
         parts.activity.record()

@@ -12,7 +12,6 @@ No Flask here: the generators import it without the service.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -50,9 +49,12 @@ class Route:
     """The Flask endpoint name (``blueprint.function``) that serves it."""
     kind: Kind
     protocol: Protocol = Protocol.OPENAI
-    label: str = ""
-    """The ``route`` label of its requests in the metrics and logs: its path, unless another method shares the
-    path (``GET /``, TEI's health answer beside ``POST /``, is labelled ``GET /``)."""
+
+    @property
+    def label(self) -> str:
+        """The ``route`` label of its requests in the metrics and logs: its path, unless another method serves the
+        path too (``GET /``, TEI's health answer beside ``POST /``, an embedding request, is ``GET /``)."""
+        return f"GET {self.path}" if self.method == "GET" and self.path in _SHARED_PATHS else self.path
 
     @property
     def needs_api_key(self) -> bool:
@@ -60,52 +62,39 @@ class Route:
         return self.kind in (Kind.EMBED, Kind.TOKENS)
 
 
-def _route(method: str, path: str, endpoint: str, kind: Kind, protocol: Protocol = Protocol.OPENAI) -> Route:
-    return Route(method, path, endpoint, kind, protocol)
-
-
 ROUTES: tuple[Route, ...] = (
     # text-embeddings-inference's API
-    _route("POST", "/", "api.embed_root", Kind.EMBED, Protocol.TEI),
-    _route("POST", "/embed", "api.embed", Kind.EMBED, Protocol.TEI),
-    _route("POST", "/embed_all", "api.embed_all", Kind.EMBED, Protocol.TEI),
-    _route("POST", "/similarity", "api.similarity", Kind.EMBED, Protocol.TEI),
-    _route("POST", "/tokenize", "api.tokenize", Kind.TOKENS, Protocol.TEI),
-    _route("POST", "/decode", "api.decode", Kind.TOKENS, Protocol.TEI),
-    _route("GET", "/", "ops.health", Kind.PROBE, Protocol.TEI),
-    _route("GET", "/ping", "ops.health", Kind.PROBE, Protocol.TEI),
-    _route("GET", "/health", "ops.health", Kind.PROBE, Protocol.TEI),
+    Route("POST", "/", "api.embed_root", Kind.EMBED, Protocol.TEI),
+    Route("POST", "/embed", "api.embed", Kind.EMBED, Protocol.TEI),
+    Route("POST", "/embed_all", "api.embed_all", Kind.EMBED, Protocol.TEI),
+    Route("POST", "/similarity", "api.similarity", Kind.EMBED, Protocol.TEI),
+    Route("POST", "/tokenize", "api.tokenize", Kind.TOKENS, Protocol.TEI),
+    Route("POST", "/decode", "api.decode", Kind.TOKENS, Protocol.TEI),
+    Route("GET", "/", "ops.health", Kind.PROBE, Protocol.TEI),
+    Route("GET", "/ping", "ops.health", Kind.PROBE, Protocol.TEI),
+    Route("GET", "/health", "ops.health", Kind.PROBE, Protocol.TEI),
     # OpenAI's API, with and without the /v1 of the client's base URL
-    _route("POST", "/v1/embeddings", "api.openai_embeddings", Kind.EMBED),
-    _route("POST", "/embeddings", "api.openai_embeddings", Kind.EMBED),
+    Route("POST", "/v1/embeddings", "api.openai_embeddings", Kind.EMBED),
+    Route("POST", "/embeddings", "api.openai_embeddings", Kind.EMBED),
     # the service's own
-    _route("GET", "/live", "ops.live", Kind.PROBE),
-    _route("GET", "/ready", "ops.ready", Kind.PROBE),
-    _route("GET", "/metrics", "ops.metrics", Kind.PROBE),
-    _route("GET", "/info", "api.info", Kind.INFO),
-    _route("GET", "/openapi.json", "api.openapi", Kind.INFO),
-    _route("GET", "/api-doc/openapi.json", "api.openapi", Kind.INFO),
-    _route("GET", "/docs", "api.docs", Kind.INFO),
-    _route("GET", "/docs/<name>", "api.docs_asset", Kind.INFO),
-    _route("GET", "/activity", "ops.activity", Kind.OPS),
-    _route("GET", "/memory", "ops.memory", Kind.OPS),
-    _route("POST", "/cleanup", "ops.cleanup", Kind.OPS),
-    _route("POST", "/debug/memory/snapshot", "debug.memory_snapshot", Kind.OPS),
+    Route("GET", "/live", "ops.live", Kind.PROBE),
+    Route("GET", "/ready", "ops.ready", Kind.PROBE),
+    Route("GET", "/metrics", "ops.metrics", Kind.PROBE),
+    Route("GET", "/info", "api.info", Kind.INFO),
+    Route("GET", "/openapi.json", "api.openapi", Kind.INFO),
+    Route("GET", "/api-doc/openapi.json", "api.openapi", Kind.INFO),
+    Route("GET", "/docs", "api.docs", Kind.INFO),
+    Route("GET", "/docs/<name>", "api.docs_asset", Kind.INFO),
+    Route("GET", "/activity", "ops.activity", Kind.OPS),
+    Route("GET", "/memory", "ops.memory", Kind.OPS),
+    Route("POST", "/cleanup", "ops.cleanup", Kind.OPS),
+    Route("POST", "/debug/memory/snapshot", "debug.memory_snapshot", Kind.OPS),
 )
 
 
-def _labelled(routes: tuple[Route, ...]) -> tuple[Route, ...]:
-    """Each route with its metrics label: its path, or for a GET whose path another method serves too, the
-    method and the path."""
-    paths = [route.path for route in routes]
-    shared = {path for path in paths if paths.count(path) > 1}
-    return tuple(
-        dataclasses.replace(r, label=f"GET {r.path}" if r.path in shared and r.method == "GET" else r.path)
-        for r in routes
-    )
-
-
-ROUTES = _labelled(ROUTES)
+_PATHS = [r.path for r in ROUTES]
+_SHARED_PATHS = frozenset(path for path in _PATHS if _PATHS.count(path) > 1)
+"""Paths that more than one method serves."""
 
 TEI_PATHS = frozenset(r.path for r in ROUTES if r.protocol is Protocol.TEI)
 """Paths whose errors are answered in text-embeddings-inference's shape and statuses."""
