@@ -344,7 +344,14 @@ def markdown_table() -> str:
 # EMBEDDING_* variables that are not settings: the ops scripts' (ops/*.sh), the allocator's re-exec mark and
 # what the image says of its build (the Dockerfile's, reported by GET /info).
 NOT_SETTINGS = frozenset(
-    {"EMBEDDING_HOME", "EMBEDDING_PIP_ARGS", REEXEC_MARK, "EMBEDDING_BUILD_SHA", "EMBEDDING_DOCKER_LABEL"}
+    {
+        "EMBEDDING_HOME",
+        "EMBEDDING_PIP_ARGS",
+        "EMBEDDING_HANDOVER_DIR",
+        REEXEC_MARK,
+        "EMBEDDING_BUILD_SHA",
+        "EMBEDDING_DOCKER_LABEL",
+    }
 )
 
 

@@ -307,6 +307,12 @@ class Engine:
     def ready(self) -> bool:
         return self._state == "ready"
 
+    def wait_until_settled(self, timeout_s: float | None = None) -> bool:
+        """Block until the model is loaded and warmed (True), or its load failed or the engine stopped (False)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._state not in ("created", "loading"), timeout_s)
+            return self._state == "ready"
+
     @property
     def queue_depth(self) -> int:
         return self._pending
@@ -578,6 +584,7 @@ class Engine:
             if self._state == "loading":
                 self._state = "ready"
             self._metrics.ready.set(1)
+            self._cond.notify_all()
         log.info(
             "model.loaded",
             model=info.model_id,
@@ -595,6 +602,7 @@ class Engine:
         with self._cond:
             self._state = "failed"
             self.failure = str(exc)
+            self._cond.notify_all()
         log.error("model.load_failed", error=str(exc), error_type=type(exc).__name__)
         if self._on_fatal is not None:
             self._on_fatal(exc)

@@ -113,6 +113,7 @@ class WSGIFront:
         on_refusal: Refused | None = None,
         on_shutdown: Callable[[], None] | None = None,
         authorize: Authorize | None = None,
+        until_ready: Callable[[], object] | None = None,
     ) -> None:
         self.wsgi_app = wsgi_app
         self._authorize = authorize
@@ -122,6 +123,8 @@ class WSGIFront:
         self.on_refusal = on_refusal
         """Told of every refusal decided before Flask: here, and by the protocol (app/server.py)."""
         self._on_shutdown = on_shutdown
+        self._until_ready = until_ready
+        self._hold = False
         self._requests = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="http")
         self._ops = ThreadPoolExecutor(max_workers=OPS_THREADS, thread_name_prefix="http-ops")
 
@@ -277,12 +280,20 @@ class WSGIFront:
         encoded = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
         return int(status.split(" ", 1)[0]), encoded, content
 
+    def accept_when_ready(self) -> None:
+        """Accept no connection before ``until_ready`` returns: the socket was inherited from a running
+        version, which answers meanwhile (:mod:`app.handover`). Call before the server starts."""
+        self._hold = True
+
     # --- lifespan -----------------------------------------------------------------------------------
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                # The server accepts connections once startup completes (ASGI lifespan).
+                if self._hold and self._until_ready is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, self._until_ready)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # After gunicorn has let the connections finish: stop the engine (it drains its queue).

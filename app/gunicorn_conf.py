@@ -11,11 +11,14 @@ runs itself again with jemalloc preloaded, before it binds or forks
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 from typing import Any
 
 from app.allocator import bound_kernel_caches, exec_under_jemalloc
 from app.config import ConfigError, Settings
+from app.handover import HANDOVER_DIR_VARIABLE, Offer, inherited_listeners
 from app.logs import gunicorn_logconfig
 
 try:
@@ -26,6 +29,10 @@ except ConfigError as _error:
 
 bound_kernel_caches()  # before the worker imports torch: oneDNN reads it once
 exec_under_jemalloc(_settings.allocator, _settings.malloc_arenas)
+
+# Sockets inherited from a running version (app.handover) or from systemd replace the bind below.
+_inherited = inherited_listeners() > 0
+_offer: Offer | None = None
 
 bind = f"0.0.0.0:{_settings.port}"  # override with --bind HOST:PORT
 workers = 1  # one process holds one model; concurrency comes from request threads + batching
@@ -53,3 +60,24 @@ def on_starting(server: Any) -> None:
             "(replicas) to scale\n"
         )
         raise SystemExit(2)
+
+
+def when_ready(server: Any) -> None:
+    """Offer the listening TCP sockets to the next version (only under the ops scripts: app.handover)."""
+    global _offer  # noqa: PLW0603  (one offer per master)
+    directory = os.environ.get(HANDOVER_DIR_VARIABLE)
+    if directory:
+        tcp = [listener.sock for listener in server.LISTENERS if listener.sock.family != socket.AF_UNIX]
+        _offer = Offer(tcp, directory, server.log)
+
+
+def post_worker_init(worker: Any) -> None:
+    """A worker on an inherited socket accepts only once its model is ready: the running version (or
+    systemd's queue) holds the connections until then (app.handover)."""
+    if _inherited:
+        worker.app.wsgi().accept_when_ready()
+
+
+def on_exit(server: Any) -> None:
+    if _offer is not None:
+        _offer.close()

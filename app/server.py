@@ -247,6 +247,7 @@ def serve(flask_app: Flask, settings: Settings) -> WSGIFront:
         budget=components(flask_app).budget,
         on_refusal=refused,
         on_shutdown=stop,
+        until_ready=components(flask_app).engine.wait_until_settled,
     )
 
 

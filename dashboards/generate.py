@@ -626,6 +626,12 @@ def throughput(lay: Layout) -> None:
     )
 
 
+STARTED = f"max_over_time({selector('process_start_time_seconds')}[2m])"
+"""When each instance's process started. During a handover (ops/upgrade.sh) two processes serve one port for
+seconds and a scrape may reach either: the raw start time can go back and forth; its 2-minute maximum only
+moves forward, so one handover is one start (as in the EmbeddingServiceRestarting rule)."""
+
+
 def annotations() -> list[dict[str, Any]]:
     """Marks on every panel: each restart of a selected instance, and the alerts firing on them."""
     return [
@@ -634,7 +640,7 @@ def annotations() -> list[dict[str, Any]]:
             "datasource": DS,
             "enable": True,
             "iconColor": "orange",
-            "expr": f"changes({selector('process_start_time_seconds')}[1m]) > 0",
+            "expr": f"changes({STARTED}[1m:]) > 0",
         },
         {
             "name": "Alerts",
@@ -695,7 +701,7 @@ def errors(lay: Layout) -> None:
             "clean shutdown (a crash, an OOM kill: EmbeddingServiceExitedUncleanly).",
             "short",
             (
-                f"sum by (instance) (changes({selector('process_start_time_seconds')}[$__interval]))",
+                f"sum by (instance) (changes({STARTED}[$__interval:]))",
                 "starts {{instance}}",
             ),
             (per_interval("embedding_unclean_exits_total", "instance"), "unclean {{instance}}"),

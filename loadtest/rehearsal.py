@@ -26,6 +26,7 @@ import argparse
 import json
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -38,8 +39,9 @@ import requests
 import yaml
 
 from app.memory import SHED_MIN_S
+from loadtest.clients import Clients, errors
 from loadtest.corpus import build_corpus, sample
-from loadtest.service import ServiceProcess, free_port
+from loadtest.service import ROOT, ServiceProcess, free_port
 
 MB = 1_000_000
 CHECK_INTERVAL_MS = 500
@@ -49,6 +51,7 @@ HAPROXY_CONFIG = """\
 global
     log stdout format raw local0
     maxconn 256
+    stats socket {admin_socket} level admin
     # A request is retried only when the balancer still holds it whole: room for 32 long texts.
     tune.bufsize 524288
 
@@ -84,6 +87,39 @@ listen stats
     stats uri /stats
 """
 
+SERVICE_PROXY_CONFIG = """\
+global
+    log stdout format raw local0
+    maxconn 256
+    stats socket {admin_socket} level admin
+
+# As a Kubernetes Service through kube-proxy: each connection goes to one endpoint and stays there (kept-alive
+# requests follow it), nothing is retried, and a removed endpoint keeps the connections it has.
+defaults
+    mode tcp
+    log global
+    timeout connect 2s
+    timeout client 180s
+    timeout server 180s
+    retries 0
+
+frontend embeddings
+    bind 127.0.0.1:{port}
+    log-format "%b/%s %Tt"
+    default_backend replicas
+
+backend replicas
+    balance roundrobin
+    server a 127.0.0.1:{port_a}
+    server b 127.0.0.1:{port_b}
+
+listen stats
+    mode http
+    bind 127.0.0.1:{stats_port}
+    stats enable
+    stats uri /stats
+"""
+
 
 @dataclass
 class Summary:
@@ -108,18 +144,24 @@ class Summary:
 class Balancer:
     """haproxy in the foreground, its request log captured; its stats page read as CSV."""
 
-    def __init__(self, work: Path, port_a: int, port_b: int) -> None:
+    def __init__(self, work: Path, port_a: int, port_b: int, template: str = HAPROXY_CONFIG) -> None:
         self.port, self.stats_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = work / "haproxy.cfg"
         config.write_text(
-            HAPROXY_CONFIG.format(
-                port=self.port, port_a=port_a, port_b=port_b, stats_port=self.stats_port, check_ms=CHECK_INTERVAL_MS
+            template.format(
+                port=self.port,
+                port_a=port_a,
+                port_b=port_b,
+                stats_port=self.stats_port,
+                check_ms=CHECK_INTERVAL_MS,
+                admin_socket=work / "haproxy.sock",
             )
         )
         haproxy = shutil.which("haproxy")
         if haproxy is None:
             raise RuntimeError("haproxy not found: make system-deps installs it (Debian haproxy)")
+        self.admin_socket = work / "haproxy.sock"
         self.log_path = work / "haproxy.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen([haproxy, "-db", "-f", str(config)], stdout=self._log, stderr=subprocess.STDOUT)
@@ -136,10 +178,20 @@ class Balancer:
         """Seconds until ``name`` is UP, or None if it is not within ``timeout_s``."""
         start = time.monotonic()
         while time.monotonic() - start < timeout_s:
-            if self.server(name)["status"] == "UP":
-                return time.monotonic() - start
+            try:
+                if self.server(name)["status"] in ("UP", "no check"):  # "no check": kube-proxy's way
+                    return time.monotonic() - start
+            except requests.ConnectionError:  # haproxy is still starting
+                pass
             time.sleep(0.1)
         return None
+
+    def remove(self, name: str) -> None:
+        """Take ``name`` out as the endpoints controller takes a terminating pod out of a Service."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as admin:
+            admin.connect(str(self.admin_socket))
+            admin.sendall(f"set server replicas/{name} state maint\n".encode())
+            admin.recv(4096)
 
     def requests_log(self) -> list[list[str]]:
         """Each logged request as [backend/server, status, retries, total ms, path]."""
@@ -277,6 +329,71 @@ def rehearse(work: Path, seconds: float, clients: int = 4) -> Summary:
         summary.b_peak_rss_bytes, summary.a_peak_rss_bytes = peaks.get(instance_b, 0.0), peaks.get(instance_a, 0.0)
         summary.failed = judge(summary)
         return summary
+    finally:
+        for part in reversed(started):
+            part.terminate()
+
+
+ENDPOINTS_DELAY_S = 1.0
+"""After a pod's deletion, how long until the Service stops sending it new connections (the endpoints controller
+and kube-proxy, concurrently with the preStop hook)."""
+
+
+def pre_stop_s() -> float:
+    """The preStop pause of the Kubernetes manifests: what the rehearsal of a pod's shutdown waits."""
+    manifest = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "base" / "deployment.yaml").read_text())
+    (container,) = (c for c in manifest["spec"]["template"]["spec"]["containers"] if c["name"] == "embedding-service")
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    if command[0] != "sleep":
+        raise ValueError(f"the preStop hook is not a pause: {command}")
+    return float(command[1])
+
+
+def rehearse_pod_shutdown(work: Path, clients: int = 16) -> dict[str, object]:
+    """Two replicas behind the balancer and ``clients`` clients sending without pause; replica a is deleted the
+    way Kubernetes deletes a pod: taken out of the Service :data:`ENDPOINTS_DELAY_S` after the deletion, SIGTERM
+    after the preStop pause; it answers what it accepted and exits. What the clients saw, and how long it took."""
+    work.mkdir(parents=True, exist_ok=True)
+    a, b = ServiceProcess(work / "pod-a.log").start(), ServiceProcess(work / "pod-b.log").start()
+    started: list[ServiceProcess | Balancer] = [a, b]
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        balancer = Balancer(work, a.port, b.port, SERVICE_PROXY_CONFIG)
+        started.append(balancer)
+        for name in ("a", "b"):
+            if balancer.wait_up(name, 10) is None:
+                raise RuntimeError(f"haproxy never saw replica {name}")
+        pause = pre_stop_s()
+
+        def delete_pod() -> tuple[int, float]:
+            deleted = time.monotonic()
+            time.sleep(ENDPOINTS_DELAY_S)
+            balancer.remove("a")
+            time.sleep(pause - ENDPOINTS_DELAY_S)
+            code = a.terminate(timeout_s=90)
+            return code, time.monotonic() - deleted
+
+        with Clients(balancer.url, clients) as sending:
+            sending.wait_answers(50)
+            before = len(sending.answers)
+            (code, took), answers = sending.during(delete_pod, settle_s=3)
+        return {
+            "answers_before": before,
+            "answers_during": len(answers),
+            "errors": len(errors(answers)),
+            "first_errors": errors(answers)[:5],
+            "exit_code": code,
+            "deleted_to_exit_s": round(took, 1),
+            "pre_stop_s": pause,
+            "connections": dict(
+                Counter(
+                    line.split()[0].split("/")[1]
+                    for line in balancer.log_path.read_text().splitlines()
+                    if line.startswith("replicas/")
+                )
+            ),
+        }
     finally:
         for part in reversed(started):
             part.terminate()

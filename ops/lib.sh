@@ -14,6 +14,11 @@
 #                              when it did not; absent: never checked
 #   versions/.building-*/      a version being built; the next command removes one an interrupted run left
 #   run/service.pid            the gunicorn master's pid
+#   run/handover.PID.sock      where master PID offers its listening socket to the next version (app/handover.py)
+#   run/next.pid, run/next.sock  a version started beside the running one during a handover, and the socket
+#                              through which it alone is checked; run/draining.pid: the one it replaced, until
+#                              it has answered what it accepted. The next command stops what an interrupted
+#                              handover left.
 #   run/ops.lock               flock(1): one upgrade, rollback, start or stop at a time; says who holds it
 #   run/switch                 "TARGET FALLBACK" while a switch is checked; the next command finishes one that
 #                              was interrupted
@@ -34,6 +39,11 @@ LEGACY_VENV="$EMBEDDING_HOME/venv"
 LEGACY_BACKUPS="$EMBEDDING_HOME/backups"
 STOP_TIMEOUT_S="${STOP_TIMEOUT_S:-150}"   # above the service's graceful timeout (120 s by default)
 READY_TIMEOUT_S="${READY_TIMEOUT_S:-300}"
+NEXT_PID_FILE="$RUN_DIR/next.pid"
+DRAINING_PID_FILE="$RUN_DIR/draining.pid"
+CHECK_SOCKET="$RUN_DIR/next.sock"
+export NO_GAP="${NO_GAP:-0}"              # 1: refuse a restart that cannot hand over without a gap
+HANDOVER_RESERVE_BYTES="${HANDOVER_RESERVE_BYTES:-0}"  # memory kept free for the host during a handover
 KEEP_VERSIONS="${KEEP_VERSIONS:-5}"       # the current one included
 LOCK_WAIT_S="${LOCK_WAIT_S:-0}"           # how long to wait for another ops command; 0: refuse at once
 OPS_DIR="$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")"
@@ -194,24 +204,27 @@ copy_version() {
 
 # --- the running service ------------------------------------------------------------------------------
 
-service_url() {
-    printf 'http://127.0.0.1:%s' "$(setting EMBEDDING_PORT 5000)"
-}
-
 # GET or POST a path of the running service; prints "STATUS BODY". Never fails (status 0: no answer).
+# With VIA=SOCKET, through that Unix socket instead of the port (a version started beside the running one).
 # X-Ops-Check: the service does not count these requests as activity (app/activity.py).
 http() {  # http METHOD PATH [JSON_BODY]
-    python3 - "$1" "$(service_url)$2" "${3:-}" <<'PY'
-import sys, urllib.error, urllib.request
-method, url, body = sys.argv[1], sys.argv[2], sys.argv[3]
-request = urllib.request.Request(url, data=body.encode() if body else None, method=method,
-                                 headers={"Content-Type": "application/json", "X-Ops-Check": "1"})
+    python3 - "$1" "$2" "${3:-}" "$(setting EMBEDDING_PORT 5000)" "${VIA:-}" <<'PY'
+import http.client, socket, sys
+method, path, body, port, via = sys.argv[1:6]
+
+class Unix(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(via)
+
+connection = Unix("localhost", timeout=30) if via else http.client.HTTPConnection("127.0.0.1", int(port), timeout=30)
 try:
-    with urllib.request.urlopen(request, timeout=30) as response:
-        print(response.status, response.read().decode())
-except urllib.error.HTTPError as error:
-    print(error.code, error.read().decode())
-except OSError:
+    connection.request(method, path, body=body.encode() if body else None,
+                       headers={"Content-Type": "application/json", "X-Ops-Check": "1"})
+    response = connection.getresponse()
+    print(response.status, response.read().decode())
+except (OSError, http.client.HTTPException):
     print(0, "")
 PY
 }
@@ -245,6 +258,8 @@ start_service() {
     dir=$(live_dir) || { log "nothing installed in $EMBEDDING_HOME (no current, no venv)"; return 1; }
     [ -x "$dir/venv/bin/python" ] || { log "no virtual environment in $dir"; return 1; }
     mkdir -p "$RUN_DIR" "$LOG_DIR" || return 1
+    local offer=()  # a version that can hand its socket to the next one offers it (app/handover.py)
+    if knows_handover "$dir"; then offer=(env "EMBEDDING_HANDOVER_DIR=$RUN_DIR"); fi
     (
         set -a
         # shellcheck source=/dev/null  # the install's own settings file
@@ -254,20 +269,25 @@ start_service() {
         # The service's command line (it runs gunicorn as `make run` does); a version from before it had one
         # is started with gunicorn directly, so a rollback to it still starts.
         if [ -x "$dir/venv/bin/embedding-service" ]; then
-            exec setsid "$dir/venv/bin/python" -m app serve >>"$LOG_DIR/service.log" 2>&1 </dev/null 9>&-
+            exec "${offer[@]}" setsid "$dir/venv/bin/python" -m app serve >>"$LOG_DIR/service.log" 2>&1 </dev/null 9>&-
         fi
         exec setsid "$dir/venv/bin/python" -m gunicorn -c python:app.gunicorn_conf app.asgi:app \
             >>"$LOG_DIR/service.log" 2>&1 </dev/null 9>&-
     ) &
-    local pid=$! waited=0
+    local pid=$!
     echo "$pid" >"$PID_FILE" || return 1
     # Until the subshell has become gunicorn, is_running does not know it: a command right after this one (or
     # one that finishes an interrupted run) would start a second service, which finds the port taken.
-    while ! grep -q gunicorn "/proc/$pid/cmdline" 2>/dev/null && kill -0 "$pid" 2>/dev/null && [ "$waited" -lt 100 ]; do
+    wait_exec "$pid" gunicorn
+    log "started version $(installed_version "$dir") from $dir (pid $pid), logs in $LOG_DIR/service.log"
+}
+
+wait_exec() {  # wait_exec PID WORD: until PID's command line has WORD (it left this shell), at most 5 s
+    local waited=0
+    while ! grep -q "$2" "/proc/$1/cmdline" 2>/dev/null && kill -0 "$1" 2>/dev/null && [ "$waited" -lt 100 ]; do
         sleep 0.05
         waited=$((waited + 1))
     done
-    log "started version $(installed_version "$dir") from $dir (pid $pid), logs in $LOG_DIR/service.log"
 }
 
 stop_service() {
@@ -276,8 +296,14 @@ stop_service() {
         rm -f "$PID_FILE"
         return 0
     fi
-    local pid waited=0
-    pid=$(cat "$PID_FILE")
+    stop_pid "$(cat "$PID_FILE")"
+    rm -f "$PID_FILE"
+}
+
+# stop_pid PID: SIGTERM, then wait while the service answers what it accepted; SIGKILL after STOP_TIMEOUT_S.
+stop_pid() {
+    local pid="$1" waited=0
+    kill -0 "$pid" 2>/dev/null || return 0
     log "stopping pid $pid: SIGTERM, in-flight requests are answered first (up to ${STOP_TIMEOUT_S}s)"
     kill -TERM "$pid"
     while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt $((STOP_TIMEOUT_S * 10)) ]; do
@@ -288,20 +314,21 @@ stop_service() {
         log "still running after ${STOP_TIMEOUT_S}s: SIGKILL"
         kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid"
     fi
-    rm -f "$PID_FILE"
-    log "stopped"
+    log "stopped pid $pid"
 }
 
-wait_ready() {  # wait_ready [TIMEOUT_S]: 0 once /ready answers 200, 1 if the process dies or time runs out
-    local timeout="${1:-$READY_TIMEOUT_S}" start=$SECONDS
+# wait_ready [PID]: 0 once /ready answers 200 (from PID alone with VIA=its check socket), 1 if the process
+# dies or READY_TIMEOUT_S runs out.
+wait_ready() {
+    local pid="${1:-$(cat "$PID_FILE" 2>/dev/null)}" start=$SECONDS timeout="$READY_TIMEOUT_S"
     while [ $((SECONDS - start)) -lt "$timeout" ]; do
-        if ! is_running; then
+        if ! kill -0 "$pid" 2>/dev/null; then
             log "the service exited while starting; last log lines:"
             tail -n 5 "$LOG_DIR/service.log" >&2 || true
             return 1
         fi
         [ "$(http GET /ready | cut -d' ' -f1)" = 200 ] && return 0
-        sleep 1
+        sleep 0.5
     done
     log "not ready after ${timeout}s"
     return 1
@@ -325,23 +352,178 @@ serves_now() {
     is_running && [ "$(http GET /ready | cut -d' ' -f1)" = 200 ] && smoke_test
 }
 
+# --- handing over without a gap -------------------------------------------------------------------------
+
+knows_handover() {  # knows_handover DIR: the version in DIR offers its socket and waits for its model (app/handover.py)
+    [ -n "$(find "$1/venv/lib" -maxdepth 4 -path '*/site-packages/app/handover.py' -print -quit 2>/dev/null)" ]
+}
+
+# expected_rss: what a new process of the running version holds once warmed (its budget's baseline), plus a
+# fifth for loading. Prints bytes, or nothing when the running service does not say.
+expected_rss() {
+    http GET /memory | python3 -c '
+import json, sys
+status, _, body = sys.stdin.read().partition(" ")
+try:
+    print(int(json.loads(body)["budget"]["baseline_bytes"] * 1.2) if status == "200" else "")
+except (ValueError, KeyError, TypeError):
+    print("")'
+}
+
+# memory_room: bytes free for a second process: the host's MemAvailable, or less where this cgroup is limited
+# (memory.max - memory.current, cgroup v2), less HANDOVER_RESERVE_BYTES. Prints "ROOM WHERE".
+memory_room() {
+    python3 - "$HANDOVER_RESERVE_BYTES" <<'PY'
+import sys
+from pathlib import Path
+reserve = int(sys.argv[1])
+meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+room, where = int(meminfo["MemAvailable"].split()[0]) * 1024, "the host's available memory"
+try:
+    group = Path("/sys/fs/cgroup") / Path("/proc/self/cgroup").read_text().split("::", 1)[1].strip().lstrip("/")
+    limit = (group / "memory.max").read_text().strip()
+    if limit != "max" and int(limit) - int((group / "memory.current").read_text()) < room:
+        room, where = int(limit) - int((group / "memory.current").read_text()), f"room under the cgroup's limit {limit}"
+except (OSError, IndexError, ValueError):
+    pass
+print(room - reserve, where + (f" less HANDOVER_RESERVE_BYTES={reserve}" if reserve else ""))
+PY
+}
+
+# gap_reason DIR: why DIR cannot take over the running service without a gap (empty: it can).
+gap_reason() {
+    local dir="$1" pid need room where port
+    is_running || { echo "nothing is running"; return 0; }
+    pid=$(cat "$PID_FILE")
+    [ -S "$RUN_DIR/handover.$pid.sock" ] || { echo "the running service (pid $pid) offers no socket to hand over (started by an older version of these scripts, or outside them)"; return 0; }
+    knows_handover "$dir" || { echo "$(basename "$dir") is a version that cannot wait for its model before it accepts"; return 0; }
+    port=$(setting_of "$(running_dir)" EMBEDDING_PORT 5000)
+    [ "$(setting_of "$dir" EMBEDDING_PORT 5000)" = "$port" ] || { echo "$(basename "$dir") listens on port $(setting_of "$dir" EMBEDDING_PORT 5000), not $port"; return 0; }
+    need=$(expected_rss)
+    [ -n "$need" ] || { echo "the running service does not say its warmed baseline (GET /memory)"; return 0; }
+    read -r room where < <(memory_room)
+    if [ "$room" -lt "$need" ]; then
+        echo "no room for a second process: it needs about $((need / 1048576)) MiB (the running version's warmed baseline plus a fifth), and $where leaves $((room / 1048576)) MiB"
+    fi
+    return 0
+}
+
+setting_of() {  # setting_of DIR NAME DEFAULT: a setting from DIR/service.env
+    local value
+    # shellcheck source=/dev/null  # the version's own settings file
+    value=$(set -a; [ -f "$1/service.env" ] && . "$1/service.env"; eval "printf '%s' \"\${$2:-}\"")
+    printf '%s' "${value:-$3}"
+}
+
+# hand_over DIR: start DIR beside the running service, on its listening socket, which the running master hands
+# over (app/handover.py). The new version accepts connections only once its model is ready; it is checked
+# through its own socket (run/next.sock): ready, one real embedding. Then it becomes the service and the old one
+# stops accepting and answers what it accepted. If the new one does not serve, it is stopped; the old one
+# never stopped serving. Returns 0 on a handover, 1 when the new version failed.
+hand_over() {
+    local dir="$1" old new why=""
+    old=$(cat "$PID_FILE")
+    rm -f "$CHECK_SOCKET"
+    (
+        set -a
+        # shellcheck source=/dev/null  # the install's own settings file
+        [ -f "$dir/service.env" ] && . "$dir/service.env"
+        set +a
+        cd "$EMBEDDING_HOME" || exit 1
+        exec env "EMBEDDING_HANDOVER_DIR=$RUN_DIR" setsid "$dir/venv/bin/python" -m app.handover --from "$RUN_DIR/handover.$old.sock" --check "$CHECK_SOCKET" \
+            -- "$dir/venv/bin/python" -m app serve >>"$LOG_DIR/service.log" 2>&1 </dev/null 9>&-
+    ) &
+    new=$!
+    echo "$new" >"$NEXT_PID_FILE" || return 1
+    wait_exec "$new" app.handover  # in a session of its own from then on: killing this one leaves it running
+    log "started version $(installed_version "$dir") from $dir (pid $new) beside pid $old, on its socket: it accepts once its model is ready"
+    if ! VIA="$CHECK_SOCKET" wait_ready "$new"; then
+        why="did not become ready"
+    elif ! VIA="$CHECK_SOCKET" smoke_test; then
+        why="did not embed"
+    fi
+    if [ -n "$why" ]; then
+        log "the new version $why: stopping it (pid $new); pid $old served throughout"
+        stop_pid "$new"
+        rm -f "$NEXT_PID_FILE" "$CHECK_SOCKET"
+        return 1
+    fi
+    echo "$old" >"$DRAINING_PID_FILE" && echo "$new" >"$PID_FILE.new" && mv -f "$PID_FILE.new" "$PID_FILE" || return 1
+    rm -f "$NEXT_PID_FILE" "$CHECK_SOCKET"
+    log "handed over: pid $new serves; pid $old stops accepting and answers what it accepted"
+    stop_pid "$old"
+    rm -f "$DRAINING_PID_FILE"
+}
+
+# restart_running DIR: replace the running service by DIR without a gap where gap_reason finds none; else stop,
+# then start, with a warning (or, with NO_GAP=1, refuse: exit 3 and nothing stopped).
+restart_running() {
+    local dir="$1" reason
+    reason=$(gap_reason "$dir")
+    if [ -z "$reason" ]; then
+        hand_over "$dir"
+        return
+    fi
+    if is_running; then
+        if [ "$NO_GAP" = 1 ]; then
+            log "refusing to restart with a gap (NO_GAP / --no-gap): $reason"
+            return 3
+        fi
+        log "warning: clients will be refused while the service restarts: $reason"
+    fi
+    stop_service && start_service && wait_ready
+}
+
+# stop_leftovers: a handover that was killed can leave a second service running (the one being started, or the
+# one it replaced, still draining): stop it, so that one version serves.
+stop_leftovers() {
+    local file pid sock
+    for file in "$NEXT_PID_FILE" "$DRAINING_PID_FILE"; do
+        [ -f "$file" ] || continue
+        pid=$(cat "$file")
+        if [ -n "$pid" ] && [ "$pid" != "$(cat "$PID_FILE" 2>/dev/null)" ] && kill -0 "$pid" 2>/dev/null; then
+            log "an interrupted handover left pid $pid running: stopping it"
+            stop_pid "$pid"
+        fi
+        rm -f "$file"
+    done
+    rm -f "$CHECK_SOCKET"
+    for sock in "$RUN_DIR"/handover.*.sock; do
+        [ -S "$sock" ] || continue
+        pid=${sock##*/handover.}
+        kill -0 "${pid%.sock}" 2>/dev/null || rm -f "$sock"
+    done
+}
+
 # --- switching versions ---------------------------------------------------------------------------------
 
-# restart_checked TARGET FALLBACK: current already names TARGET. Restart, wait until ready, one real
-# embedding; if TARGET does not serve, current -> FALLBACK (what ran before), restart, check again. Records
+# restart_checked TARGET FALLBACK: current already names TARGET. Replace the running service by it (handed over
+# without a gap where it can: restart_running), wait until ready, one real embedding; if TARGET does not serve,
+# current -> FALLBACK (what ran before, still running after a failed handover; else restarted), check again. Records
 # each version's health. Run detached (switch_and_check), so that it always ends in a checked state.
-# Exit: 0 TARGET serves, 1 TARGET failed and FALLBACK serves again, 4 nothing serves.
+# Exit: 0 TARGET serves, 1 TARGET failed and FALLBACK serves again, 3 refused (NO_GAP) and FALLBACK serves on,
+# 4 nothing serves.
 restart_checked() {
-    local target="$1" fallback="${2:-}"
-    if restart_current "$target"; then
+    local target="$1" fallback="${2:-}" status=0
+    restart_current "$target" || status=$?
+    if [ "$status" = 0 ]; then
         rm -f "$SWITCH_FILE"
         return 0
     fi
     if [ -n "$fallback" ] && [ "$fallback" != "$target" ]; then
         log "switching back to $fallback"
-        if switch_to "$fallback" && restart_current "$fallback"; then
-            rm -f "$SWITCH_FILE"
-            return 1
+        if switch_to "$fallback"; then
+            # A handover that failed (or was refused) never stopped the running version: it still serves.
+            if [ "$(running_dir 2>/dev/null)" = "$VERSIONS/$fallback" ] && serves_now; then
+                log "version $fallback served throughout"
+                rm -f "$SWITCH_FILE"
+                [ "$status" = 3 ] && return 3
+                return 1
+            fi
+            if restart_current "$fallback"; then
+                rm -f "$SWITCH_FILE"
+                return 1
+            fi
         fi
     fi
     rm -f "$SWITCH_FILE"
@@ -349,12 +531,15 @@ restart_checked() {
     return 4
 }
 
-restart_current() {  # restart_current NAME: restart (current names NAME), ready, one embedding; records NAME's health
-    local why=""
-    if ! { stop_service && start_service; }; then
-        why="did not start"
-    elif ! wait_ready; then
-        why="did not become ready"
+# restart_current NAME: current names NAME; replace the running service by it (restart_running: without a gap
+# where it can), wait until ready, one real embedding. Records NAME's health, except when refused (NO_GAP).
+restart_current() {
+    local why="" status=0
+    restart_running "$VERSIONS/$1" || status=$?
+    if [ "$status" = 3 ]; then
+        return 3
+    elif [ "$status" != 0 ]; then
+        why="did not start or become ready"
     elif ! smoke_test; then
         why="did not embed"
     fi
@@ -392,7 +577,8 @@ clean_leftovers() {
         rm -rf "$leftover" || die "cannot remove $leftover, left by an interrupted run"
         log "removed $leftover, an unfinished version left by an interrupted run"
     done
-    rm -f "$CURRENT.new"
+    rm -f "$CURRENT.new" "$PID_FILE.new"
+    stop_leftovers
     [ -L "$CURRENT" ] || [ ! -d "$LEGACY_VENV" ] || adopt_legacy
     if [ -L "$CURRENT" ] && [ ! -e "$CURRENT" ]; then
         die "$CURRENT points at $(readlink "$CURRENT"), which does not exist: ops/rollback.sh --list, then ops/rollback.sh NAME"

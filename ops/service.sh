@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Run the embedding service installed in $EMBEDDING_HOME (see ops/lib.sh for the layout).
-#   ops/service.sh start | stop | restart | status
+#   ops/service.sh start | stop | restart [--no-gap] | status
 # start: the current version, then wait for /ready and one real embedding (which marks the version good).
 # stop: SIGTERM, the service answers what it already received, SIGKILL after $STOP_TIMEOUT_S.
+# restart: a new process of the current version takes over the running one's socket once its model is ready,
+# then the old one stops accepting and answers what it accepted: no client is refused. Where that is not
+# possible (no memory for a second process, a service started otherwise) it stops, then starts, with a
+# warning; --no-gap refuses instead (exit 3).
 # start, stop and restart take the ops lock (exit 5 while an upgrade or rollback runs) and finish what an
 # interrupted upgrade left. status: exit 0 running and ready, 1 running but not ready, 3 not running.
-# Other exit codes: 1 start failed, 2 usage, 5 another ops command is running.
+# Other exit codes: 1 start failed, 2 usage, 3 refused (--no-gap), 5 another ops command is running.
 # Environment: EMBEDDING_HOME (the install, default /opt/embedding-service); LOCK_WAIT_S (seconds to wait
 # for another ops command's lock, default 0: refuse); STOP_TIMEOUT_S (SIGKILL after, default 150);
-# READY_TIMEOUT_S (wait for /ready, default 300).
+# READY_TIMEOUT_S (wait for /ready, default 300); HANDOVER_RESERVE_BYTES (memory a restart leaves free for the
+# rest of the host, default 0).
 set -euo pipefail
 OPS_NAME=service
 # shellcheck source=ops/lib.sh  # OPS_NAME above names this script in its log lines
@@ -37,12 +42,25 @@ status() {
 }
 
 start() {
-    local name
     start_service || return 1
     wait_ready || return 1
+    checked
+}
+
+checked() {  # one real embedding, which marks the running version good
+    local name
     smoke_test || return 1
     name=$(current_name)
     if [ "$(running_dir)" = "$VERSIONS/$name" ]; then set_health "$name" good; fi
+}
+
+restart() {
+    local dir status=0
+    [ "${1:-}" != --no-gap ] || NO_GAP=1
+    dir=$(live_dir) || { log "nothing installed in $EMBEDDING_HOME (no current, no venv)"; return 1; }
+    restart_running "$dir" || status=$?
+    [ "$status" = 0 ] || return "$status"
+    checked
 }
 
 case "${1:-}" in
@@ -51,7 +69,7 @@ esac
 case "${1:-}" in
     start) start ;;
     stop) stop_service ;;
-    restart) stop_service && start ;;
+    restart) restart "${2:-}" ;;
     status) status ;;
     -h | --help) help_text ;;
     *) echo "usage: $0 start|stop|restart|status; --help for more" >&2; exit 2 ;;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Upgrade the service installed in $EMBEDDING_HOME (layout: ops/lib.sh), so that it can be killed at any
 # moment and still leave a service that serves and a version that starts:
-#   ops/upgrade.sh [--force] [--active-minutes N] [--config FILE] (--source DIR
+#   ops/upgrade.sh [--no-gap] [--active-minutes N [--force]] [--config FILE] (--source DIR
 #                  | --wheel FILE --sha256 HEX | --version X (--find-links DIR | --index-url URL) --sha256 HEX)
 #
 # Where the new version comes from is always named here: a source tree, a wheel, or a version from a wheel
@@ -11,20 +11,28 @@
 #
 #  1. take the lock (a second upgrade, rollback, start or stop refuses, naming the holder) and clean what an
 #     interrupted run left: unfinished builds, a switch that was not finished
-#  2. refuse while the service is in use: requests in the last N minutes (default 5) or texts queued, read
-#     from its own GET /activity (exit 3; --force upgrades anyway, in-flight requests are still answered)
+#  2. only with --active-minutes N: refuse while the service is in use, requests in the last N minutes or texts
+#     queued, read from its own GET /activity (exit 3; --force upgrades anyway). Without it the upgrade runs
+#     under load: clients see no gap (step 4)
 #  3. build the new version beside the running one: a hard-linked copy of the current venv, pip install
 #     into the copy, its configuration (--config FILE, or the current one), an import check of the service
 #     and its model stack; then one rename makes it a complete version. The running version is never touched.
-#  4. switch: current -> the new version (rename of a link), restart (graceful), wait for /ready, one real
-#     embedding. If that fails: current -> the previous version, restart, check it. This step runs in its
-#     own session: killing the upgrade does not stop it halfway.
+#  4. switch: current -> the new version (rename of a link); the new version starts beside the running one on
+#     the same listening socket, which the running one hands over, and accepts connections once its model is
+#     ready; checked through a socket of its own (/ready, one real embedding), it serves, and only then does the
+#     old one stop accepting and answer what it accepted. No connection is refused. If the new one does not
+#     serve, it is stopped and current -> the previous version, which never stopped. Where a handover is not
+#     possible (no memory for a second process, a running service or a version from before handovers, another
+#     port) it stops, then starts, with a warning: --no-gap refuses instead (exit 3, nothing changed). This
+#     step runs in its own session: killing the upgrade does not stop it halfway.
 # Exit codes: 0 upgraded; 1 failed, the previous version serves (never switched, or switched back);
-# 2 usage; 3 refused (active); 4 nothing serves; 5 another ops command is running.
+# 2 usage; 3 refused (active, or no handover without a gap under --no-gap); 4 nothing serves; 5 another ops
+# command is running.
 # Environment: EMBEDDING_HOME (the install, default /opt/embedding-service); LOCK_WAIT_S (seconds to wait
 # for another ops command's lock, default 0: refuse); STOP_TIMEOUT_S (SIGKILL after, default 150);
 # READY_TIMEOUT_S (wait for /ready, default 300); KEEP_VERSIONS (versions kept,
-# the current one included, default 5); EMBEDDING_PIP_ARGS (pip options, e.g. --no-deps for code only).
+# the current one included, default 5); EMBEDDING_PIP_ARGS (pip options, e.g. --no-deps for code only);
+# HANDOVER_RESERVE_BYTES (memory a handover leaves free for the rest of the host, default 0); NO_GAP=1 (as --no-gap).
 set -euo pipefail
 OPS_NAME=upgrade
 # shellcheck source=ops/lib.sh  # OPS_NAME above names this script in its log lines
@@ -34,15 +42,16 @@ command_line="$(basename "$0") $*"
 # What the new version must import before it can become current: the service and its model stack.
 IMPORT_CHECK="import app, app.api, app.backend, app.engine, app.front, app.memory, app.server, gunicorn, torch, sentence_transformers"
 
-force=0 minutes=5 source_dir="" version="" config="" wheel="" sha256="" find_links="" index_url=""
+force=0 minutes="" source_dir="" version="" config="" wheel="" sha256="" find_links="" index_url=""
 usage() {
-    echo "usage: $0 [--force] [--active-minutes N] [--config FILE] (--source DIR | --wheel FILE --sha256 HEX" \
+    echo "usage: $0 [--no-gap] [--active-minutes N [--force]] [--config FILE] (--source DIR | --wheel FILE --sha256 HEX" \
         "| --version X (--find-links DIR | --index-url URL) --sha256 HEX); --help for more" >&2
     exit 2
 }
 while [ $# -gt 0 ]; do
     case "$1" in
         --force) force=1 ;;
+        --no-gap) NO_GAP=1 ;;
         --active-minutes) minutes="${2:?}"; shift ;;
         --source) source_dir="$(readlink -f "${2:?}")"; shift ;;
         --version) version="${2:?}"; shift ;;
@@ -67,6 +76,10 @@ done
 [ -z "$config" ] || [ -f "$config" ] || die "no configuration file $config" 2
 
 check_activity() {
+    if [ -z "$minutes" ]; then
+        is_running && log "not checking for activity (--active-minutes N does): clients see no gap"
+        return 0
+    fi
     if ! is_running; then
         log "service not running: nothing to check for activity"
         return 0
@@ -79,7 +92,7 @@ check_activity() {
     log "activity: $requests embedding requests in the last $minutes minutes, $queued texts queued"
     if [ "$requests" -gt 0 ] || [ "$queued" -gt 0 ]; then
         if [ "$force" = 1 ]; then
-            log "--force: upgrading while active; in-flight requests will still be answered"
+            log "--force: upgrading while active"
         else
             die "the service is in use ($requests requests in the last $minutes minutes, $queued texts queued): not upgrading while indexing runs. Retry when it is idle, or pass --force" 3
         fi
@@ -162,6 +175,9 @@ base=$(live_dir) || die "nothing installed in $EMBEDDING_HOME: no current versio
 previous=$(current_name)
 log "upgrade of $EMBEDDING_HOME from version $(installed_version) (versions/$previous) to ${version:-${wheel:-the source in $source_dir}}"
 check_activity
+if [ "$NO_GAP" = 1 ] && reason=$(gap_reason "$base") && [ -n "$reason" ] && [ "$reason" != "nothing is running" ]; then
+    die "--no-gap: not upgrading, the service could not be handed over without a gap: $reason" 3
+fi
 if ! build "$base"; then
     rm -rf "${BUILDING:?}" || true
     die "upgrade failed while building the new version; nothing was switched, version $(installed_version) is untouched" 1
@@ -175,5 +191,6 @@ case "$status" in
         ;;
     2) die "upgrade failed: could not switch to versions/$NEW_NAME; versions/$previous still serves, untouched" 1 ;;
     1) die "upgrade failed: versions/$NEW_NAME did not serve; switched back, versions/$previous serves again" 1 ;;
+    3) die "--no-gap: versions/$NEW_NAME could not take over without a gap; versions/$previous serves on, current names it again" 3 ;;
     *) die "ROLLBACK FAILED: nothing serves; see $LOG_DIR/service.log and ops/runbooks.md" 4 ;;
 esac

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.rehearsal import READY_AGAIN_S, rehearse
+from loadtest.rehearsal import READY_AGAIN_S, rehearse, rehearse_pod_shutdown
 
 pytestmark = pytest.mark.slow
 
@@ -24,3 +24,16 @@ def test_a_replica_over_its_memory_limit_is_routed_around_and_comes_back(tmp_pat
     assert summary.b_taken_out >= 1
     assert summary.b_ready_after_load_s is not None and summary.b_ready_after_load_s <= READY_AGAIN_S
     assert summary.b_back_after_load_s is not None
+
+
+def test_a_pod_deleted_under_16_clients_loses_no_request(tmp_path: Path) -> None:
+    """A rolling update's old pod goes as Kubernetes deletes it: out of the Service within a second, SIGTERM after
+    the manifests' preStop pause, then the drain. Behind a balancer that works as kube-proxy does (per connection,
+    no retries; kept-alive connections stay on the pod), 16 clients see no error."""
+    seen = rehearse_pod_shutdown(tmp_path / "pod")
+    print(json.dumps(seen, indent=2))
+    assert seen["errors"] == 0, seen["first_errors"]
+    assert seen["exit_code"] == 0  # a clean exit: every request it accepted answered
+    assert isinstance(seen["answers_during"], int) and seen["answers_during"] > 50
+    connections = seen["connections"]  # both replicas had clients, kept-alive ones among them
+    assert isinstance(connections, dict) and connections.get("a", 0) > 0 and connections.get("b", 0) > 0

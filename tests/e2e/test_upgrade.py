@@ -23,13 +23,13 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 
+from loadtest.clients import Clients, errors
 from loadtest.service import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -298,7 +298,8 @@ def test_an_idle_upgrade_builds_beside_the_running_version_and_a_second_one_wait
     shebangs = [p.read_text().splitlines()[0] for p in (new / "venv" / "bin").iterdir() if p.name.startswith("pip")]
     assert shebangs and all(line.startswith(f"#!{new}/venv/bin/python") for line in shebangs)
     steps = install.log()
-    for step in ("activity: 0 embedding requests", "hard links", "installing from", "imports", "stopping pid"):
+    steps_expected = ("not checking for activity", "hard links", "installing from", "imports", "handed over")
+    for step in (*steps_expected, "stopping pid"):
         assert step in steps
     assert f"upgraded from versions/{old.name} to versions/{new.name}" in steps
     assert not list((install.home / "versions").glob(".building-*"))
@@ -312,39 +313,106 @@ def test_an_idle_upgrade_builds_beside_the_running_version_and_a_second_one_wait
     ]
 
 
-def test_an_upgrade_while_indexing_runs_is_refused_and_force_answers_in_flight_requests(install: Install) -> None:
-    stop = threading.Event()
-
-    def index() -> None:
-        while not stop.is_set():
-            requests.post(f"{install.url}/embed", json={"inputs": LONG_TEXTS[:8]}, timeout=120)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pool.submit(index)
-        pool.submit(index)
-        activity = f"{install.url}/activity"
-        wait_until(lambda: requests.get(activity, timeout=10).json()["requests"] > 0, 60, "the indexing to be seen")
+def gunicorn_masters(home: Path) -> list[int]:
+    """The service's masters running from ``home``: its versions' interpreters (a master, or a launcher about to
+    become one), less their workers (a process whose parent is one of them)."""
+    ours = {}
+    for entry in Path("/proc").iterdir():
         try:
-            result = install.ops("upgrade.sh", "--source", str(install.sources[NEW]))
-        finally:
-            stop.set()
-    assert result.returncode == 3
-    assert "the service is in use" in result.stderr
-    assert "--force" in result.stderr
-    assert install.version() == OLD
-    assert len(install.versions()) == 1
+            command = (entry / "cmdline").read_bytes().split(b"\0")[0].decode()
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if command.startswith(str(home)) and command.endswith("/venv/bin/python"):
+            ours[int(entry.name)] = parent
+    return [pid for pid, parent in ours.items() if parent not in ours]
 
-    with ThreadPoolExecutor(max_workers=12) as pool:
-        in_flight = [
-            pool.submit(requests.post, f"{install.url}/embed", json={"inputs": LONG_TEXTS}, timeout=300)
-            for _ in range(12)
-        ]
-        result = install.ops("upgrade.sh", "--force", "--source", str(install.sources[NEW]))
-        answers = [f.result() for f in in_flight]
-    assert result.returncode == 0, result.stderr
-    assert "--force: upgrading while active" in result.stderr
-    assert [a.status_code for a in answers] == [200] * 12, [a.text[:300] for a in answers if a.status_code != 200]
-    assert install.version() == NEW
+
+class MemorySampler:
+    """The summed RSS of every process running from an install, sampled every 0.1 s: two models during a
+    handover."""
+
+    def __init__(self, home: Path) -> None:
+        self.home, self.peak, self._stop = home, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.1):
+            total = 0
+            for entry in Path("/proc").iterdir():
+                try:
+                    if str(self.home).encode() in (entry / "cmdline").read_bytes():
+                        status = (entry / "status").read_text()
+                        total += int(status.split("VmRSS:")[1].split()[0]) * 1024
+                except (OSError, IndexError, ValueError):
+                    continue
+            self.peak = max(self.peak, total)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def handover_seconds(log: str) -> float:
+    """From the new process's start to the old one's exit, read from the last handover in the ops log."""
+    import datetime as dt
+
+    def at(marker: str) -> float:
+        line = [line for line in log.splitlines() if marker in line][-1]
+        return dt.datetime.strptime(line.split()[0], "%Y-%m-%dT%H:%M:%SZ").timestamp()
+
+    return at("stopped pid") - at("beside pid")
+
+
+def test_an_upgrade_a_rollback_and_a_restart_under_load_refuse_no_client(install: Install) -> None:
+    """16 clients send through an upgrade, a rollback and a restart: the new version takes the running one's
+    socket once its model is ready, so no connection is refused and every answer is a 200 with its vectors.
+    Then, without memory for a second process, a restart has a gap (with a warning) or, with --no-gap, is
+    refused and nothing stops."""
+    with Clients(install.url) as clients:
+        clients.wait_answers(20)
+        asked = install.ops("upgrade.sh", "--active-minutes", "5", "--source", str(install.sources[NEW]))
+        assert asked.returncode == 3  # the activity check, where an operator asks for it
+        assert "the service is in use" in asked.stderr and "--force" in asked.stderr
+        assert install.version() == OLD and len(install.versions()) == 1
+
+        old = install.current()
+        steps = {
+            "upgrade": lambda: install.ops("upgrade.sh", "--source", str(install.sources[NEW])),
+            "rollback": lambda: install.ops("rollback.sh"),
+            "restart": lambda: install.ops("service.sh", "restart"),
+        }
+        for step, run in steps.items():
+            masters = gunicorn_masters(install.home)
+            with MemorySampler(install.home) as memory:
+                result, answers = clients.during(run)
+            assert result.returncode == 0, result.stderr
+            assert "handed over" in result.stderr, result.stderr
+            assert "refused while the service restarts" not in result.stderr
+            assert len(gunicorn_masters(install.home)) == 1 and gunicorn_masters(install.home) != masters
+            failed = errors(answers)
+            print(
+                f"\n{step}: {len(answers)} answers, {len(failed)} errors; handover (start to old exit) "
+                f"{handover_seconds(install.log()):.0f} s; peak RSS of the install {memory.peak / 1e6:.0f} MB"
+            )
+            assert answers and not failed, failed[:5]
+        assert install.version() == OLD and install.current() == old
+    assert len([line for line in install.log().splitlines() if "handed over" in line]) == 3
+
+    masters = gunicorn_masters(install.home)
+    no_room = {"HANDOVER_RESERVE_BYTES": str(1 << 50)}
+    refused = install.ops("service.sh", "restart", "--no-gap", **no_room)
+    assert refused.returncode == 3, refused.stderr
+    assert "no room for a second process: it needs about" in refused.stderr
+    assert gunicorn_masters(install.home) == masters and install.embeds()
+    restarted = install.ops("service.sh", "restart", **no_room)
+    assert restarted.returncode == 0, restarted.stderr
+    assert "warning: clients will be refused while the service restarts: no room" in restarted.stderr
+    assert gunicorn_masters(install.home) != masters and install.embeds()
 
 
 def test_a_broken_version_is_switched_back_and_rollback_never_goes_to_it(install: Install) -> None:
@@ -494,7 +562,7 @@ KILL_POINTS = {
     "during-the-copy": (lambda inst, up: any(p.startswith("cp -al") for p in session_processes(up.pid)), OLD),
     "during-pip": (lambda inst, up: any(" -m pip install" in p for p in session_processes(up.pid)), OLD),
     "between-install-and-switch": (lambda inst, up: "checking that the new version imports" in inst.log(), OLD),
-    "during-the-restart": (lambda inst, up: "stopping pid" in inst.log(), NEW),
+    "during-the-handover": (lambda inst, up: "beside pid" in inst.log(), NEW),
 }
 
 
@@ -513,6 +581,7 @@ def test_an_upgrade_killed_at_any_step_leaves_a_service_that_serves_and_starts(i
     wait_until(install.unlocked, 300, "the lock to be free")  # a restart already under way finishes first
     wait_until(install.serving, 300, "the service to serve")
     assert install.version() == serves and install.embeds()
+    assert len(gunicorn_masters(install.home)) == 1
     assert fingerprint(old) == before
     assert (install.current() / "venv" / "bin" / "python").exists()
 
@@ -540,11 +609,16 @@ def test_a_switch_killed_while_the_new_version_starts_is_finished_by_the_next_co
     wait_until(install.unlocked, 30, "the lock to be free")
     assert (install.home / "run" / "switch").exists()
     assert install.current().name.endswith(f"-{NEW}")
-    assert [health for *_, health in install.versions()] == ["unchecked current running", "good"]
+    # The old version still serves; the new one, started beside it, is left running on its own.
+    assert [health for *_, health in install.versions()] == ["unchecked current", "good running"]
+    assert len(gunicorn_masters(install.home)) == 2
+    assert install.embeds()
 
     restarted = install.ops("service.sh", "restart")
     assert restarted.returncode == 0, restarted.stderr
+    assert "an interrupted handover left pid" in restarted.stderr
     assert "interrupted switch to" in restarted.stderr
     assert install.version() == NEW and install.embeds()
+    assert len(gunicorn_masters(install.home)) == 1
     assert [health for *_, health in install.versions()] == ["good current running", "good"]
     assert not (install.home / "run" / "switch").exists()

@@ -264,6 +264,39 @@ def test_lifespan_shutdown_stops_the_engine() -> None:
     assert stopped == [True]
 
 
+def test_on_an_inherited_socket_startup_completes_only_once_the_model_is_ready() -> None:
+    """The server accepts connections once lifespan startup completes: a front told to accept only when ready
+    (app.gunicorn_conf, on a socket handed over by a running version) completes it after ``until_ready``."""
+    ready = threading.Event()
+    events: list[str] = []
+
+    def until_ready() -> None:
+        ready.wait(5)
+        events.append("ready")
+
+    async def run(hold: bool) -> list[str]:
+        events.clear()
+        ready.clear()
+        front = front_for(Seen(), until_ready=until_ready)
+        if hold:
+            front.accept_when_ready()
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+        await inbox.put({"type": "lifespan.startup"})
+
+        async def send(message: Message) -> None:
+            events.append(message["type"])
+
+        task = asyncio.create_task(front({"type": "lifespan"}, inbox.get, send))
+        await asyncio.sleep(0.2)
+        ready.set()
+        await asyncio.sleep(0.2)
+        task.cancel()
+        return list(events)
+
+    assert asyncio.run(run(hold=True)) == ["ready", "lifespan.startup.complete"]
+    assert asyncio.run(run(hold=False)) == ["lifespan.startup.complete"]  # a socket of its own: at once
+
+
 def test_every_refusal_is_told_with_its_reason() -> None:
     told: list[tuple[int, str, bool]] = []
 

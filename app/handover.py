@@ -1,0 +1,135 @@
+"""A gapless handover of the listening socket from the running version to the next one.
+
+The ops scripts (``ops/lib.sh``) replace a running service without a moment in which its port refuses a
+connection. The running gunicorn master *offers* its TCP listening sockets on a Unix socket of the install,
+``run/handover.<master pid>.sock`` (``EMBEDDING_HANDOVER_DIR``, set by the scripts; mode 0600, and only a
+peer of the same user is answered). The next version's launcher takes them (SCM_RIGHTS) and starts gunicorn
+with them as inherited sockets, the way systemd's socket activation passes them (``LISTEN_FDS``, which
+gunicorn reads). Both processes then hold *one* socket with one accept queue: a connection waits in it
+until one of them accepts it, and none is lost when the old one stops accepting (two sockets bound with
+``SO_REUSEPORT`` would each have a queue, and the connections waiting in the closed one's are reset).
+
+A worker whose socket was inherited accepts only once its model is loaded and warmed
+(:meth:`app.front.WSGIFront.accept_when_ready`): until then the running version answers every connection,
+so no client meets a version that is not ready. The same holds under systemd's socket activation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import threading
+from pathlib import Path
+
+HANDOVER_DIR_VARIABLE = "EMBEDDING_HANDOVER_DIR"
+"""Where the master offers its listening sockets; unset: it offers none (``make run``, the image)."""
+
+
+def inherited_listeners() -> int:
+    """How many listening sockets this process inherited (systemd's ``LISTEN_FDS``, meant for this pid)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return 0
+    try:
+        return max(0, int(os.environ.get("LISTEN_FDS", "0")))
+    except ValueError:
+        return 0
+
+
+def offer_path(directory: str | os.PathLike[str], pid: int | None = None) -> Path:
+    return Path(directory) / f"handover.{os.getpid() if pid is None else pid}.sock"
+
+
+class Offer:
+    """Hands ``listeners`` to any process of this user that connects to :attr:`path`, until closed. Runs in
+    the gunicorn master, whose logger (JSON lines, like the service's) it writes to."""
+
+    def __init__(self, listeners: list[socket.socket], directory: str | os.PathLike[str], log: logging.Logger) -> None:
+        self._log = log
+        self.path = offer_path(directory)
+        self._fds = [listener.fileno() for listener in listeners]
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.path.unlink(missing_ok=True)  # a pid is reused only after its process is gone
+        previous = os.umask(0o177)
+        try:
+            self._server.bind(str(self.path))
+        finally:
+            os.umask(previous)
+        self._server.listen(4)
+        self._thread = threading.Thread(target=self._serve, name="handover", daemon=True)
+        self._thread.start()
+        self._log.info("handover: offering %d listening socket(s) at %s", len(self._fds), self.path)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._server.accept()
+            except OSError:
+                return  # closed
+            with connection:
+                try:
+                    credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                    pid, uid, _gid = struct.unpack("3i", credentials)
+                    if uid != os.getuid():
+                        self._log.warning("handover: refused pid %d of another user (uid %d)", pid, uid)
+                        continue
+                    socket.send_fds(connection, [b"L"], self._fds)
+                    self._log.info("handover: gave the listening socket(s) to pid %d", pid)
+                except OSError as exc:
+                    self._log.warning("handover: failed: %s", exc)
+
+    def close(self) -> None:
+        """Stop offering (the master exits): remove the path, which names this pid only."""
+        self.path.unlink(missing_ok=True)
+        self._server.close()
+
+
+def take(path: str | os.PathLike[str], timeout_s: float = 10.0) -> list[socket.socket]:
+    """The TCP listening sockets offered at ``path`` (raises OSError when nothing answers there)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(timeout_s)
+        client.connect(str(path))
+        _, fds, _, _ = socket.recv_fds(client, 1, 16)
+    if not fds:
+        raise OSError(f"{path} offered no socket")
+    return [socket.socket(fileno=fd) for fd in fds]
+
+
+def launch(offered: Path, check: Path, command: list[str]) -> None:
+    """Become ``command`` (the next version's ``python -m app serve``) with the sockets offered at ``offered``
+    and a new Unix socket ``check`` as its inherited listeners: the ops scripts ask the new version alone for
+    ``/ready`` and one embedding through ``check``, while the shared port is answered by whichever is ready."""
+    listeners = take(offered)
+    checker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    check.unlink(missing_ok=True)
+    previous = os.umask(0o177)
+    try:
+        checker.bind(str(check))
+    finally:
+        os.umask(previous)
+    checker.listen(64)
+    # Inherited sockets are numbered from 3 (sd_listen_fds): move them out of the way, then into place.
+    high = [os.dup(s.fileno()) for s in [*listeners, checker]]
+    for fd in high:
+        os.set_inheritable(fd, False)
+    for number, fd in enumerate(high, start=3):
+        os.dup2(fd, number, inheritable=True)
+    os.environ.update(LISTEN_FDS=str(len(high)), LISTEN_PID=str(os.getpid()))
+    os.execv(command[0], command)  # noqa: S606  (the next version's own interpreter, named by the ops scripts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m app.handover", description=launch.__doc__)
+    parser.add_argument("--from", dest="offered", type=Path, required=True, help="the running master's offer")
+    parser.add_argument("--check", type=Path, required=True, help="the Unix socket the ops scripts check through")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to become")
+    args = parser.parse_args(argv)
+    command = [part for part in args.command if part != "--"] or parser.error("no command")
+    launch(args.offered, args.check, command)
+
+
+if __name__ == "__main__":
+    main()
