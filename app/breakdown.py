@@ -33,7 +33,6 @@ from app import allocator
 
 PROC_SELF = Path("/proc/self")
 JEMALLOC_ACCOUNTS = ("allocated", "active", "resident", "retained", "mapped")
-GLIBC_ACCOUNTS = ("in_use", "free", "mmapped")
 
 
 # The breakdown's records are also the schema of GET /memory's answer (app/schemas.py): no undeclared field.

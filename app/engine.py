@@ -292,6 +292,7 @@ class Engine:
                 return True
             if self._state != "failed":
                 self._state = "stopping"
+            self._metrics.ready.set(0)
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout_s)
@@ -328,10 +329,6 @@ class Engine:
     def release_model_caches(self) -> None:
         """Let the backend give back framework caches; call inside :meth:`exclusive`."""
         self._backend.release_caches()
-
-    def is_overloaded(self) -> bool:
-        """True when the queue is full."""
-        return self._pending >= self._queue_size
 
     @property
     def max_batch_tokens(self) -> int | None:
@@ -560,6 +557,7 @@ class Engine:
     def _crash(self, exc: BaseException) -> None:
         with self._cond:
             self._state = "failed"
+            self._metrics.ready.set(0)
             self.failure = f"the inference thread crashed: {type(exc).__name__}: {exc}"
             jobs, self._jobs = list(self._jobs), deque()
         log.critical("engine.crashed", error=str(exc), error_type=type(exc).__name__, exc_info=exc)
@@ -689,7 +687,9 @@ class Engine:
                 return window[:n], lengths[:n]
         return window, lengths
 
-    def _run_batch(self, batch: list[tuple[Job, int]]) -> None:
+    def _run_batch(self, batch: list[tuple[Job, int]]) -> Exception | None:
+        """Encode ``batch`` and deliver its vectors; a failed batch is retried text by text. Returns the failure
+        of a one-text batch (its text is failed), else None."""
         texts = [job.texts[i] for job, i in batch]
         with self._busy:
             rss_before = self._rss()
@@ -701,22 +701,33 @@ class Engine:
                     texts, tokens=any(job.wants_tokens for job, _ in batch)
                 )
             except Exception as exc:  # noqa: BLE001  (isolate the failure to the texts that cause it)
-                log.warning("batch.failed", size=len(batch), error=str(exc), error_type=type(exc).__name__)
-                failed = True
+                log.warning(
+                    "batch.failed",
+                    size=len(batch),
+                    error=str(exc),
+                    error_type=type(exc).__name__,
+                    request_ids=_request_ids(batch),
+                )
+                failure: Exception | None = exc
             else:
-                failed = False
+                failure = None
             duration = time.perf_counter() - started
             rss_after = self._rss()
             self._progress_at = time.monotonic()
-        if failed:
-            self._retry_one_by_one(batch)
-            return
+        if failure is not None:
+            if len(batch) > 1:
+                self._retry_one_by_one(batch)
+            else:
+                job, index = batch[0]
+                job.fail(ModelFailed(f"the model failed on input[{index}]"))
+            return failure
         for k, ((job, index), tokens) in enumerate(zip(batch, token_counts, strict=True)):
             job.deliver(index, token_rows[k] if job.wants_tokens else vectors[k], tokens)
         requests = len({id(job) for job, _ in batch})
         padded = len(batch) * max(token_counts)
         stats = BatchStats(len(batch), sum(token_counts), requests, duration, rss_before, rss_after, padded)
-        self._observe(stats, token_counts)
+        self._observe(stats, token_counts, _request_ids(batch))
+        return None
 
     def _is_full(self, stats: BatchStats) -> bool:
         """A batch the size of those that drain a long queue: by count, or at least half the tokens allowed now.
@@ -726,13 +737,21 @@ class Engine:
         return stats.size >= self._batch_size or (allowed is not None and 2 * stats.padded_tokens >= allowed)
 
     def _retry_one_by_one(self, batch: list[tuple[Job, int]]) -> None:
-        if len(batch) == 1:
-            job, index = batch[0]
-            job.fail(ModelFailed(f"the model failed on input[{index}]"))
-            return
-        for item in batch:
-            if not item[0].finished:
-                self._run_batch([item])
+        """Find the texts a batch failed on, shortest first. A text that finds no memory for its forward pass
+        fails the texts left without running them: they are as long or longer, and each would fail the same
+        way, one forward pass at a time (a systematic failure cost the batch's size plus one passes)."""
+        ordered = sorted(batch, key=lambda item: item[0].lengths[item[1]])
+        for position, item in enumerate(ordered):
+            if item[0].finished:
+                continue
+            failure = self._run_batch([item])
+            if failure is not None and _is_systematic(failure):
+                rest = [(job, i) for job, i in ordered[position + 1 :] if not job.finished]
+                for job, index in rest:
+                    job.fail(ModelFailed(f"the model failed on input[{index}]: {failure}"))
+                if rest:
+                    log.warning("batch.abandoned", size=len(rest), error=str(failure), request_ids=_request_ids(rest))
+                return
 
     def _encode(self, texts: list[str], *, tokens: bool = False) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
         """The batch's pooled vectors, token counts and, with ``tokens``, each text's token vectors."""
@@ -746,7 +765,7 @@ class Engine:
             raise FloatingPointError("the model's output holds non-finite values")
         return vectors, prepared.token_counts, rows
 
-    def _observe(self, stats: BatchStats, token_counts: list[int]) -> None:
+    def _observe(self, stats: BatchStats, token_counts: list[int], request_ids: list[str]) -> None:
         if self._is_full(stats):
             self._speeds.append(stats.duration_s / max(1, stats.padded_tokens))
         self._metrics.batch_size.observe(stats.size)
@@ -765,6 +784,7 @@ class Engine:
             duration_ms=round(stats.duration_s * 1000, 2),
             rss_bytes=stats.rss_after_bytes,
             rss_delta_bytes=stats.rss_delta_bytes,
+            request_ids=request_ids,
         )
         for observer in self._batch_observers:
             observer(stats)
@@ -775,3 +795,14 @@ class Engine:
                 hook()
             except Exception as exc:  # noqa: BLE001  (a hook must never stop the inference thread)
                 log.error("engine.hook_failed", hook=getattr(hook, "__qualname__", repr(hook)), error=str(exc))
+
+
+def _request_ids(batch: list[tuple[Job, int]]) -> list[str]:
+    """The requests a batch's texts came from, in order, each once: what ties a batch's log line to theirs."""
+    return list(dict.fromkeys(job.request_id for job, _ in batch if job.request_id is not None))
+
+
+def _is_systematic(failure: Exception) -> bool:
+    """A failure that is not the text's: no memory for the forward pass (CPU or GPU)."""
+    text = str(failure).lower()
+    return isinstance(failure, MemoryError) or "out of memory" in text or "can't allocate memory" in text

@@ -29,7 +29,9 @@ class OrjsonProvider(JSONProvider):
 
     def response(self, *args: Any, **kwargs: Any) -> Response:
         """The answer's bytes straight from orjson (no str in between)."""
-        obj = self._prepare_response_obj(args, kwargs)
+        if args and kwargs:
+            raise TypeError("jsonify() takes either arguments or keyword arguments, not both")
+        obj = (args[0] if len(args) == 1 else args) if args else (kwargs or None)  # as Flask's jsonify reads them
         return Response(orjson.dumps(obj, option=_OPTIONS), mimetype="application/json")
 
 

@@ -827,7 +827,9 @@ class MemoryResponse(_Answer):
     cleanup_running: bool
     last_cleanup: CleanupRecord | None
     cleanups: dict[str, int] = Field(description="Cleanups run so far, by reason.")
-    ineffective_cleanups: dict[str, int] = Field(description="Cleanups that left memory above the threshold.")
+    ineffective_cleanups: dict[str, int] = Field(
+        description="Cleanups, by reason, that gave back less than 1 MiB to the operating system (RSS before - after)."
+    )
     requests_since_cleanup: int
     triggers: CleanupTriggers
 

@@ -9,7 +9,8 @@ than the body limit is a 413 before a byte of it is read; and a client that send
 then closes its sending side (``shutdown(SHUT_WR)``) still gets its answer, while one that closed its
 socket is told to the request (its texts are dropped).
 
-Everything that reaches into gunicorn's protocol (its parser's state, its private hooks) is in this module.
+Everything that reaches into gunicorn's protocol (its parser's state, its private hooks) is in this module;
+:mod:`app.internals` lists it and checks, when the worker starts, that the installed gunicorn still has it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gunicorn.asgi import protocol as gunicorn_protocol
 from gunicorn.workers import gasgi
 from werkzeug.exceptions import HTTPException
 
+from app import internals
 from app.auth import api_key_refusal
 from app.components import components
 from app.config import Settings
@@ -178,6 +180,7 @@ class Worker(gasgi.ASGIWorker):  # type: ignore[misc]  # gunicorn is untyped
     """gunicorn's asyncio worker, serving connections with :class:`Protocol`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        internals.check()  # before anything relies on them: a clear stop, naming what a gunicorn release changed
         super().__init__(*args, **kwargs)
         settings = Settings.from_env()
         self.header_timeout_s = settings.header_timeout_s

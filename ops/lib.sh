@@ -206,11 +206,15 @@ copy_version() {
 
 # GET or POST a path of the running service; prints "STATUS BODY". Never fails (status 0: no answer).
 # With VIA=SOCKET, through that Unix socket instead of the port (a version started beside the running one).
-# X-Ops-Check: the service does not count these requests as activity (app/activity.py).
+# X-Ops-Check: the service does not count these requests as activity (app/activity.py). The version's
+# EMBEDDING_API_KEY, if it has one, goes in the environment (never on a command line, which any user can read).
 http() {  # http METHOD PATH [JSON_BODY]
-    python3 - "$1" "$2" "${3:-}" "$(setting EMBEDDING_PORT 5000)" "${VIA:-}" <<'PY'
-import http.client, socket, sys
+    API_KEY="$(setting EMBEDDING_API_KEY "")" python3 - "$1" "$2" "${3:-}" "$(setting EMBEDDING_PORT 5000)" "${VIA:-}" <<'PY'
+import http.client, os, socket, sys
 method, path, body, port, via = sys.argv[1:6]
+headers = {"Content-Type": "application/json", "X-Ops-Check": "1"}
+if os.environ.get("API_KEY"):
+    headers["Authorization"] = "Bearer " + os.environ["API_KEY"]
 
 class Unix(http.client.HTTPConnection):
     def connect(self):
@@ -220,8 +224,7 @@ class Unix(http.client.HTTPConnection):
 
 connection = Unix("localhost", timeout=30) if via else http.client.HTTPConnection("127.0.0.1", int(port), timeout=30)
 try:
-    connection.request(method, path, body=body.encode() if body else None,
-                       headers={"Content-Type": "application/json", "X-Ops-Check": "1"})
+    connection.request(method, path, body=body.encode() if body else None, headers=headers)
     response = connection.getresponse()
     print(response.status, response.read().decode())
 except (OSError, http.client.HTTPException):

@@ -440,9 +440,14 @@ def test_a_broken_version_is_switched_back_and_rollback_never_goes_to_it(install
     assert nothing_older.returncode == 2
     assert f"no good version older than {old.name}" in nothing_older.stderr
 
-    upgraded = install.ops("upgrade.sh", "--force", "--source", str(install.sources[NEW]))
+    # The new version asks clients for an API key: the scripts check it with the key of its settings.
+    keyed = install.config(EMBEDDING_API_KEY="upgrade-test-key")
+    upgraded = install.ops("upgrade.sh", "--source", str(install.sources[NEW]), "--config", str(keyed))
     assert upgraded.returncode == 0, upgraded.stderr
     new = install.current()
+    assert requests.post(f"{install.url}/embed", json={"inputs": "x"}, timeout=60).status_code == 401
+    key = {"Authorization": "Bearer upgrade-test-key"}
+    assert requests.post(f"{install.url}/embed", json={"inputs": "x"}, headers=key, timeout=60).status_code == 200
     result = install.ops("rollback.sh")  # past the failed 1.2.0 build, to the 1.0.0 that served
     assert result.returncode == 0, result.stderr
     assert install.version() == OLD and install.current() == old

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from app.engine import Engine, EngineCrashed, Job, plan_batches
 from app.errors import ClientClosed, QueueFull, ServiceError, TooSlow, Unavailable, Unprocessable
@@ -134,7 +135,7 @@ def test_a_full_queue_is_refused_with_retry_after(backend: FakeBackend) -> None:
     first = engine.submit(["a"])
     wait_for(lambda: engine.queue_depth == 0)
     queued = engine.submit(["b"] * 10)
-    assert engine.is_overloaded()
+    assert engine.queue_depth == 10
     counted: list[str] = []
     token_spans = backend.token_spans
     backend.token_spans = lambda texts: counted.extend(texts) or token_spans(texts)  # type: ignore[method-assign]
@@ -171,6 +172,74 @@ def test_a_failing_text_fails_only_its_own_request(backend: FakeBackend) -> None
     assert caught.value.status == 500
     assert engine.submit(["after"]).wait(5).embeddings.shape == (1, 8)  # the thread lives on
     engine.stop(5)
+
+
+@pytest.mark.parametrize("short_texts_fit", [False, True])
+def test_a_batch_without_memory_is_retried_shortest_first_and_stops_at_the_first_text_that_does_not_fit(
+    backend: FakeBackend, short_texts_fit: bool
+) -> None:
+    """No memory for a batch's forward pass: its texts are retried alone, shortest first. The first that does not
+    fit fails the texts left (as long or longer) without a pass each: when nothing fits, the retry cost the
+    batch's size plus one passes. Where the short texts fit, they are answered."""
+    attempts: list[int] = []
+    encode = backend.encode
+    long_text = "the longest of the five texts"
+
+    def out_of_memory(prepared: Any) -> Any:
+        backend.gate.wait()
+        texts: list[str] = prepared.features
+        attempts.append(len(texts))
+        fits = texts == ["blocker"] or (len(texts) == 1 and short_texts_fit and long_text not in texts)
+        if not fits:
+            raise MemoryError("out of memory")
+        return encode(prepared)
+
+    engine, _ = make_engine(backend, batch_size=8)
+    engine.start()
+    wait_for(lambda: engine.ready)  # warmed up with the real encode
+    backend.encode = out_of_memory  # type: ignore[method-assign]
+    backend.gate.clear()
+    with capture_logs() as logs:
+        blocker = engine.submit(["blocker"])  # holds the inference thread while the five requests queue
+        wait_for(lambda: engine.queue_depth == 0)
+        jobs = [engine.submit([text], request_id=f"req-{text[0]}") for text in (long_text, "b", "c", "d", "e")]
+        backend.gate.set()
+        blocker.wait(5)
+        answered = []
+        for job in jobs:
+            try:
+                job.wait(5)
+                answered.append(True)
+            except ServiceError as error:
+                assert error.status == 500
+                answered.append(False)
+    abandoned = [e["request_ids"] for e in logs if e["event"] == "batch.abandoned"]
+    if short_texts_fit:
+        assert answered == [False, True, True, True, True]
+        assert attempts == [1, 5, 1, 1, 1, 1, 1] and abandoned == []  # the longest text was tried last
+    else:
+        assert answered == [False] * 5
+        assert attempts == [1, 5, 1]  # the blocker, the batch, its shortest text; the four others without a pass
+        assert abandoned == [["req-c", "req-d", "req-e", "req-t"]]
+
+
+def test_a_batch_log_names_its_requests_and_the_ready_gauge_falls_at_stop(backend: FakeBackend) -> None:
+    engine, metrics = make_engine(backend, batch_size=8)
+    engine.start()
+    wait_for(lambda: engine.ready)
+    assert metrics.ready._value.get() == 1
+    backend.gate.clear()
+    with capture_logs() as logs:
+        first = engine.submit(["one"], request_id="req-a")
+        wait_for(lambda: engine.queue_depth == 0)
+        second, third = engine.submit(["two"], request_id="req-b"), engine.submit(["three"], request_id="req-c")
+        backend.gate.set()
+        for job in (first, second, third):
+            job.wait(5)
+    batches = [e["request_ids"] for e in logs if e["event"] == "batch.completed"]
+    assert batches == [["req-a"], ["req-b", "req-c"]]
+    engine.stop(5)
+    assert metrics.ready._value.get() == 0  # a stopping engine is not ready (it was 1 until the process left)
 
 
 def test_no_truncation_refuses_a_text_longer_than_the_model_takes(running: tuple[Engine, Metrics]) -> None:
