@@ -30,11 +30,7 @@ LOG_CALL = r'\b(?:log\.(?:info|warning|error|critical|debug|exception)|emit)\(\s
 
 
 def test_every_log_event_of_the_code_is_documented() -> None:
-    emitted = {
-        match
-        for path in (ROOT / "app").glob("*.py")
-        for match in re.findall(LOG_CALL, path.read_text())
-    }
+    emitted = {match for path in (ROOT / "app").glob("*.py") for match in re.findall(LOG_CALL, path.read_text())}
     assert len(emitted) > 15  # the pattern still finds the calls
     undocumented = {event for event in emitted if f"`{event}`" not in ARCHITECTURE}
     assert not undocumented
