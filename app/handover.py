@@ -109,10 +109,9 @@ def launch(offered: Path, check: Path, command: list[str]) -> None:
     finally:
         os.umask(previous)
     checker.listen(64)
-    # Inherited sockets are numbered from 3 (sd_listen_fds): move them out of the way, then into place.
+    # Inherited sockets are numbered from 3 (sd_listen_fds): copied out of the way first (os.dup's copies are
+    # not inherited), then into place, inherited.
     high = [os.dup(s.fileno()) for s in [*listeners, checker]]
-    for fd in high:
-        os.set_inheritable(fd, False)
     for number, fd in enumerate(high, start=3):
         os.dup2(fd, number, inheritable=True)
     os.environ.update(LISTEN_FDS=str(len(high)), LISTEN_PID=str(os.getpid()))

@@ -1,4 +1,5 @@
-"""What :mod:`app.server` relies on inside gunicorn that gunicorn does not publish, checked before it is used.
+"""What :mod:`app.server` (and :mod:`app.gunicorn_conf`'s handover hook) relies on inside gunicorn that gunicorn
+does not publish, checked before it is used.
 
 gunicorn's asyncio worker has no public hook for what the service's protocol does (a deadline for a request's
 headers, JSON bodies for the errors its parser answers, ``Host`` required, chunk sizes checked against the
@@ -59,6 +60,10 @@ def missing(protocol_module: ModuleType | None = None, worker_module: ModuleType
         lacking.append("gunicorn.workers.gasgi.ASGIProtocol (the name its worker builds protocols from)")
     if getattr(worker_module, "ASGIWorker", None) is None:
         lacking.append("gunicorn.workers.gasgi.ASGIWorker")
+    from gunicorn.arbiter import Arbiter
+
+    if not isinstance(getattr(Arbiter, "LISTENERS", None), list):  # app.gunicorn_conf's when_ready offers them
+        lacking.append("gunicorn.arbiter.Arbiter.LISTENERS")
     return lacking
 
 

@@ -119,11 +119,14 @@ current_name() {  # empty for a first-layout install
 
 # The value of one setting from the live version's service.env (or its default).
 setting() {  # setting NAME DEFAULT
-    local value env_file
-    env_file="$(live_dir 2>/dev/null)/service.env"
-    # shellcheck source=/dev/null  # the install's own settings file
-    value=$(set -a; [ -f "$env_file" ] && . "$env_file"; eval "printf '%s' \"\${$1:-}\"")
-    printf '%s' "${value:-$2}"
+    setting_of "$(live_dir 2>/dev/null)" "$1" "$2"
+}
+
+setting_of() {  # setting_of DIR NAME DEFAULT: a setting from DIR/service.env (or its default)
+    local value
+    # shellcheck source=/dev/null  # the version's own settings file
+    value=$(set -a; [ -f "$1/service.env" ] && . "$1/service.env"; eval "printf '%s' \"\${$2:-}\"")
+    printf '%s' "${value:-$3}"
 }
 
 # The service's distribution; versions installed before it had a name of its own carry the old one.
@@ -250,6 +253,22 @@ running_dir() {  # the directory of the version the running service started from
     dirname "$(dirname "$(dirname "$python")")"
 }
 
+# run_version DIR COMMAND...: COMMAND in the background with DIR's settings, from the install's directory, its
+# output in logs/service.log, without the ops lock's descriptor; $! is its pid (COMMAND begins with setsid: in a
+# session of its own once it runs, so that stopping this command leaves it serving).
+run_version() {
+    local dir="$1"
+    shift
+    (
+        set -a
+        # shellcheck source=/dev/null  # the version's own settings file
+        [ -f "$dir/service.env" ] && . "$dir/service.env"
+        set +a
+        cd "$EMBEDDING_HOME" || exit 1
+        exec "$@" >>"$LOG_DIR/service.log" 2>&1 </dev/null 9>&-
+    ) &
+}
+
 # start_service: start the live version from its real directory (current resolved), so that a later
 # switch of current never changes the files of a process that is running.
 start_service() {
@@ -263,20 +282,13 @@ start_service() {
     mkdir -p "$RUN_DIR" "$LOG_DIR" || return 1
     local offer=()  # a version that can hand its socket to the next one offers it (app/handover.py)
     if knows_handover "$dir"; then offer=(env "EMBEDDING_HANDOVER_DIR=$RUN_DIR"); fi
-    (
-        set -a
-        # shellcheck source=/dev/null  # the install's own settings file
-        [ -f "$dir/service.env" ] && . "$dir/service.env"
-        set +a
-        cd "$EMBEDDING_HOME" || exit 1
-        # The service's command line (it runs gunicorn as `make run` does); a version from before it had one
-        # is started with gunicorn directly, so a rollback to it still starts.
-        if [ -x "$dir/venv/bin/embedding-service" ]; then
-            exec "${offer[@]}" setsid "$dir/venv/bin/python" -m app serve >>"$LOG_DIR/service.log" 2>&1 </dev/null 9>&-
-        fi
-        exec setsid "$dir/venv/bin/python" -m gunicorn -c python:app.gunicorn_conf app.asgi:app \
-            >>"$LOG_DIR/service.log" 2>&1 </dev/null 9>&-
-    ) &
+    # The service's command line (it runs gunicorn as `make run` does); a version from before it had one is
+    # started with gunicorn directly, so a rollback to it still starts.
+    if [ -x "$dir/venv/bin/embedding-service" ]; then
+        run_version "$dir" "${offer[@]}" setsid "$dir/venv/bin/python" -m app serve
+    else
+        run_version "$dir" setsid "$dir/venv/bin/python" -m gunicorn -c python:app.gunicorn_conf app.asgi:app
+    fi
     local pid=$!
     echo "$pid" >"$PID_FILE" || return 1
     # Until the subshell has become gunicorn, is_running does not know it: a command right after this one (or
@@ -385,8 +397,10 @@ room, where = int(meminfo["MemAvailable"].split()[0]) * 1024, "the host's availa
 try:
     group = Path("/sys/fs/cgroup") / Path("/proc/self/cgroup").read_text().split("::", 1)[1].strip().lstrip("/")
     limit = (group / "memory.max").read_text().strip()
-    if limit != "max" and int(limit) - int((group / "memory.current").read_text()) < room:
-        room, where = int(limit) - int((group / "memory.current").read_text()), f"room under the cgroup's limit {limit}"
+    if limit != "max":
+        under = int(limit) - int((group / "memory.current").read_text())
+        if under < room:
+            room, where = under, f"room under the cgroup's limit {limit}"
 except (OSError, IndexError, ValueError):
     pass
 print(room - reserve, where + (f" less HANDOVER_RESERVE_BYTES={reserve}" if reserve else ""))
@@ -395,13 +409,14 @@ PY
 
 # gap_reason DIR: why DIR cannot take over the running service without a gap (empty: it can).
 gap_reason() {
-    local dir="$1" pid need room where port
+    local dir="$1" pid need room where port new_port
     is_running || { echo "nothing is running"; return 0; }
     pid=$(cat "$PID_FILE")
     [ -S "$RUN_DIR/handover.$pid.sock" ] || { echo "the running service (pid $pid) offers no socket to hand over (started by an older version of these scripts, or outside them)"; return 0; }
     knows_handover "$dir" || { echo "$(basename "$dir") is a version that cannot wait for its model before it accepts"; return 0; }
     port=$(setting_of "$(running_dir)" EMBEDDING_PORT 5000)
-    [ "$(setting_of "$dir" EMBEDDING_PORT 5000)" = "$port" ] || { echo "$(basename "$dir") listens on port $(setting_of "$dir" EMBEDDING_PORT 5000), not $port"; return 0; }
+    new_port=$(setting_of "$dir" EMBEDDING_PORT 5000)
+    [ "$new_port" = "$port" ] || { echo "$(basename "$dir") listens on port $new_port, not $port"; return 0; }
     need=$(expected_rss)
     [ -n "$need" ] || { echo "the running service does not say its warmed baseline (GET /memory)"; return 0; }
     read -r room where < <(memory_room)
@@ -409,13 +424,6 @@ gap_reason() {
         echo "no room for a second process: it needs about $((need / 1048576)) MiB (the running version's warmed baseline plus a fifth), and $where leaves $((room / 1048576)) MiB"
     fi
     return 0
-}
-
-setting_of() {  # setting_of DIR NAME DEFAULT: a setting from DIR/service.env
-    local value
-    # shellcheck source=/dev/null  # the version's own settings file
-    value=$(set -a; [ -f "$1/service.env" ] && . "$1/service.env"; eval "printf '%s' \"\${$2:-}\"")
-    printf '%s' "${value:-$3}"
 }
 
 # hand_over DIR: start DIR beside the running service, on its listening socket, which the running master hands
@@ -427,15 +435,8 @@ hand_over() {
     local dir="$1" old new why=""
     old=$(cat "$PID_FILE")
     rm -f "$CHECK_SOCKET"
-    (
-        set -a
-        # shellcheck source=/dev/null  # the install's own settings file
-        [ -f "$dir/service.env" ] && . "$dir/service.env"
-        set +a
-        cd "$EMBEDDING_HOME" || exit 1
-        exec env "EMBEDDING_HANDOVER_DIR=$RUN_DIR" setsid "$dir/venv/bin/python" -m app.handover --from "$RUN_DIR/handover.$old.sock" --check "$CHECK_SOCKET" \
-            -- "$dir/venv/bin/python" -m app serve >>"$LOG_DIR/service.log" 2>&1 </dev/null 9>&-
-    ) &
+    run_version "$dir" env "EMBEDDING_HANDOVER_DIR=$RUN_DIR" setsid "$dir/venv/bin/python" -m app.handover \
+        --from "$RUN_DIR/handover.$old.sock" --check "$CHECK_SOCKET" -- "$dir/venv/bin/python" -m app serve
     new=$!
     echo "$new" >"$NEXT_PID_FILE" || return 1
     wait_exec "$new" app.handover  # in a session of its own from then on: killing this one leaves it running

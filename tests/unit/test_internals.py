@@ -59,3 +59,10 @@ def test_a_release_without_the_reason_phrases_or_the_worker_name_is_named(monkey
     monkeypatch.setattr(gunicorn.asgi.protocol, "_REASON_PHRASES", None)
     with pytest.raises(RuntimeError, match=r"gunicorn \S+ lacks .*: gunicorn.asgi.protocol._REASON_PHRASES;"):
         internals.check()
+
+
+def test_a_release_whose_arbiter_keeps_its_listeners_elsewhere_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gunicorn.arbiter import Arbiter
+
+    monkeypatch.delattr(Arbiter, "LISTENERS")
+    assert internals.missing() == ["gunicorn.arbiter.Arbiter.LISTENERS"]
