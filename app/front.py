@@ -111,6 +111,7 @@ class WSGIFront:
         body_timeout_s: float,
         budget: MemoryBudget,
         on_refusal: Refused | None = None,
+        on_startup: Callable[[], None] | None = None,
         on_shutdown: Callable[[], None] | None = None,
         authorize: Authorize | None = None,
         until_ready: Callable[[], object] | None = None,
@@ -122,6 +123,7 @@ class WSGIFront:
         self._body_timeout = body_timeout_s
         self.on_refusal = on_refusal
         """Told of every refusal decided before Flask: here, and by the protocol (app/server.py)."""
+        self._on_startup = on_startup
         self._on_shutdown = on_shutdown
         self._until_ready = until_ready
         self._hold = False
@@ -292,6 +294,10 @@ class WSGIFront:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 # The server accepts connections once startup completes (ASGI lifespan).
+                if self._on_startup is not None:
+                    # On the loop's own thread, before any other exists (it starts threads, within milliseconds):
+                    # the glibc arena cap must come first.
+                    self._on_startup()
                 if self._hold and self._until_ready is not None:
                     await asyncio.get_running_loop().run_in_executor(None, self._until_ready)
                 await send({"type": "lifespan.startup.complete"})

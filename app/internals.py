@@ -58,8 +58,11 @@ def missing(protocol_module: ModuleType | None = None, worker_module: ModuleType
         lacking.append("gunicorn.asgi.protocol._REASON_PHRASES")
     if getattr(worker_module, "ASGIProtocol", None) is None:
         lacking.append("gunicorn.workers.gasgi.ASGIProtocol (the name its worker builds protocols from)")
-    if getattr(worker_module, "ASGIWorker", None) is None:
+    worker: Any = getattr(worker_module, "ASGIWorker", None)
+    if worker is None:
         lacking.append("gunicorn.workers.gasgi.ASGIWorker")
+    elif "asgi" not in getattr(getattr(getattr(worker, "load_wsgi", None), "__code__", None), "co_names", ()):
+        lacking.append("ASGIWorker.load_wsgi (setting .asgi: the worker reads the served app's settings there)")
     from gunicorn.arbiter import Arbiter
 
     if not isinstance(getattr(Arbiter, "LISTENERS", None), list):  # app.gunicorn_conf's when_ready offers them

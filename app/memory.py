@@ -10,9 +10,12 @@ policy also trims between batches on the inference thread, at most every
 ``EMBEDDING_TRIM_INTERVAL_S``.
 
 Threads: request threads only count (and, above the hard limit, shed load); the
-monitor thread samples and decides; a cleanup runs on the monitor thread when
-the engine is idle, else on the inference thread between batches. A lock keeps
-cleanups from overlapping; a second request for one while one runs is refused.
+monitor thread samples, decides and sets the gauges; a cleanup runs on the monitor
+thread when the engine is idle, else on the inference thread between batches.
+Each part owns its state behind one lock: the triggers (:mod:`app.triggers`), the
+shedder (:mod:`app.shedding`), the cleaner (one cleanup at a time: a second request
+for one while one runs is refused) and the status; reading (``GET /memory``) writes
+nothing. docs/architecture.md section 5, "Parts and threads".
 """
 
 from __future__ import annotations
@@ -28,50 +31,34 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import psutil
 import structlog
-from pydantic import ConfigDict, computed_field
-from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from app import allocator
 from app.backend import ModelInfo
-from app.breakdown import PythonObjects, allocator_accounts, free_but_kept, rss_by_kind
+from app.breakdown import PythonObjects, PythonSample, RssByKind, allocator_accounts, free_but_kept, rss_by_kind
 from app.budget import CostModel, MemoryBudget, derive, provisional_capacity
 from app.config import Settings
 from app.engine import BatchStats
 from app.errors import Conflict, TooManyRequests, Unavailable
 from app.metrics import Metrics
-from app.reasons import CleanupReason, MemoryPolicy
+from app.reasons import CleanupReason, CleanupRecord, MemoryPolicy
+from app.shedding import Release, Shedder
+from app.triggers import POLICIES, Triggers
 
 log = structlog.get_logger("app.memory")
 
 STATUSES = ("normal", "elevated", "high")
-LEGACY_THRESHOLD_BYTES = 1_500_000_000
-"""The old service ran ``gc.collect()`` on every request above this RSS."""
-
-INEFFECTIVE_BELOW_BYTES = 1024 * 1024
-"""A cleanup that gives back less than this to the operating system is counted as ineffective."""
 
 CGROUP_LIMIT_SHARE = 0.9
 """Without EMBEDDING_MEMORY_LIMIT_BYTES, shed load above this share of the container's memory limit."""
 
-SHED_RELEASE_INTERVAL_S = 0.5
-"""Above the hard limit, free heap goes back to the OS at most this often between full cleanups, on the
-request path and from the monitor, batches or not (a purge takes about 7 ms on a 600 MB heap)."""
-
 SHED_CHECK_INTERVAL_S = 0.5
 """While shedding, the monitor re-checks memory this often, so an idle service stops shedding by itself."""
-
-SHED_MARGIN_SHARE = 0.05
-"""Shedding starts above the hard limit and stops only below it by this share of the limit (at most half the
-room between the warmed baseline and the limit), so that RSS wavering at the limit does not flap it."""
-
-SHED_MIN_S = 5.0
-"""Shedding, once started, lasts at least this long."""
 
 TRIM_MAX_SHARE = 0.02
 """Per-batch trims take at most this share of wall time (a trim costs about 7 ms on a 600 MB heap)."""
@@ -162,13 +149,14 @@ def collect_garbage(passes: int = _GC_PASSES) -> int:
 
 @dataclass(frozen=True)
 class HeapActions:
-    """What a cleanup does to the process itself: the garbage collector and the C allocator. Injected into
-    :class:`MemoryManager`, so unit tests record the actions instead of purging the test process's heap."""
+    """What the memory manager does to the process itself: the garbage collector and the C allocator. Injected,
+    so unit tests record the actions instead of freezing, collecting and purging the test process's heap."""
 
     collect: Callable[[], int] = collect_garbage  # full collections; objects freed
     collect_once: Callable[[], int] = gc.collect  # the legacy policy's one plain gc.collect()
     freeze: Callable[[], None] = gc.freeze  # the loaded model's objects out of the collector's reach
     release: Callable[[], bool] = allocator.release_free_memory  # free memory back to the OS; False: cannot
+    limit_arenas: Callable[[int], bool] = allocator.limit_glibc_arenas  # glibc arenas, before threads exist
 
 
 class ManagedEngine(Protocol):
@@ -187,115 +175,8 @@ class ManagedEngine(Protocol):
     def info(self) -> ModelInfo | None: ...
 
 
-@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
-class CleanupRecord:
-    """What one cleanup did; the answer of ``POST /cleanup`` and the ``memory.cleanup`` log event.
-
-    A pydantic dataclass so that ``/openapi.json`` describes ``POST /cleanup`` from this definition.
-    """
-
-    reason: CleanupReason
-    started_at: float
-    duration_s: float
-    rss_before_bytes: int
-    rss_after_bytes: int
-    freed_objects: int
-    trimmed: bool
-    reduced_bytes: dict[str, int] = field(default_factory=dict)
-    """Which accounts the cleanup reduced, and by how much (before minus after; app/breakdown.py): RSS kinds
-    (``anon``, ``file``) and the allocator's (``jemalloc.resident``, ``glibc.free``, ...). Only decreases."""
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def freed_bytes(self) -> int:
-        return self.rss_before_bytes - self.rss_after_bytes
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def effective(self) -> bool:
-        return self.freed_bytes >= INEFFECTIVE_BELOW_BYTES
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "freed_bytes": self.freed_bytes, "effective": self.effective}
-
-
 class CleanupInProgress(Conflict):
     """A cleanup was asked for while another one runs."""
-
-
-# --- policies: when automatic cleanups run ---------------------------------------------
-
-
-class Policy:
-    """One ``EMBEDDING_MEMORY_POLICY``: which automatic cleanups it runs and when. The manager asks its policy
-    at three points (a request admitted, a monitor pass, the monitor's next wake-up) and does the rest the same
-    way for all: manual cleanups, the hard limit, shedding, the status and the metrics.
-    """
-
-    name: ClassVar[MemoryPolicy]
-    freezes_startup_objects: ClassVar[bool] = False
-    """``gc.freeze()`` the model's objects once it is loaded, so that full collections stop walking them."""
-    trims_between_batches: ClassVar[bool] = False
-    """Give freed heap back to the OS between batches (``EMBEDDING_TRIM_AFTER_BATCH`` can still turn it off)."""
-
-    def on_request(self, manager: MemoryManager, *, count_due: bool) -> None:
-        """A request was admitted; ``count_due`` once ``EMBEDDING_CLEANUP_EVERY_REQUESTS`` have been."""
-
-    def due_reason(self, manager: MemoryManager, rss: int, now: float) -> CleanupReason | None:
-        """Which automatic cleanup a monitor pass should run now, if any."""
-        return None
-
-    def seconds_to_next_cleanup(self, manager: MemoryManager, now: float) -> float | None:
-        """How long the monitor may sleep before a cleanup falls due by time alone (None: never)."""
-        return None
-
-
-class SmartPolicy(Policy):
-    """Every trigger: RSS over the high threshold (once per cooldown), every N requests, every interval;
-    trims between batches; runs cleanups on the monitor thread or between batches, never on a request."""
-
-    name = MemoryPolicy.SMART
-    freezes_startup_objects = True
-    trims_between_batches = True
-
-    def on_request(self, manager: MemoryManager, *, count_due: bool) -> None:
-        if count_due:
-            manager.wake_monitor()
-
-    def due_reason(self, manager: MemoryManager, rss: int, now: float) -> CleanupReason | None:
-        settings, last_threshold_at = manager.settings, manager.last_threshold_at
-        if rss > settings.memory_high_bytes and (
-            last_threshold_at is None or now - last_threshold_at >= settings.cleanup_cooldown_s
-        ):
-            return CleanupReason.THRESHOLD
-        if manager.requests_since_cleanup >= settings.cleanup_every_requests:
-            return CleanupReason.REQUEST_COUNT
-        if now - manager.last_cleanup_at >= settings.cleanup_interval_s:
-            return CleanupReason.PERIODIC
-        return None
-
-    def seconds_to_next_cleanup(self, manager: MemoryManager, now: float) -> float | None:
-        return manager.last_cleanup_at + manager.settings.cleanup_interval_s - now
-
-
-class LegacyPolicy(Policy):
-    """The old service's behaviour, kept for comparison: a plain ``gc.collect()`` on every request once RSS is
-    above 1.5 GB, on the request's own thread."""
-
-    name = MemoryPolicy.LEGACY
-
-    def on_request(self, manager: MemoryManager, *, count_due: bool) -> None:
-        if manager.rss() > LEGACY_THRESHOLD_BYTES:
-            manager.try_cleanup(CleanupReason.LEGACY)
-
-
-class OffPolicy(Policy):
-    """No automatic cleanup: only ``POST /cleanup`` and the hard limit run one."""
-
-    name = MemoryPolicy.OFF
-
-
-POLICIES: dict[MemoryPolicy, Policy] = {p.name: p for p in (SmartPolicy(), LegacyPolicy(), OffPolicy())}
 
 
 def _accounts() -> dict[str, int]:
@@ -309,11 +190,209 @@ def _accounts() -> dict[str, int]:
     return flat
 
 
+# --- the cleaner: one cleanup at a time, and what they did ------------------------------------------
+
+
+class Cleaner:
+    """Runs cleanups one at a time (a second one asked for meanwhile is refused) and keeps their history: the
+    last record and the counts by reason, behind one lock. Any thread may run one: the monitor when the engine
+    is idle, the inference thread between batches, a request thread for ``POST /cleanup`` or the limit."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        heap: HeapActions,
+        engine: ManagedEngine,
+        sampler: MemorySampler,
+        metrics: Metrics,
+        triggers: Triggers,
+        clock: Callable[[], float],
+        wall_clock: Callable[[], float],
+        after: Callable[[int], object],
+    ) -> None:
+        self._settings = settings
+        self._heap = heap
+        self._engine = engine
+        self._sampler = sampler
+        self._metrics = metrics
+        self._triggers = triggers
+        self._clock = clock
+        self._wall = wall_clock
+        self._after = after  # told RSS after each cleanup (the status)
+        self._running = threading.Lock()
+        self._lock = threading.Lock()
+        self._last: CleanupRecord | None = None
+        self._last_manual_at: float | None = None
+        self._counts: Counter[CleanupReason] = Counter()
+        self._ineffective: Counter[CleanupReason] = Counter()
+
+    @property
+    def running(self) -> bool:
+        return self._running.locked()
+
+    def history(self) -> tuple[dict[str, Any] | None, dict[CleanupReason, int], dict[CleanupReason, int]]:
+        """The last cleanup, counts by reason, ineffective counts by reason."""
+        with self._lock:
+            last = self._last.to_dict() if self._last else None
+            return last, dict(self._counts), dict(self._ineffective)
+
+    def manual(self) -> CleanupRecord:
+        """``POST /cleanup``: a cleanup now, at most one per ``EMBEDDING_MANUAL_CLEANUP_INTERVAL_S`` (else 429)."""
+        interval = self._settings.manual_cleanup_interval_s
+        with self._lock:
+            now = self._clock()
+            if self._last_manual_at is not None and now - self._last_manual_at < interval:
+                wait = interval - (now - self._last_manual_at)
+                raise TooManyRequests(
+                    f"a manual cleanup ran {now - self._last_manual_at:.1f} s ago; at most one every {interval:g} s "
+                    "(EMBEDDING_MANUAL_CLEANUP_INTERVAL_S)",
+                    retry_after_s=max(1, math.ceil(wait)),
+                )
+            self._last_manual_at = now
+        return self.run(CleanupReason.MANUAL)
+
+    def run(self, reason: CleanupReason) -> CleanupRecord:
+        """Run one cleanup now; raise :class:`CleanupInProgress` (409) if one is running."""
+        if not self._running.acquire(blocking=False):
+            log.info("memory.cleanup_skipped", reason=reason, why="another cleanup is running")
+            raise CleanupInProgress("a cleanup is already running; try again when it has finished")
+        try:
+            # The old service's gc.collect() ran beside the model; every other cleanup holds the model
+            # between two batches so it never competes with one.
+            with contextlib.nullcontext() if reason is CleanupReason.LEGACY else self._engine.exclusive():
+                counted = self._triggers.requests()  # requests admitted from here on count toward the next one
+                record = self._clean(reason)
+        finally:
+            self._running.release()
+        self._record(record, counted)
+        return record
+
+    def try_run(self, reason: CleanupReason) -> CleanupRecord | None:
+        """Clean up now unless a cleanup is already running (which does the same work): None then."""
+        try:
+            return self.run(reason)
+        except CleanupInProgress:
+            return None
+
+    def _clean(self, reason: CleanupReason) -> CleanupRecord:
+        started_at, started = self._wall(), time.perf_counter()
+        before = self._sampler.rss()
+        accounts_before = _accounts()
+        if reason is CleanupReason.LEGACY:
+            freed_objects, trimmed = self._heap.collect_once(), False
+        else:
+            self._engine.release_model_caches()
+            freed_objects = self._heap.collect()
+            trimmed = self._heap.release()
+        after = self._sampler.rss()
+        accounts_after = _accounts()
+        reduced = {
+            name: value - accounts_after[name]
+            for name, value in accounts_before.items()
+            if name in accounts_after and value > accounts_after[name]
+        }
+        duration = time.perf_counter() - started
+        return CleanupRecord(reason, started_at, duration, before, after, freed_objects, trimmed, reduced)
+
+    def _record(self, record: CleanupRecord, counted: int) -> None:
+        self._triggers.cleaned(counted, self._clock())
+        with self._lock:
+            self._last = record
+            self._counts[record.reason] += 1
+            if not record.effective:
+                self._ineffective[record.reason] += 1
+        m = self._metrics
+        m.cleanups.labels(reason=record.reason).inc()
+        m.cleanup_freed_objects.observe(record.freed_objects)
+        m.cleanup_freed_bytes.observe(max(0, record.freed_bytes))
+        m.cleanup_duration.observe(record.duration_s)
+        m.last_cleanup.set(record.started_at + record.duration_s)
+        if not record.effective:
+            m.cleanups_ineffective.labels(reason=record.reason).inc()
+        emit = log.info if record.effective else log.warning
+        emit("memory.cleanup", **{k: v for k, v in record.to_dict().items() if k != "started_at"})
+        self._after(record.rss_after_bytes)
+
+
+# --- the status and the gauges: written by the monitor, read by GET /memory -------------------------
+
+
+class Status:
+    """normal / elevated / high, and its gauge: changed only by :meth:`publish` (the monitor, a cleanup)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._status: str | None = None
+
+    def classify(self, rss: int) -> str:
+        """normal below the elevated threshold, elevated up to the high one, high above it."""
+        if rss > self._settings.memory_high_bytes:
+            return "high"
+        if rss > self._settings.memory_elevated_bytes:
+            return "elevated"
+        return "normal"
+
+    def publish(self, rss: int) -> str:
+        """Classify ``rss``, set the gauge and log a change (under the lock: changes are logged in order)."""
+        status = self.classify(rss)
+        with self._lock:
+            previous, self._status = self._status, status
+            if status != previous:
+                for name in STATUSES:
+                    self._metrics.memory_status.labels(status=name).set(1 if name == status else 0)
+                if previous is not None:
+                    log.info("memory.status_changed", previous=previous, status=status, rss_bytes=rss)
+        return status
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Where the memory is at one moment (app/breakdown.py), read without side effects."""
+
+    kinds: RssByKind | None
+    allocator: str
+    accounts: dict[str, int]
+    python: PythonSample
+    weight_bytes: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rss_by_kind": None if self.kinds is None else asdict(self.kinds),
+            "allocator": {
+                "name": self.allocator,
+                "accounts": self.accounts,
+                "free_but_kept_bytes": free_but_kept(self.allocator, self.accounts),
+            },
+            "python": asdict(self.python),
+            "weight_bytes": self.weight_bytes,
+        }
+
+    def publish(self, metrics: Metrics) -> None:
+        if self.kinds is not None:
+            for kind in ("anon", "file", "shmem", "swap"):
+                metrics.memory_by_kind.labels(kind=kind).set(getattr(self.kinds, kind))
+        for account, value in self.accounts.items():
+            metrics.allocator_bytes.labels(allocator=self.allocator, account=account).set(value)
+        for generation, count in self.python.gc_tracked_objects.items():
+            metrics.gc_tracked_objects.labels(generation=generation).set(count)
+        metrics.python_allocated_blocks.set(self.python.allocated_blocks)
+
+
 # --- the manager ------------------------------------------------------------------
 
 
 class MemoryManager:
-    """Decides when to clean up, runs cleanups one at a time, and reports memory."""
+    """The memory manager's parts, and the monitor thread that drives them.
+
+    Each part owns its state behind one lock: :class:`app.triggers.Triggers` (counters and the cleanup asked of
+    the inference thread; its :class:`~app.triggers.Policy` is pure), :class:`app.shedding.Shedder` (the hard
+    limit), :class:`Cleaner` (one cleanup at a time and their history), :class:`Status` (the gauge). The
+    per-batch trim's state belongs to the inference thread alone. Reading (``GET /memory``) writes nothing:
+    the gauges are set by the monitor's passes and by cleanups.
+    """
 
     def __init__(
         self,
@@ -340,34 +419,42 @@ class MemoryManager:
         self._sampler = sampler or MemorySampler()
         self._python_objects = PythonObjects()
         self._clock = clock
-        self._wall = wall_clock
-        self._cleanup_lock = threading.Lock()
-        self._state_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.allocator = allocator.active()
         self.trim_after_batch = self._policy.trims_between_batches and settings.trim_after_batch
-        self._next_trim_at = 0.0
-        self._worked = False  # batches ran since the last trim while idle
-        self._requests_since = 0
-        self._last_cleanup_at = clock()
-        self._last_threshold_at: float | None = None
-        self._last_limit_at: float | None = None
-        self._last_manual_at: float | None = None
-        self._last_release_at: float | None = None
-        self._release_lock = threading.Lock()
-        self._pending: CleanupReason | None = None
-        self._status: str | None = None
-        self._shedding = False
-        self._shedding_since = 0.0
+        self._next_trim_at = 0.0  # inference thread only
+        self._worked = False  # batches ran since the last trim while idle (inference thread only)
         self.baseline_bytes: int | None = None
         """RSS once the model is loaded, warmed up and its load garbage given back (the budget's floor)."""
-        self._last: CleanupRecord | None = None
-        self._counts: Counter[CleanupReason] = Counter()
-        self._ineffective: Counter[CleanupReason] = Counter()
+        self.triggers = Triggers(self._policy, settings, clock())
+        self.status = Status(settings, metrics)
+        self.cleaner = Cleaner(
+            settings,
+            heap=self._heap,
+            engine=engine,
+            sampler=self._sampler,
+            metrics=metrics,
+            triggers=self.triggers,
+            clock=clock,
+            wall_clock=wall_clock,
+            after=self.status.publish,
+        )
         self.cgroup_limit_bytes = cgroup_limit()
         self.limit_bytes, self.limit_source = self._hard_limit()
+        self.shedder = (
+            Shedder(
+                self.limit_bytes,
+                engine=engine,
+                clock=clock,
+                cooldown_s=settings.cleanup_cooldown_s,
+                baseline=lambda: self.baseline_bytes,
+                batch_tokens=lambda: self.budget.derived.max_batch_tokens if self.budget.derived else None,
+            )
+            if self.limit_bytes is not None
+            else None
+        )
         self._init_metrics()
 
     def _hard_limit(self) -> tuple[int | None, str | None]:
@@ -394,7 +481,8 @@ class MemoryManager:
     # --- lifecycle --------------------------------------------------------------
 
     def start(self) -> None:
-        """Hook into the engine and start the monitor thread."""
+        """Hook into the engine and start the monitor thread (before the engine's thread starts)."""
+        self._heap.limit_arenas(self._settings.malloc_arenas)  # before the engine's and the server's threads
         self._log_allocator()
         if self._policy.freezes_startup_objects:
             self._engine.add_ready_hook(self.freeze_startup_objects)
@@ -402,8 +490,7 @@ class MemoryManager:
         self._engine.add_between_batches_hook(self.between_batches)
         self._engine.add_idle_hook(self.on_idle)
         self._engine.add_batch_observer(self.observe_batch)
-        self._update_status(self._sampler.rss())
-        self.breakdown()  # the breakdown's gauges have values from the start, not from the first monitor pass
+        self._publish(self._sampler.full())  # the gauges have values from the start, not from the first pass
         self._thread = threading.Thread(target=self._monitor, name="memory-monitor", daemon=True)
         self._thread.start()
 
@@ -426,22 +513,23 @@ class MemoryManager:
 
     def admit(self) -> None:
         """Called for every embedding request before it is queued: shed load above the limit, count it."""
-        if self.limit_bytes is not None:
-            self._shed_above_limit(self.limit_bytes)
-        with self._state_lock:
-            self._requests_since += 1
-            due = self._requests_since >= self._settings.cleanup_every_requests
-        self._policy.on_request(self, count_due=due)
+        if self.shedder is not None:
+            self._shed_above_limit(self.shedder)
+        if self.triggers.count_request() and self._policy.wakes_monitor_on_count:
+            self._wake.set()
+        reason = self._policy.on_request(self._sampler.rss)
+        if reason is not None:
+            self.cleaner.try_run(reason)
 
-    def _shed_above_limit(self, limit: int) -> None:
+    def _shed_above_limit(self, shedder: Shedder) -> None:
         rss = self._sampler.rss()
-        if self._short_of(rss, limit):
+        if shedder.short_of(rss):
             rss = self._release_for_limit()  # re-checked after giving back what can be, before refusing
-        if not self._update_shedding(rss, limit):
+        if not shedder.update(rss):
             return
         self._metrics.rejected.labels(reason="memory").inc()
         raise Unavailable(
-            f"memory use ({rss} bytes) is above the service's limit ({limit} bytes); retry shortly",
+            f"memory use ({rss} bytes) is above the service's limit ({shedder.limit_bytes} bytes); retry shortly",
             retry_after_s=5,
         )
 
@@ -449,65 +537,22 @@ class MemoryManager:
         """For readiness: whether RSS is above the hard limit, so that new requests would be shed. Starts or
         ends shedding as a request would, but gives nothing back on the caller's thread: the monitor, woken,
         does that every 0.5 s while shedding."""
-        limit = self.limit_bytes
-        if limit is None:
+        if self.shedder is None:
             return False
-        above = self._update_shedding(self._sampler.rss(), limit)
+        above = self.shedder.update(self._sampler.rss())
         if above:
             self._wake.set()
         return above
 
     def _release_for_limit(self) -> int:
         """Above the hard limit: a full cleanup once per cooldown, else a purge at most every 0.5 s; RSS after."""
-        now = self._clock()
-        if self._last_limit_at is None or now - self._last_limit_at >= self._settings.cleanup_cooldown_s:
-            self._last_limit_at = self._last_release_at = now
-            self.try_cleanup(CleanupReason.LIMIT)
-        elif (
-            self._last_release_at is None or now - self._last_release_at >= SHED_RELEASE_INTERVAL_S
-        ) and self._release_lock.acquire(blocking=False):
-            try:
-                self._last_release_at = now
-                self._heap.release()
-            finally:
-                self._release_lock.release()
+        assert self.shedder is not None
+        release = self.shedder.release_due()
+        if release is Release.CLEANUP:
+            self.cleaner.try_run(CleanupReason.LIMIT)
+        elif release is Release.PURGE:
+            self._heap.release()
         return self._sampler.rss()
-
-    def _short_of(self, rss: int, limit: int) -> bool:
-        """Whether memory must be given back: above the limit, or while shedding not yet under it by the margin
-        (purges until then, or shedding would wait for the next cleanup with memory just under the limit)."""
-        return rss > limit or (self._shedding and rss >= limit - self.shed_margin(limit))
-
-    def _update_shedding(self, rss: int, limit: int, idle: bool = False) -> bool:
-        """Start shedding above the limit, stop it below the limit less a margin once it has lasted
-        ``SHED_MIN_S``; True while shedding. While it lasts, the engine runs its smallest batches. With no work
-        in flight (``idle``) nothing can take memory back up: under the limit is enough then, so memory that
-        stays just under it after a purge is not a replica kept out of the balancer for good."""
-        now = self._clock()
-        with self._state_lock:
-            under = rss < limit - self.shed_margin(limit) or (idle and rss <= limit)
-            if not self._shedding and rss > limit:
-                self._shedding, self._shedding_since, changed = True, now, True
-            elif self._shedding and under and now - self._shedding_since >= SHED_MIN_S:
-                self._shedding, changed = False, True
-            else:
-                changed = False
-            shedding = self._shedding
-        if changed and shedding:
-            self._engine.limit_batch_tokens(1)  # one text at a time: the least activation memory
-            log.warning("memory.shedding_started", rss_bytes=rss, limit_bytes=limit)
-        elif changed:
-            derived = self.budget.derived
-            self._engine.limit_batch_tokens(derived.max_batch_tokens if derived else None)
-            log.info("memory.shedding_stopped", rss_bytes=rss, limit_bytes=limit)
-        return shedding
-
-    def shed_margin(self, limit: int) -> int:
-        """How far under the hard limit RSS must fall before shedding stops."""
-        margin = SHED_MARGIN_SHARE * limit
-        if self.baseline_bytes is not None and self.baseline_bytes < limit:
-            margin = min(margin, (limit - self.baseline_bytes) / 2)
-        return int(margin)
 
     def derive_budget(self) -> None:
         """Once the model is loaded and warm: measure the baseline and derive the memory budget above it
@@ -533,58 +578,32 @@ class MemoryManager:
         emit = log.warning if ceiling - self.baseline_bytes < 2 * derived.batch_reserve_bytes else log.info
         emit("memory.budget", **self._budget_report())
 
-    # --- decisions (monitor thread) --------------------------------------------------
-
-    def due_reason(self, rss: int) -> CleanupReason | None:
-        """Which automatic cleanup is due now, if any: the policy decides."""
-        return self._policy.due_reason(self, rss, self._clock())
-
-    # What a policy reads and does (see Policy).
-
-    @property
-    def settings(self) -> Settings:
-        return self._settings
-
-    @property
-    def requests_since_cleanup(self) -> int:
-        return self._requests_since
-
-    @property
-    def last_cleanup_at(self) -> float:
-        return self._last_cleanup_at
-
-    @property
-    def last_threshold_at(self) -> float | None:
-        return self._last_threshold_at
-
-    def rss(self) -> int:
-        return self._sampler.rss()
-
-    def wake_monitor(self) -> None:
-        self._wake.set()
+    # --- the monitor thread ------------------------------------------------------------
 
     def tick(self) -> CleanupReason | None:
-        """One monitor pass: sample, update the status, run or schedule a due cleanup."""
+        """One monitor pass: sample, set the gauges, run or ask for a due cleanup."""
         sample = self._sampler.full()
-        self._metrics.memory_uss.set(sample.uss_bytes or 0)
-        self.breakdown()
         rss = sample.rss_bytes
-        if self._shedding and self.limit_bytes is not None:
+        shedder = self.shedder
+        if shedder is not None and shedder.shedding:
             # Idle or not, give back what can be and stop shedding as soon as memory is under the limit.
-            rss = self._release_for_limit() if self._short_of(rss, self.limit_bytes) else rss
-            idle = self._engine.is_idle() and self.budget.used == 0
-            self._update_shedding(rss, self.limit_bytes, idle=idle)
-        self._update_status(rss)
-        reason = self.due_reason(rss)
+            rss = self._release_for_limit() if shedder.short_of(rss) else rss
+            shedder.update(rss, idle=self._engine.is_idle() and self.budget.used == 0)
+        self._publish(sample, rss)
+        reason = self.triggers.decide(rss, self._clock())
         if reason is None:
             return None
-        if reason is CleanupReason.THRESHOLD:
-            self._last_threshold_at = self._clock()
         if self._engine.is_idle():
-            self.try_cleanup(reason)
+            self.cleaner.try_run(reason)
         else:
-            self._pending = reason  # the inference thread runs it after its current batch
+            self.triggers.ask(reason)  # the inference thread runs it after its current batch
         return reason
+
+    def _publish(self, sample: MemorySample, rss: int | None = None) -> None:
+        """Set the gauges GET /memory and /metrics read between passes."""
+        self._metrics.memory_uss.set(sample.uss_bytes or 0)
+        self._read_breakdown().publish(self._metrics)
+        self.status.publish(sample.rss_bytes if rss is None else rss)
 
     def _monitor(self) -> None:
         while not self._stop.is_set():
@@ -599,9 +618,9 @@ class MemoryManager:
 
     def _seconds_to_next_check(self) -> float:
         wait = self._settings.monitor_interval_s
-        if self._shedding:
+        if self.shedder is not None and self.shedder.shedding:
             wait = min(wait, SHED_CHECK_INTERVAL_S)
-        until_due = self._policy.seconds_to_next_cleanup(self, self._clock())
+        until_due = self.triggers.seconds_to_next_cleanup(self._clock())
         if until_due is not None:
             wait = min(wait, max(until_due, 0.01))
         return wait
@@ -609,26 +628,29 @@ class MemoryManager:
     # --- inference-thread hooks ---------------------------------------------------------
 
     def between_batches(self) -> None:
-        """After each batch: run a pending cleanup, or else (``smart``) trim the heap."""
-        if self._pending is not None:
-            self.run_pending()
-        elif self.trim_after_batch:
+        """After each batch: run a cleanup the monitor asked for, or else (``smart``) trim the heap."""
+        if not self.run_pending() and self.trim_after_batch:
             self._trim_after_batch()
 
     def on_idle(self) -> None:
-        """While the engine is idle (about every second): a pending cleanup, else (``smart``) one trim once the
+        """While the engine is idle (about every second): a cleanup asked for, else (``smart``) one trim once the
         requests of a burst are all answered, so that what they freed goes back now, not at the next cleanup
         (under jemalloc freed pages otherwise stay until a purge)."""
-        if self._pending is not None:
-            self.run_pending()
-        elif self.trim_after_batch and self._worked and self.budget.used == 0 and self._trim_after_batch():
+        if self.run_pending():
+            return
+        if self.trim_after_batch and self._worked and self.budget.used == 0 and self._trim_after_batch():
             self._worked = False
 
-    def run_pending(self) -> None:
-        """Run the cleanup the monitor asked for, if any."""
-        reason, self._pending = self._pending, None
-        if reason is not None:
-            self.try_cleanup(reason)
+    def run_pending(self) -> bool:
+        """Run the cleanup the monitor asked for, if any; whether there was one."""
+        reason = self.triggers.take()
+        if reason is None:
+            return False
+        try:
+            self.cleaner.try_run(reason)
+        finally:
+            self.triggers.done()
+        return True
 
     def freeze_startup_objects(self) -> None:
         """Move the loaded model's objects out of the collector's reach (``gc.freeze``), give back load garbage.
@@ -668,107 +690,17 @@ class MemoryManager:
         self._metrics.trimmed_bytes.inc(max(0, before - after))
         return True
 
-    # --- the cleanup ---------------------------------------------------------------------
+    # --- cleanups ------------------------------------------------------------------------
 
     def manual_cleanup(self) -> CleanupRecord:
-        """``POST /cleanup``: a cleanup now, at most one per ``EMBEDDING_MANUAL_CLEANUP_INTERVAL_S`` (else 429)."""
-        interval = self._settings.manual_cleanup_interval_s
-        with self._state_lock:
-            now = self._clock()
-            if self._last_manual_at is not None and now - self._last_manual_at < interval:
-                wait = interval - (now - self._last_manual_at)
-                raise TooManyRequests(
-                    f"a manual cleanup ran {now - self._last_manual_at:.1f} s ago; at most one every {interval:g} s "
-                    "(EMBEDDING_MANUAL_CLEANUP_INTERVAL_S)",
-                    retry_after_s=max(1, math.ceil(wait)),
-                )
-            self._last_manual_at = now
-        return self.cleanup(CleanupReason.MANUAL)
+        """``POST /cleanup`` (:meth:`Cleaner.manual`)."""
+        return self.cleaner.manual()
 
     def cleanup(self, reason: CleanupReason) -> CleanupRecord:
         """Run one cleanup now; raise :class:`CleanupInProgress` (409) if one is running."""
-        if not self._cleanup_lock.acquire(blocking=False):
-            log.info("memory.cleanup_skipped", reason=reason, why="another cleanup is running")
-            raise CleanupInProgress("a cleanup is already running; try again when it has finished")
-        try:
-            # The old service's gc.collect() ran beside the model; every other cleanup holds the model
-            # between two batches so it never competes with one.
-            with contextlib.nullcontext() if reason is CleanupReason.LEGACY else self._engine.exclusive():
-                with self._state_lock:
-                    counted = self._requests_since  # requests admitted from here on count toward the next one
-                record = self._run_cleanup(reason)
-        finally:
-            self._cleanup_lock.release()
-        self._record(record, counted)
-        return record
+        return self.cleaner.run(reason)
 
-    def try_cleanup(self, reason: CleanupReason) -> CleanupRecord | None:
-        """Clean up now unless a cleanup is already running (which does the same work): None then."""
-        try:
-            return self.cleanup(reason)
-        except CleanupInProgress:
-            return None  # the running one does the same work
-
-    def _run_cleanup(self, reason: CleanupReason) -> CleanupRecord:
-        started_at, started = self._wall(), time.perf_counter()
-        before = self._sampler.rss()
-        accounts_before = _accounts()
-        if reason is CleanupReason.LEGACY:
-            freed_objects, trimmed = self._heap.collect_once(), False
-        else:
-            self._engine.release_model_caches()
-            freed_objects = self._heap.collect()
-            trimmed = self._heap.release()
-        after = self._sampler.rss()
-        accounts_after = _accounts()
-        reduced = {
-            name: value - accounts_after[name]
-            for name, value in accounts_before.items()
-            if name in accounts_after and value > accounts_after[name]
-        }
-        duration = time.perf_counter() - started
-        return CleanupRecord(reason, started_at, duration, before, after, freed_objects, trimmed, reduced)
-
-    def _record(self, record: CleanupRecord, counted: int) -> None:
-        with self._state_lock:
-            self._requests_since = max(0, self._requests_since - counted)
-            self._last_cleanup_at = self._clock()
-            self._last = record
-            self._counts[record.reason] += 1
-            if not record.effective:
-                self._ineffective[record.reason] += 1
-        m = self._metrics
-        m.cleanups.labels(reason=record.reason).inc()
-        m.cleanup_freed_objects.observe(record.freed_objects)
-        m.cleanup_freed_bytes.observe(max(0, record.freed_bytes))
-        m.cleanup_duration.observe(record.duration_s)
-        m.last_cleanup.set(record.started_at + record.duration_s)
-        if not record.effective:
-            m.cleanups_ineffective.labels(reason=record.reason).inc()
-        emit = log.info if record.effective else log.warning
-        emit("memory.cleanup", **{k: v for k, v in record.to_dict().items() if k != "started_at"})
-        self._update_status(record.rss_after_bytes)
-
-    # --- status ----------------------------------------------------------------------------
-
-    def classify(self, rss: int) -> str:
-        """normal below the elevated threshold, elevated up to the high one, high above it."""
-        if rss > self._settings.memory_high_bytes:
-            return "high"
-        if rss > self._settings.memory_elevated_bytes:
-            return "elevated"
-        return "normal"
-
-    def _update_status(self, rss: int) -> str:
-        status = self.classify(rss)
-        with self._state_lock:
-            previous, self._status = self._status, status
-        if status != previous:
-            for name in STATUSES:
-                self._metrics.memory_status.labels(status=name).set(1 if name == status else 0)
-            if previous is not None:
-                log.info("memory.status_changed", previous=previous, status=status, rss_bytes=rss)
-        return status
+    # --- reading --------------------------------------------------------------------------
 
     def _budget_report(self) -> dict[str, Any]:
         """The budget as ``GET /memory`` and the ``memory.budget`` log line show it (null until derived)."""
@@ -788,40 +720,26 @@ class MemoryManager:
             "source": "config" if self._settings.memory_budget_bytes is not None else "derived",
         }
 
-    def breakdown(self) -> dict[str, Any]:
-        """Where the memory is (app/breakdown.py); also sets the breakdown's gauges."""
-        kinds = rss_by_kind()
+    def _read_breakdown(self) -> Breakdown:
         name, accounts = allocator_accounts()
-        if kinds is not None:
-            for kind in ("anon", "file", "shmem", "swap"):
-                self._metrics.memory_by_kind.labels(kind=kind).set(getattr(kinds, kind))
-        for account, value in accounts.items():
-            self._metrics.allocator_bytes.labels(allocator=name, account=account).set(value)
-        python = self._python_objects.sample()
-        for generation, count in python.gc_tracked_objects.items():
-            self._metrics.gc_tracked_objects.labels(generation=generation).set(count)
-        self._metrics.python_allocated_blocks.set(python.allocated_blocks)
-        return {
-            "rss_by_kind": None if kinds is None else asdict(kinds),
-            "allocator": {"name": name, "accounts": accounts, "free_but_kept_bytes": free_but_kept(name, accounts)},
-            "python": asdict(python),
-            "weight_bytes": self._engine.info.weight_bytes if self._engine.info else None,
-        }
+        info = self._engine.info
+        return Breakdown(
+            rss_by_kind(), name, accounts, self._python_objects.sample(), info.weight_bytes if info else None
+        )
+
+    def breakdown(self) -> dict[str, Any]:
+        """Where the memory is (app/breakdown.py)."""
+        return self._read_breakdown().to_dict()
 
     def report(self) -> dict[str, Any]:
-        """Everything ``GET /memory`` shows."""
+        """Everything ``GET /memory`` shows; reads, writes no gauge."""
         sample = self._sampler.full()
-        self._metrics.memory_uss.set(sample.uss_bytes or 0)
-        status = self._update_status(sample.rss_bytes)
-        with self._state_lock:
-            last = self._last.to_dict() if self._last else None
-            counts, ineffective = dict(self._counts), dict(self._ineffective)
-            requests_since = self._requests_since
+        last, counts, ineffective = self.cleaner.history()
         cuda = None
         if sample.cuda_allocated_bytes is not None:
             cuda = {"allocated_bytes": sample.cuda_allocated_bytes, "reserved_bytes": sample.cuda_reserved_bytes}
         return {
-            "status": status,
+            "status": self.status.classify(sample.rss_bytes),
             "policy": self.policy,
             "allocator": self.allocator,
             "rss_bytes": sample.rss_bytes,
@@ -835,13 +753,13 @@ class MemoryManager:
                 "limit_source": self.limit_source,
             },
             "cgroup_limit_bytes": self.cgroup_limit_bytes,
-            "shedding": self._shedding,
+            "shedding": self.shedder is not None and self.shedder.shedding,
             "budget": self._budget_report(),
-            "cleanup_running": self._cleanup_lock.locked(),
+            "cleanup_running": self.cleaner.running,
             "last_cleanup": last,
             "cleanups": counts,
             "ineffective_cleanups": ineffective,
-            "requests_since_cleanup": requests_since,
+            "requests_since_cleanup": self.triggers.state().requests_since_cleanup,
             "triggers": {
                 "interval_s": self._settings.cleanup_interval_s,
                 "every_requests": self._settings.cleanup_every_requests,

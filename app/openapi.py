@@ -18,7 +18,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from app.backend import ModelInfo
 from app.docs import DOCS_ASSETS
 from app.heaptrace import MAX_SECONDS, MAX_TOP
-from app.memory import CleanupRecord
+from app.reasons import CleanupRecord
 from app.schemas import (
     ActivityResponse,
     DecodeRequest,

@@ -39,8 +39,7 @@ from pydantic.json_schema import SkipJsonSchema
 from app.backend import INPUT_TYPES, InputType, ModelInfo
 from app.breakdown import PythonSample, RssByKind
 from app.errors import BadRequest, EmptyInput, MalformedBody, NotFound, TooManyInputs, Unprocessable
-from app.memory import CleanupRecord
-from app.reasons import MemoryPolicy
+from app.reasons import CleanupRecord, MemoryPolicy
 
 EncodingFormat = Literal["float", "base64"]
 ENCODING_FORMATS: tuple[str, ...] = get_args(EncodingFormat)

@@ -30,10 +30,11 @@ from werkzeug.exceptions import HTTPException
 from app import internals
 from app.auth import api_key_refusal
 from app.components import components
-from app.config import Settings
 from app.errors import ServiceError
 from app.front import Scope, WSGIFront, clip, error_body
+from app.logs import configure_logging
 from app.routes import label_for
+from app.service import Service
 
 log = structlog.get_logger("app.http")
 
@@ -182,7 +183,11 @@ class Worker(gasgi.ASGIWorker):  # type: ignore[misc]  # gunicorn is untyped
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         internals.check()  # before anything relies on them: a clear stop, naming what a gunicorn release changed
         super().__init__(*args, **kwargs)
-        settings = Settings.from_env()
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        # The protocol's limits are the served app's settings (read once, when app.asgi was imported).
+        settings = components(self.asgi.wsgi_app).settings
         self.header_timeout_s = settings.header_timeout_s
         self.max_body_bytes = settings.max_body_bytes
 
@@ -207,23 +212,17 @@ FRONT_REASONS = frozenset({*PROTOCOL_REFUSALS.values(), "body_timeout", "unautho
 """Refusals the front and the protocol decide; counted in ``embedding_rejected_total`` by :func:`serve`."""
 
 
-def serve(flask_app: Flask, settings: Settings) -> WSGIFront:
-    """``flask_app`` behind the front, stopped in order at shutdown (``app.asgi:app``, and the tests' leaky app)."""
-
-    def stop() -> None:
-        """After the last connection: end a heap trace, stop the memory monitor, then let the engine drain
-        its queue and stop."""
-        parts = components(flask_app)
-        if parts.heap_tracer is not None:
-            parts.heap_tracer.stop()
-        parts.memory.stop()
-        parts.engine.stop(timeout_s=max(30.0, settings.request_timeout_s))
-        if parts.run is not None:
-            parts.run.end()  # a clean exit: an upgrade's or a rollout's restart is not counted
-
-    metrics = components(flask_app).metrics
+def serve(service: Service) -> WSGIFront:
+    """``service``'s app behind the front; the ASGI lifespan starts the service once gunicorn's worker runs (after
+    the fork: no thread exists in the master) and stops it after the last connection (``app.asgi:app``, and the
+    tests' leaky app)."""
+    flask_app, settings, metrics = service.app, service.settings, service.metrics
     for reason in FRONT_REASONS:
         metrics.rejected.labels(reason=reason)  # zeros from the start, for rates and alerts
+
+    def start() -> None:
+        configure_logging(settings.log_level)
+        service.start()
 
     def refused(scope: Scope, status: int, reason: str, message: str, counted: bool) -> None:
         """Log and count a request the front or the protocol refused before Flask saw it."""
@@ -247,10 +246,11 @@ def serve(flask_app: Flask, settings: Settings) -> WSGIFront:
         threads=settings.http_threads,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
-        budget=components(flask_app).budget,
+        budget=service.memory.budget,
         on_refusal=refused,
-        on_shutdown=stop,
-        until_ready=components(flask_app).engine.wait_until_settled,
+        on_startup=start,
+        on_shutdown=service.stop,
+        until_ready=service.engine.wait_until_settled,
     )
 
 

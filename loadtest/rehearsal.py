@@ -38,7 +38,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from app.memory import SHED_MIN_S
+from app.shedding import SHED_MIN_S
 from loadtest.clients import Clients, errors
 from loadtest.corpus import build_corpus, sample
 from loadtest.service import ROOT, ServiceProcess, free_port

@@ -6,6 +6,8 @@ import hashlib
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -13,7 +15,9 @@ from flask import Flask
 
 from app import components
 from app.backend import EmbeddingBackend, ModelInfo, ModelLoadError, Prepared, Token
-from app.memory import MemorySample, MemorySampler
+from app.config import Settings
+from app.memory import HeapActions, MemorySample, MemorySampler
+from app.service import Service
 
 
 class FakeBackend(EmbeddingBackend):
@@ -132,6 +136,25 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+QUIET_HEAP = HeapActions(
+    collect=lambda: 0, collect_once=lambda: 0, freeze=lambda: None, release=lambda: True, limit_arenas=lambda n: False
+)
+"""Heap actions that leave the test process alone: no ``gc.freeze()``, no collections, no purge, no ``mallopt``."""
+
+
+@contextmanager
+def serving(settings: Settings, backend: EmbeddingBackend | None = None, *, wait: bool = True) -> Iterator[Flask]:
+    """The app of a started service on ``backend`` (a fresh :class:`FakeBackend` by default), loaded unless not
+    ``wait``; stopped after, every thread it started joined. It leaves the test process's heap alone and
+    writes no run marker."""
+    service = Service(settings, backend=backend or FakeBackend(), heap=QUIET_HEAP, record_run=False)
+    service.start()
+    try:
+        yield ready(service.app) if wait else service.app
+    finally:
+        service.stop(5)
 
 
 def ready(app: Flask, timeout_s: float = 5.0) -> Flask:

@@ -10,12 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from app import create_app
 from app.backend import SentenceTransformerBackend
 from app.config import Settings
 from app.front import WSGIFront
-from app.logs import configure_logging
 from app.server import serve
+from app.service import Service
 
 TOKENS_KEPT = 64  # rows kept per text: as if every text's token vectors were held
 KEPT_BYTES_PER_TEXT = TOKENS_KEPT * 384 * 4  # float32 rows of the bundled model's 384 dimensions
@@ -37,5 +36,4 @@ class LeakyBackend(SentenceTransformerBackend):
 def build() -> WSGIFront:
     """The app gunicorn serves as ``tests.leaky:build()`` (a factory: importing this module starts nothing)."""
     settings = Settings.from_env()
-    configure_logging(settings.log_level)
-    return serve(create_app(settings, backend=LeakyBackend(settings)), settings)
+    return serve(Service(settings, backend=LeakyBackend(settings)))

@@ -40,10 +40,11 @@ def test_a_short_load_run_produces_samples_a_verdict_and_a_plot(tmp_path: Path, 
         env={**os.environ, **env},
     )
     print(result.stdout)
-    assert result.returncode in (0, 1), result.stderr[-3000:]
-
     verdict = json.loads((out / "verdict.json").read_text())
-    assert verdict["passed"] is (result.returncode == 0)
+    # The service as shipped keeps memory level under both profiles, even in a minute: PASS, exit 0, every check.
+    # (A service that leaks fails the same verdict: tests/integration/test_leak.py.)
+    failed = [c for c in verdict["checks"] if not c["passed"]]
+    assert (result.returncode, verdict["passed"], failed) == (0, True, []), result.stderr[-3000:]
     assert (verdict["profile"], verdict["locust_exit"]) == (profile, 0)
     assert verdict["model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert {c["name"] for c in verdict["checks"]} == CHECKS
@@ -58,4 +59,4 @@ def test_a_short_load_run_produces_samples_a_verdict_and_a_plot(tmp_path: Path, 
     assert len(samples) >= 25  # one every 2 s
     assert samples[-1].inputs > samples[0].inputs
     assert (out / "rss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "PASS" in result.stdout or "FAIL" in result.stdout
+    assert "PASS" in result.stdout and "FAIL" not in result.stdout

@@ -8,17 +8,15 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app import components, create_app
 from app.config import Settings
-from tests.doubles import FakeBackend, ready
+from tests.doubles import FakeBackend, serving
 
 
 @pytest.fixture
 def app(backend: FakeBackend, settings: Settings) -> Iterator[Flask]:
-    """The app with ``backend`` loaded and ready, its engine stopped after the test."""
-    app = ready(create_app(settings, backend=backend))
-    yield app
-    components(app).engine.stop(5)
+    """The app with ``backend`` loaded and ready, its service stopped after the test."""
+    with serving(settings, backend) as app:
+        yield app
 
 
 @pytest.fixture

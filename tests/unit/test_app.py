@@ -11,10 +11,10 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app import components, create_app
+from app import components
 from app.backend import INPUT_TYPES
 from app.config import Settings
-from app.memory import CleanupRecord
+from app.reasons import CleanupRecord
 from app.routes import ROUTES
 from app.schemas import (
     ActivityResponse,
@@ -33,7 +33,8 @@ from app.schemas import (
     TeiErrorResponse,
     TokenizeResponse,
 )
-from tests.doubles import FakeBackend
+from app.service import Service
+from tests.doubles import FakeBackend, serving
 
 SETTINGS = Settings(model="fake", max_inputs=4, queue_size=16, max_body_bytes=2048)
 
@@ -116,26 +117,26 @@ def test_requests_are_counted_by_route_and_code(client: FlaskClient, app: Flask)
 def test_not_ready_until_the_model_is_loaded() -> None:
     backend = FakeBackend()
     backend.gate.clear()  # the warm-up batch waits here
-    app = create_app(SETTINGS, backend=backend)
-    client = app.test_client()
-    assert client.get("/live").status_code == 200  # the process serves: not to be restarted for loading
-    for health in ("/health", "/", "/ping"):  # TEI's health answers (InferenceClient.health_check reads /health)
-        unhealthy = client.get(health)
-        assert unhealthy.status_code == 503
-        assert unhealthy.get_json() == {"error": "unhealthy: loading", "error_type": "Unhealthy"}
-    assert client.get("/info").status_code == 503  # no null fields for want of the model: no answer until then
-    response = client.get("/ready")
-    assert response.status_code == 503
-    assert response.headers["Retry-After"] == "5"
-    assert client.post("/embed", json={"inputs": "x"}).status_code == 503
-    backend.gate.set()
-    deadline = time.monotonic() + 5
-    while client.get("/ready").status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    assert client.post("/embed", json={"inputs": "x"}).status_code == 200
-    assert client.get("/health").status_code == client.get("/ping").status_code == client.get("/").status_code == 200
-    components(app).engine.stop(5)
+    with serving(SETTINGS, backend, wait=False) as app:
+        client = app.test_client()
+        assert client.get("/live").status_code == 200  # the process serves: not to be restarted for loading
+        for health in ("/health", "/", "/ping"):  # TEI's health answers (InferenceClient.health_check reads it)
+            unhealthy = client.get(health)
+            assert unhealthy.status_code == 503
+            assert unhealthy.get_json() == {"error": "unhealthy: loading", "error_type": "Unhealthy"}
+        assert client.get("/info").status_code == 503  # no null fields for want of the model: no answer until then
+        response = client.get("/ready")
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "5"
+        assert client.post("/embed", json={"inputs": "x"}).status_code == 503
+        backend.gate.set()
+        deadline = time.monotonic() + 5
+        while client.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert client.post("/embed", json={"inputs": "x"}).status_code == 200
+        health = (client.get("/health"), client.get("/ping"), client.get("/"))
+        assert [answer.status_code for answer in health] == [200] * 3
 
 
 def test_the_openapi_document_describes_every_route(client: FlaskClient, app: Flask) -> None:
@@ -323,7 +324,7 @@ def test_manual_cleanups_are_limited_to_one_per_interval(client: FlaskClient, ap
 
 
 def test_with_a_token_admin_routes_answer_any_host_that_presents_it(backend: FakeBackend) -> None:
-    app = create_app(SETTINGS.replace(admin_token="let-me-in"), backend=backend, start=False)
+    app = Service(SETTINGS.replace(admin_token="let-me-in"), backend=backend, record_run=False).app  # not started
     client = app.test_client()
     assert client.post("/cleanup", environ_base=ELSEWHERE).status_code == 401
     assert (
@@ -352,17 +353,11 @@ def test_a_model_output_that_is_not_finite_fails_the_request_instead_of_answerin
             vectors[[text == "overflow" for text in self.batches[-1]], 0] = np.inf
             return vectors
 
-    app = create_app(SETTINGS, backend=Overflowing())
-    engine = components(app).engine
-    deadline = time.monotonic() + 5
-    while not engine.ready:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    client = app.test_client()
-    response = client.post("/v1/embeddings", json={"input": ["fine", "overflow"]})
-    tei = client.post("/embed", json={"inputs": ["overflow"]})
-    fine = client.post("/embed", json={"inputs": ["fine"]})
-    engine.stop(5)
+    with serving(SETTINGS, Overflowing()) as app:
+        client = app.test_client()
+        response = client.post("/v1/embeddings", json={"input": ["fine", "overflow"]})
+        tei = client.post("/embed", json={"inputs": ["overflow"]})
+        fine = client.post("/embed", json={"inputs": ["fine"]})
     assert response.status_code == 500
     assert response.get_json()["error"]["message"] == "the model failed on input[1]"
     assert tei.status_code == 424  # text-embeddings-inference's status for a failed inference

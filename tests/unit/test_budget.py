@@ -12,7 +12,6 @@ import tracemalloc
 
 import pytest
 
-from app import create_app
 from app.backend import ModelInfo, ModelShape
 from app.budget import (
     HEADROOM_SHARE,
@@ -26,7 +25,7 @@ from app.budget import (
 )
 from app.config import Settings
 from app.metrics import Metrics
-from tests.doubles import FakeBackend, ready
+from tests.doubles import FakeBackend, serving
 
 MB = 1_000_000
 MINILM = CostModel(dimensions=384, max_tokens=256, hidden=384, intermediate=1536, heads=12)
@@ -132,31 +131,31 @@ def test_reservations_from_many_threads_never_pass_the_capacity() -> None:
 def test_a_route_holds_its_requests_cost_and_refuses_what_does_not_fit() -> None:
     backend = FakeBackend(dimensions=1024)  # answers of 1024 floats a text: what a queued request holds
     settings = Settings(model="fake", max_inputs=64, memory_budget_bytes=3_000_000, request_timeout_s=10)
-    app = ready(create_app(settings, backend=backend))
-    client = app.test_client()
-    budget = app.extensions["embedding"].budget
-    cost = budget.cost
-    assert budget.capacity == 3_000_000 and cost is not None
-    held, asked = ["a short text"] * 64, ["another short text"] * 64
-    asked_cost = cost.request_bytes(body_bytes=len(json.dumps({"input": asked})), texts=asked)
-    assert asked_cost <= budget.capacity < cost.queued_bytes(held) + asked_cost  # each alone fits, not both
-    assert client.post("/embed", json={"inputs": held}).status_code == 200 and budget.used == 0
-    too_big = client.post("/embed", json={"inputs": ["word " * 4000] * 64})  # 2.6 MB of body: never fits
-    assert (too_big.status_code, too_big.get_json()["error_type"]) == (413, "Validation")
-    backend.gate.clear()  # hold the first request in the model
-    holder = threading.Thread(target=client.post, args=("/embed",), kwargs={"json": {"inputs": held}})
-    holder.start()
-    deadline = time.monotonic() + 5
-    while budget.used != cost.queued_bytes(held):  # queued: its body and texts let go, its answer still to come
-        assert time.monotonic() < deadline, budget.used
-        time.sleep(0.01)
-    busy = client.post("/v1/embeddings", json={"input": asked})
-    assert busy.status_code == 429 and busy.headers["Retry-After"] == "2"
-    assert "memory budget for work in flight is in use" in busy.get_json()["error"]["message"]
-    backend.gate.set()
-    holder.join(5)
-    assert budget.used == 0
-    assert client.post("/v1/embeddings", json={"input": asked}).status_code == 200
+    with serving(settings, backend) as app:
+        client = app.test_client()
+        budget = app.extensions["embedding"].budget
+        cost = budget.cost
+        assert budget.capacity == 3_000_000 and cost is not None
+        held, asked = ["a short text"] * 64, ["another short text"] * 64
+        asked_cost = cost.request_bytes(body_bytes=len(json.dumps({"input": asked})), texts=asked)
+        assert asked_cost <= budget.capacity < cost.queued_bytes(held) + asked_cost  # each alone fits, not both
+        assert client.post("/embed", json={"inputs": held}).status_code == 200 and budget.used == 0
+        too_big = client.post("/embed", json={"inputs": ["word " * 4000] * 64})  # 2.6 MB of body: never fits
+        assert (too_big.status_code, too_big.get_json()["error_type"]) == (413, "Validation")
+        backend.gate.clear()  # hold the first request in the model
+        holder = threading.Thread(target=client.post, args=("/embed",), kwargs={"json": {"inputs": held}})
+        holder.start()
+        deadline = time.monotonic() + 5
+        while budget.used != cost.queued_bytes(held):  # queued: its body and texts let go, its answer still to come
+            assert time.monotonic() < deadline, budget.used
+            time.sleep(0.01)
+        busy = client.post("/v1/embeddings", json={"input": asked})
+        assert busy.status_code == 429 and busy.headers["Retry-After"] == "2"
+        assert "memory budget for work in flight is in use" in busy.get_json()["error"]["message"]
+        backend.gate.set()
+        holder.join(5)
+        assert budget.used == 0
+        assert client.post("/v1/embeddings", json={"input": asked}).status_code == 200
 
 
 def test_the_front_reserves_three_times_a_body_before_parsing_it() -> None:
@@ -165,36 +164,36 @@ def test_the_front_reserves_three_times_a_body_before_parsing_it() -> None:
 
 def test_a_queued_request_lets_its_texts_go() -> None:
     backend = FakeBackend()
-    app = ready(create_app(Settings(model="fake", max_inputs=64), backend=backend))
-    client = app.test_client()
-    texts = [f"{i} " + "word " * 4000 for i in range(64)]  # 1.28 MB of text, 1.28 MB of body
-    body = json.dumps({"inputs": texts}).encode()
-    del texts
-    backend.gate.clear()
-    blocker = threading.Thread(target=client.post, args=("/embed",), kwargs={"json": {"inputs": ["blocker"]}})
-    blocker.start()
-    deadline = time.monotonic() + 5
-    engine = app.extensions["embedding"].engine
-    while engine.is_idle() or engine.queue_depth:  # until the blocker is in the model, held there
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        sender = threading.Thread(
-            target=client.post, args=("/embed",), kwargs={"data": body, "content_type": "application/json"}
-        )
-        sender.start()
-        while app.extensions["embedding"].engine.queue_depth < 64:
-            assert time.monotonic() < deadline + 10
+    with serving(Settings(model="fake", max_inputs=64), backend) as app:
+        client = app.test_client()
+        texts = [f"{i} " + "word " * 4000 for i in range(64)]  # 1.28 MB of text, 1.28 MB of body
+        body = json.dumps({"inputs": texts}).encode()
+        del texts
+        backend.gate.clear()
+        blocker = threading.Thread(target=client.post, args=("/embed",), kwargs={"json": {"inputs": ["blocker"]}})
+        blocker.start()
+        deadline = time.monotonic() + 5
+        engine = app.extensions["embedding"].engine
+        while engine.is_idle() or engine.queue_depth:  # until the blocker is in the model, held there
+            assert time.monotonic() < deadline
             time.sleep(0.01)
-        time.sleep(0.1)
-        held = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-        backend.gate.set()
-        blocker.join(5)
-        sender.join(5)
-    # Queued, it holds what the model reads (64 short pieces) and the body the test client keeps; its parsed
-    # texts (1.28 MB more) are let go.
-    assert held < len(body) + 400_000, held
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            sender = threading.Thread(
+                target=client.post, args=("/embed",), kwargs={"data": body, "content_type": "application/json"}
+            )
+            sender.start()
+            while app.extensions["embedding"].engine.queue_depth < 64:
+                assert time.monotonic() < deadline + 10
+                time.sleep(0.01)
+            time.sleep(0.1)
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+            backend.gate.set()
+            blocker.join(5)
+            sender.join(5)
+        # Queued, it holds what the model reads (64 short pieces) and the body the test client keeps; its parsed
+        # texts (1.28 MB more) are let go.
+        assert held < len(body) + 400_000, held

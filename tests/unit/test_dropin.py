@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flask.testing import FlaskClient
 
-from app import components, create_app
+from app import components
 from app.config import ConfigError, Settings
 from app.routes import EMBED_LABELS, PROBE_PATHS, TEI_PATHS, label_for, needs_api_key
-from tests.doubles import FakeBackend, ready
+from tests.doubles import FakeBackend, serving
 
 KEY = "k" * 24
 SETTINGS = Settings(model="fake", max_inputs=8, queue_size=16, max_input_chars=40, max_body_bytes=8192)
@@ -67,8 +67,7 @@ def test_any_model_name_is_answered_by_the_served_model_and_counted(client: Flas
 
 def test_under_the_served_policy_only_served_names_answer(backend: FakeBackend) -> None:
     settings = SETTINGS.replace(served_model_name=("text-embedding-3-small",), model_name_policy="served")
-    app = ready(create_app(settings, backend=backend))
-    try:
+    with serving(settings, backend) as app:
         client = app.test_client()
         assert client.post("/v1/embeddings", json={"input": "x", "model": "text-embedding-3-small"}).status_code == 200
         refused = client.post("/v1/embeddings", json={"input": "x", "model": "text-embedding-ada-002"})
@@ -76,8 +75,6 @@ def test_under_the_served_policy_only_served_names_answer(backend: FakeBackend) 
         info = client.get("/info").get_json()
         assert (info["served_model_name"], info["model_name_policy"]) == ("text-embedding-3-small", "served")
         assert info["model_names"] == ["fake/model", "model", "text-embedding-3-small"]
-    finally:
-        components(app).engine.stop(5)
 
 
 def test_similarity_on_its_route_and_on_the_root(client: FlaskClient, backend: FakeBackend) -> None:
@@ -111,9 +108,8 @@ def test_docs_are_served_from_the_package(client: FlaskClient) -> None:
 @pytest.fixture
 def locked(backend: FakeBackend) -> Iterator[FlaskClient]:
     settings = SETTINGS.replace(api_key=KEY, cors_origins=("https://app.example.com",))
-    app = ready(create_app(settings, backend=backend))
-    yield app.test_client()
-    components(app).engine.stop(5)
+    with serving(settings, backend) as app:
+        yield app.test_client()
 
 
 @pytest.mark.parametrize(
@@ -176,8 +172,7 @@ def test_token_vectors_are_held_in_the_budget_by_each_texts_tokens(backend: Fake
     """An /embed_all answer is hundreds of times its request: the budget holds it by what the model reads of each
     text (16 tokens at most here), so many long texts are refused at once and as many short ones answered."""
     budget = 4_000_000  # the fake model's width 768: a text of 16 tokens holds 16 x 768 x 72 = 885 KB of answer
-    app = ready(create_app(SETTINGS.replace(memory_budget_bytes=budget), backend=backend))
-    try:
+    with serving(SETTINGS.replace(memory_budget_bytes=budget), backend) as app:
         client = app.test_client()
         long = " ".join(f"w{i}" for i in range(12))
         refused = client.post("/embed_all", json={"inputs": [long] * 6})
@@ -186,5 +181,3 @@ def test_token_vectors_are_held_in_the_budget_by_each_texts_tokens(backend: Fake
         assert client.post("/embed_all", json={"inputs": ["a"] * 8}).status_code == 200  # 7 tokens each at most
         assert client.post("/embed_all", json={"inputs": [long] * 2}).status_code == 200
         assert client.post("/embed", json={"inputs": [long] * 8}).status_code == 200  # one vector a text: small
-    finally:
-        components(app).engine.stop(5)

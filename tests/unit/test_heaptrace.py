@@ -17,11 +17,10 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app import components, create_app
 from app.config import ConfigError, Settings
 from app.errors import Conflict
 from app.heaptrace import HeapTracer, short_path
-from tests.doubles import FakeBackend, ready
+from tests.doubles import FakeBackend, serving
 
 TOKEN = "s3cret"
 DEBUG = Settings(model="fake", debug_endpoints=True, admin_token=TOKEN)
@@ -96,9 +95,8 @@ def test_debug_endpoints_need_an_admin_token() -> None:
 
 @pytest.fixture
 def debug_app() -> Iterator[Flask]:
-    app = ready(create_app(DEBUG, backend=FakeBackend()))
-    yield app
-    components(app).engine.stop(5)
+    with serving(DEBUG, FakeBackend()) as app:
+        yield app
 
 
 @pytest.fixture
@@ -134,14 +132,11 @@ def test_the_snapshot_refuses(client: FlaskClient, query: str, headers: dict[str
 
 
 def test_disabled_the_route_is_404_and_undocumented() -> None:
-    app = ready(create_app(Settings(model="fake", admin_token=TOKEN), backend=FakeBackend()))
-    try:
+    with serving(Settings(model="fake", admin_token=TOKEN), FakeBackend()) as app:
         client = app.test_client()
         response = client.post("/debug/memory/snapshot?seconds=1", headers={"Authorization": f"Bearer {TOKEN}"})
         assert response.status_code == 404
         assert "/debug/memory/snapshot" not in client.get("/openapi.json").get_json()["paths"]
-    finally:
-        components(app).engine.stop(5)
 
 
 def test_enabled_the_document_lists_every_route(client: FlaskClient, debug_app: Flask) -> None:

@@ -66,3 +66,13 @@ def test_a_release_whose_arbiter_keeps_its_listeners_elsewhere_is_named(monkeypa
 
     monkeypatch.delattr(Arbiter, "LISTENERS")
     assert internals.missing() == ["gunicorn.arbiter.Arbiter.LISTENERS"]
+
+
+def test_a_release_whose_worker_loads_the_app_elsewhere_is_named() -> None:
+    class ASGIWorker:  # gunicorn's worker without the load_wsgi step the service's worker extends
+        pass
+
+    worker = copy_of(gunicorn.workers.gasgi, ASGIWorker=ASGIWorker)
+    assert internals.missing(gunicorn.asgi.protocol, worker) == [
+        "ASGIWorker.load_wsgi (setting .asgi: the worker reads the served app's settings there)"
+    ]

@@ -14,7 +14,6 @@ from app.config import Settings
 from app.engine import BatchStats, Engine
 from app.errors import TooManyRequests, Unavailable
 from app.memory import (
-    LEGACY_THRESHOLD_BYTES,
     CleanupInProgress,
     HeapActions,
     MemoryManager,
@@ -23,6 +22,8 @@ from app.memory import (
 )
 from app.metrics import Metrics
 from app.reasons import CleanupReason, MemoryPolicy
+from app.shedding import SHED_MIN_S
+from app.triggers import LEGACY_THRESHOLD_BYTES
 from tests.doubles import FakeBackend, FakeClock, FakeSampler
 
 GB = 1_000_000_000
@@ -48,7 +49,11 @@ class RecordingHeap:
 
     def actions(self) -> HeapActions:
         return HeapActions(
-            collect=self.collect, collect_once=self.collect_once, freeze=self.freeze, release=self.release
+            collect=self.collect,
+            collect_once=self.collect_once,
+            freeze=self.freeze,
+            release=self.release,
+            limit_arenas=lambda arenas: False,
         )
 
     def collect(self) -> int:
@@ -301,7 +306,7 @@ def test_load_shedding_cleans_up_first_then_refuses_until_memory_is_back() -> No
     with pytest.raises(Unavailable):
         setup.manager.admit()  # inside the cooldown: refused without another cleanup
     assert setup.value("embedding_cleanups_total", reason="limit") == 1
-    setup.clock.advance(memory.SHED_MIN_S)
+    setup.clock.advance(SHED_MIN_S)
     setup.sampler.set(int(2.8 * GB))  # under the limit by more than its 5% margin (150 MB)
     setup.manager.admit()
     assert setup.manager.report()["shedding"] is False
@@ -325,7 +330,7 @@ def test_shedding_stops_only_under_the_limit_by_a_margin_and_after_a_minimum_tim
     assert [e["event"] for e in logs if e["event"].startswith("memory.shedding")] == ["memory.shedding_stopped"]
     setup.sampler.set(int(3.01 * GB))
     assert setup.manager.over_limit() is True
-    setup.clock.advance(memory.SHED_MIN_S - 0.1)
+    setup.clock.advance(SHED_MIN_S - 0.1)
     setup.sampler.set(GB)
     assert setup.manager.over_limit() is True  # it lasts at least SHED_MIN_S, however low memory falls
     setup.clock.advance(0.1)
@@ -343,7 +348,7 @@ def test_shedding_runs_the_smallest_batches_while_it_lasts() -> None:
     setup.sampler.set(int(3.1 * GB))
     assert setup.manager.over_limit() is True
     assert setup.engine.max_batch_tokens == setup.backend.max_seq_length  # one text of the longest at a time
-    setup.clock.advance(memory.SHED_MIN_S)
+    setup.clock.advance(SHED_MIN_S)
     setup.sampler.set(GB)
     assert setup.manager.over_limit() is False
     assert setup.engine.max_batch_tokens == 2048
@@ -352,9 +357,10 @@ def test_shedding_runs_the_smallest_batches_while_it_lasts() -> None:
 
 def test_the_shedding_margin_leaves_room_above_the_baseline() -> None:
     setup = Setup(SETTINGS.replace(memory_limit_bytes=3 * GB), rss=GB)
-    assert setup.manager.shed_margin(3 * GB) == int(0.05 * 3 * GB)
+    assert setup.manager.shedder is not None
+    assert setup.manager.shedder.margin() == int(0.05 * 3 * GB)
     setup.manager.baseline_bytes = int(2.9 * GB)  # a model that fills most of its limit
-    assert setup.manager.shed_margin(3 * GB) == int(0.05 * GB)  # half the room: it can still stop shedding
+    assert setup.manager.shedder.margin() == int(0.05 * GB)  # half the room: it can still stop shedding
 
 
 def test_shedding_ends_as_soon_as_a_purge_brings_memory_under_the_limit() -> None:
@@ -362,7 +368,7 @@ def test_shedding_ends_as_soon_as_a_purge_brings_memory_under_the_limit() -> Non
     with pytest.raises(Unavailable):
         setup.manager.admit()  # the full cleanup (cooldown 30 s) could not help
     assert setup.value("embedding_cleanups_total", reason="limit") == 1
-    setup.clock.advance(memory.SHED_MIN_S)  # well inside the cooldown
+    setup.clock.advance(SHED_MIN_S)  # well inside the cooldown
     setup.sampler.set(int(3.1 * GB), int(2.8 * GB))  # above at the check, under once the free heap is given back
     setup.manager.admit()
     assert setup.manager.report()["shedding"] is False
@@ -386,7 +392,7 @@ def test_an_idle_service_stops_shedding_on_its_own() -> None:
     assert setup.manager._seconds_to_next_check() <= memory.SHED_CHECK_INTERVAL_S
 
     setup.heap.on_release = lambda: setup.sampler.set(int(2.8 * GB))  # the purge gives memory back
-    setup.clock.advance(memory.SHED_MIN_S)
+    setup.clock.advance(SHED_MIN_S)
     setup.manager.tick()  # no request arrives: the monitor purges and re-checks by itself
     assert setup.manager.report()["shedding"] is False
     assert setup.manager._seconds_to_next_check() > memory.SHED_CHECK_INTERVAL_S
@@ -400,7 +406,7 @@ def test_the_monitor_purges_until_memory_is_under_the_limit_by_the_margin() -> N
     setup.manager.budget.reservation().resize(MB)  # a request in flight: the margin holds
     setup.sampler.set(int(2.9 * GB))  # under the limit, not by its margin (150 MB)
     setup.heap.on_release = lambda: setup.sampler.set(int(2.8 * GB))
-    setup.clock.advance(memory.SHED_MIN_S)
+    setup.clock.advance(SHED_MIN_S)
     releases = len(setup.heap.releases)
     setup.manager.tick()
     assert len(setup.heap.releases) > releases  # not left waiting for the next cleanup
@@ -414,7 +420,7 @@ def test_an_idle_service_just_under_its_limit_stops_shedding() -> None:
     setup.sampler.set(int(2.9 * GB))  # what a purge cannot give back: live memory, just under the limit
     request = setup.manager.budget.reservation()
     request.resize(MB)
-    setup.clock.advance(memory.SHED_MIN_S)
+    setup.clock.advance(SHED_MIN_S)
     setup.manager.tick()
     assert setup.manager.report()["shedding"] is True  # work in flight could take it over again
     request.release()
@@ -430,7 +436,7 @@ def test_readiness_follows_the_limit_without_cleaning_up_on_the_probe() -> None:
     assert setup.manager.over_limit() is False  # at the limit: still ready
     setup.sampler.set(3 * GB + 1)
     assert setup.manager.over_limit() is True  # one byte above: out
-    setup.clock.advance(memory.SHED_MIN_S)
+    setup.clock.advance(SHED_MIN_S)
     setup.sampler.set(GB)
     assert setup.manager.over_limit() is False
     setup.sampler.set(int(3.4 * GB))
@@ -439,7 +445,7 @@ def test_readiness_follows_the_limit_without_cleaning_up_on_the_probe() -> None:
     assert setup.manager._seconds_to_next_check() <= memory.SHED_CHECK_INTERVAL_S  # the monitor gives back
     assert setup.heap.releases == []  # not the probe
     assert setup.value("embedding_cleanups_total", reason="limit") == 0
-    setup.clock.advance(memory.SHED_MIN_S)
+    setup.clock.advance(SHED_MIN_S)
     setup.sampler.set(int(2.8 * GB))
     assert setup.manager.over_limit() is False
     assert setup.manager.report()["shedding"] is False

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flask.testing import FlaskClient
 
-from app import components, create_app
+from app import components
 from app.config import Settings
-from tests.doubles import FakeBackend
+from tests.doubles import FakeBackend, serving
 
 SETTINGS = Settings(model="fake", max_inputs=4, queue_size=6, max_body_bytes=4096)
 LONG = " ".join(f"w{i}" for i in range(30))  # 32 fake tokens; the fake model takes 16
@@ -130,15 +130,14 @@ def test_errors_take_text_embeddings_inference_statuses(client: FlaskClient, bac
 def test_a_service_that_is_not_ready_is_unhealthy_to_tei_clients() -> None:
     backend = FakeBackend()
     backend.gate.clear()  # the warm-up batch waits here
-    app = create_app(SETTINGS, backend=backend)
-    try:
-        response = app.test_client().post("/embed", json={"inputs": "x"})
-        assert (response.status_code, response.get_json()["error_type"]) == (503, "Unhealthy")
-        tokenize = app.test_client().post("/tokenize", json={"inputs": "x"})
-        assert (tokenize.status_code, tokenize.get_json()["error_type"]) == (503, "Unhealthy")
-    finally:
-        backend.gate.set()
-        components(app).engine.stop(5)
+    with serving(SETTINGS, backend, wait=False) as app:
+        try:
+            response = app.test_client().post("/embed", json={"inputs": "x"})
+            assert (response.status_code, response.get_json()["error_type"]) == (503, "Unhealthy")
+            tokenize = app.test_client().post("/tokenize", json={"inputs": "x"})
+            assert (tokenize.status_code, tokenize.get_json()["error_type"]) == (503, "Unhealthy")
+        finally:
+            backend.gate.set()
 
 
 def test_tokenize_answers_each_texts_tokens_with_byte_offsets(client: FlaskClient, backend: FakeBackend) -> None:
