@@ -34,7 +34,7 @@ from app.schemas import (
     TokenizeResponse,
 )
 from app.service import Service
-from tests.doubles import FakeBackend, serving
+from tests.doubles import QUIET_HEAP, FakeBackend, serving
 
 SETTINGS = Settings(model="fake", max_inputs=4, queue_size=16, max_body_bytes=2048)
 
@@ -324,7 +324,8 @@ def test_manual_cleanups_are_limited_to_one_per_interval(client: FlaskClient, ap
 
 
 def test_with_a_token_admin_routes_answer_any_host_that_presents_it(backend: FakeBackend) -> None:
-    app = Service(SETTINGS.replace(admin_token="let-me-in"), backend=backend, record_run=False).app  # not started
+    settings = SETTINGS.replace(admin_token="let-me-in")
+    app = Service(settings, backend=backend, heap=QUIET_HEAP, record_run=False).app  # not started
     client = app.test_client()
     assert client.post("/cleanup", environ_base=ELSEWHERE).status_code == 401
     assert (
