@@ -97,8 +97,15 @@ dashboard: $(STAMP)  ## regenerate dashboards/embedding-service.json from dashbo
 	$(BIN)/python dashboards/generate.py
 	$(BIN)/python deploy/kubernetes/generate.py
 
-deploy: $(STAMP)  ## regenerate deploy/kubernetes/base's PrometheusRule and dashboard ConfigMap; render every kustomization
-	$(BIN)/python deploy/kubernetes/generate.py
+# The Kubernetes generator needs PyYAML only: a small environment of its own, not the model stack.
+DEPLOY_VENV := .venv-deploy
+$(DEPLOY_VENV)/.installed: constraints.txt
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt pyyaml
+	touch $@
+
+deploy: $(DEPLOY_VENV)/.installed  ## regenerate the monitoring components' rules, dashboard and Alertmanager routes (RUNBOOK_BASE=URL for yours); render the base and the example
+	$(DEPLOY_VENV)/bin/python deploy/kubernetes/generate.py $(if $(RUNBOOK_BASE),--runbook-base $(RUNBOOK_BASE))
 	kubectl kustomize deploy/kubernetes/base >/dev/null
 	kubectl kustomize deploy/kubernetes/overlays/example
 
@@ -151,4 +158,4 @@ throughput: $(STAMP)  ## texts/s of policies off and smart, side by side in inte
 	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.throughput --policies off,smart
 
 clean:  ## remove the virtual environment and caches
-	rm -rf $(VENV) .venv-3.13 .pytest_cache .mypy_cache .ruff_cache reports
+	rm -rf $(VENV) .venv-3.13 $(DEPLOY_VENV) .pytest_cache .mypy_cache .ruff_cache reports

@@ -714,6 +714,7 @@ class Engine:
             duration = time.perf_counter() - started
             rss_after = self._rss()
             self._progress_at = time.monotonic()
+        self._metrics.inference_busy.inc(duration)  # failed batches too: the model was busy
         if failure is not None:
             if len(batch) > 1:
                 self._retry_one_by_one(batch)

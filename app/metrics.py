@@ -101,6 +101,12 @@ class Metrics:
             buckets=BATCH_DURATION_BUCKETS,
             registry=r,
         )
+        self.inference_busy = Counter(
+            "embedding_inference_busy_seconds",
+            "Seconds the inference thread spent on batches: its rate is the fraction of the time the one model was "
+            "busy (1 = saturated), what the autoscaler scales on.",
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "embedding_queue_wait_seconds",
             "Time a request waited from being queued to the start of the first model batch holding its texts.",

@@ -557,6 +557,17 @@ def throughput(lay: Layout) -> None:
     )
     lay.add(
         timeseries(
+            "Inference saturation",
+            "The share of the time each instance's one inference thread spent on batches: 1 = it never waits for "
+            "work, so more requests only queue. What the Kubernetes autoscaler scales on (target 0.7).",
+            "percentunit",
+            (f"rate({selector('embedding_inference_busy_seconds_total')}[{RI}])", "{{instance}}"),
+        ),
+        8,
+        7,
+    )
+    lay.add(
+        timeseries(
             "Queue depth",
             "Texts waiting for each instance's inference thread; at EMBEDDING_QUEUE_SIZE new requests get 429.",
             "short",

@@ -568,3 +568,22 @@ def test_a_wedged_inference_thread_shows_as_stalled_seconds(running: tuple[Engin
     first.wait(5)
     queued.wait(5)
     wait_for(lambda: stalled() == 0)  # idle again
+
+
+def test_the_time_the_inference_thread_is_busy_is_counted_batch_by_batch(
+    running: tuple[Engine, Metrics], backend: FakeBackend
+) -> None:
+    """embedding_inference_busy_seconds_total, the autoscaler's saturation signal: each batch's time, held batches
+    included, and nothing while idle."""
+    engine, metrics = running
+    busy = lambda: metrics.registry.get_sample_value("embedding_inference_busy_seconds_total") or 0.0  # noqa: E731
+    before = busy()
+    time.sleep(0.2)  # idle: not counted
+    assert busy() == before
+    backend.gate.clear()  # the batch is held in the model
+    job = engine.submit(["held", "texts"])
+    wait_for(lambda: not engine.is_idle())
+    time.sleep(0.3)
+    backend.gate.set()
+    job.wait(5)
+    assert 0.3 <= busy() - before < 5

@@ -1,14 +1,18 @@
-"""deploy/kubernetes: every kustomization renders, every object is valid against the Kubernetes and the
-Prometheus Operator schemas, and the invariants that keep it working hold (each check is also run on a
-deliberately broken copy, which it must reject)."""
+"""deploy/kubernetes: the base with every combination of components renders, every object is valid against the
+Kubernetes and the Prometheus Operator schemas, the base holds nothing a bare cluster lacks, and the invariants
+that keep it working hold (each check is also run on a deliberately broken copy, which it must reject)."""
 
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 import json
+import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,10 @@ from app.schemas import Limits
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
-KUSTOMIZATIONS = [DEPLOY / "base", DEPLOY / "overlays" / "example"]
+COMPONENTS = ("monitoring", "autoscaling", "network-policy", "kubernetes-alerts")
+"""The optional parts an overlay adds to the base (deploy/kubernetes/components)."""
+COMBINATIONS = [c for n in range(len(COMPONENTS) + 1) for c in itertools.combinations(COMPONENTS, n)]
+EXAMPLE = DEPLOY / "overlays" / "example"
 SETTINGS_MAP = "embedding-service-config"
 KUBERNETES_VERSIONS = ("1.30", "1.37")  # the oldest and newest the validator knows that we support
 Objects = list[dict[str, Any]]
@@ -47,14 +54,45 @@ def render(kustomization: Path) -> Objects:
     return [doc for doc in yaml.load_all(out.stdout, Loader=KubeLoader) if doc]
 
 
-@pytest.fixture(scope="module", params=KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(DEPLOY)))
+def compose(components: tuple[str, ...]) -> Objects:
+    """The base with ``components``, as an overlay that lists them renders it."""
+    with tempfile.TemporaryDirectory() as directory:
+        here = Path(directory)
+        relative = lambda path: os.path.relpath(path, here)  # noqa: E731  (kustomize takes relative paths only)
+        kustomization = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [relative(DEPLOY / "base")],
+            "components": [relative(DEPLOY / "components" / name) for name in components],
+        }
+        (here / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+        return render(here)
+
+
+@pytest.fixture(
+    scope="module",
+    params=[*COMBINATIONS, "example"],
+    ids=lambda c: "+".join(("base", *c)) if c != "example" else "overlays/example",
+)
 def objects(request: pytest.FixtureRequest) -> Objects:
-    return render(request.param)
+    return render(EXAMPLE) if request.param == "example" else compose(request.param)
 
 
 def one(objects: Objects, kind: str) -> dict[str, Any]:
     (found,) = (o for o in objects if o["kind"] == kind)
     return found
+
+
+def named(objects: Objects, kind: str, name: str) -> dict[str, Any]:
+    (found,) = (o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
+    return found
+
+
+def maybe(objects: Objects, kind: str) -> dict[str, Any] | None:
+    """The one object of ``kind``, or None where no component added it."""
+    found = [o for o in objects if o["kind"] == kind]
+    assert len(found) <= 1, f"more than one {kind}"
+    return found[0] if found else None
 
 
 def container(objects: Objects) -> dict[str, Any]:
@@ -89,6 +127,7 @@ def settings_of(objects: Objects) -> tuple[Settings, set[str]]:
 # --- schemas ----------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     schemas = {}
     for path in (DEPLOY / "crds").glob("*.yaml"):
@@ -118,28 +157,69 @@ def unknown_fields(value: Any, schema: dict[str, Any], path: str = "") -> list[s
 
 
 def schema_errors(obj: dict[str, Any]) -> list[str]:
+    return list(_schema_errors(json.dumps(obj, sort_keys=True)))
+
+
+@functools.cache
+def _schema_errors(text: str) -> tuple[str, ...]:
+    """Each distinct object validated once: the base's objects are the same in every combination."""
+    obj = json.loads(text)
     crds = crd_schemas()
     key = (obj["apiVersion"], obj["kind"])
     if key in crds:
         schema = crds[key]
         errors = [e.message for e in jsonschema_rs.validator_for(schema).iter_errors(obj)]
-        return errors + [f"unknown field {f}" for f in unknown_fields(obj, schema)]
+        return (*errors, *(f"unknown field {f}" for f in unknown_fields(obj, schema)))
     errors = []
     for version in KUBERNETES_VERSIONS:
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as error:
             errors.append(f"{version}: {error.message}")
-    return errors
+    return tuple(errors)
 
 
 def test_every_object_is_valid_against_its_schema(objects: Objects) -> None:
     assert {o["kind"] for o in objects} >= {
-        "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor",
-        "PrometheusRule", "ConfigMap", "AlertmanagerConfig",
-    }  # fmt: skip
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "ServiceAccount",
+        "ConfigMap",
+    }
     for obj in objects:
         assert not schema_errors(obj), f"{obj['kind']} {obj['metadata']['name']}: {schema_errors(obj)}"
+
+
+def crd_backed(objects: Objects) -> list[str]:
+    """Kinds a bare cluster does not serve: those the Kubernetes schemas do not know (custom resources)."""
+    found = []
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSIONS[0], strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            found.append(f"{obj['apiVersion']} {obj['kind']}")
+    return sorted(found)
+
+
+def test_the_base_applies_on_a_bare_cluster() -> None:
+    """Nothing in the base needs a CRD or an add-on; each component adds what it names, and only that."""
+    base = compose(())
+    base_kinds = {o["kind"] for o in base}
+    assert crd_backed(base) == []
+    assert base_kinds == {"Deployment", "Service", "PodDisruptionBudget", "ServiceAccount", "ConfigMap"}
+    added = {name: {o["kind"] for o in compose((name,))} - base_kinds for name in COMPONENTS}
+    assert added == {
+        "monitoring": {"ServiceMonitor", "PrometheusRule", "AlertmanagerConfig"},  # and the dashboard's ConfigMap
+        "autoscaling": {"HorizontalPodAutoscaler"},
+        "network-policy": {"NetworkPolicy"},
+        "kubernetes-alerts": {"PrometheusRule"},
+    }
+    assert crd_backed(compose(("monitoring",))) == [
+        "monitoring.coreos.com/v1 PrometheusRule",
+        "monitoring.coreos.com/v1 ServiceMonitor",
+        "monitoring.coreos.com/v1alpha1 AlertmanagerConfig",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -156,7 +236,7 @@ def test_every_object_is_valid_against_its_schema(objects: Objects) -> None:
     ],
 )
 def test_the_schema_check_rejects_a_broken_object(kind: str, break_it: Callable[[dict[str, Any]], None]) -> None:
-    obj = copy.deepcopy(one(render(DEPLOY / "base"), kind))
+    obj = copy.deepcopy(next(o for o in render(EXAMPLE) if o["kind"] == kind))
     assert not schema_errors(obj)
     break_it(obj)
     assert schema_errors(obj)
@@ -175,6 +255,7 @@ def problems(objects: Objects) -> list[str]:
     return (
         pod_problems(objects)
         + wiring_problems(objects)
+        + component_problems(objects)
         + monitoring_problems(objects)
         + security_problems(pod["spec"], container(objects))
     )
@@ -203,8 +284,14 @@ def pod_problems(objects: Objects) -> list[str]:
     limit = parse_quantity(resources.get("limits", {}).get("memory", "0"))
     if limit * CGROUP_LIMIT_SHARE <= settings.memory_high_bytes:
         found.append(f"memory limit {limit:.0f} leaves no room above EMBEDDING_MEMORY_HIGH_BYTES before shedding")
-    if parse_quantity(resources["requests"]["memory"]) > limit:
+    request = parse_quantity(resources["requests"]["memory"])
+    if request > limit:
         found.append("memory request above the limit")
+    if request < settings.memory_elevated_bytes:
+        found.append(
+            f"memory request {request:.0f} below EMBEDDING_MEMORY_ELEVATED_BYTES ({settings.memory_elevated_bytes}), "
+            "what the service holds under load: the pod is the kubelet's first pick under node pressure"
+        )
     if settings.torch_threads != parse_quantity(resources["requests"]["cpu"]):
         found.append(f"EMBEDDING_TORCH_THREADS={settings.torch_threads} is not the CPU request")
     return found
@@ -224,41 +311,103 @@ def wiring_problems(objects: Objects) -> list[str]:
     ports = {p["name"] for p in container(objects)["ports"]}
     if any(p["targetPort"] not in ports for p in service["spec"]["ports"]):
         found.append("a Service port targets no container port")
-    if not selects(one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels):
+    budget = one(objects, "PodDisruptionBudget")["spec"]
+    if not selects(budget["selector"]["matchLabels"], pod_labels):
         found.append("the PodDisruptionBudget selects no pod")
-    monitor = one(objects, "ServiceMonitor")
-    if not selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"]):
-        found.append("the ServiceMonitor selects no Service")
-    service_ports = {p["name"] for p in service["spec"]["ports"]}
-    if any(e.get("port") not in service_ports or e.get("path") != "/metrics" for e in monitor["spec"]["endpoints"]):
-        found.append("a ServiceMonitor endpoint is not /metrics on a Service port")
-    if one(objects, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["name"] != deployment["metadata"]["name"]:
-        found.append("the HorizontalPodAutoscaler scales another Deployment")
+    if budget.get("unhealthyPodEvictionPolicy") != "AlwaysAllow":
+        found.append("a pod that is not ready blocks node drains (unhealthyPodEvictionPolicy)")
+    return found + identity_problems(deployment["spec"]["template"]["spec"], one(objects, "ServiceAccount"))
+
+
+def identity_problems(pod: dict[str, Any], account: dict[str, Any]) -> list[str]:
+    found = []
+    if pod.get("serviceAccountName") != account["metadata"]["name"]:
+        found.append("the pods do not run as the ServiceAccount")
+    if pod.get("automountServiceAccountToken") is not False or account.get("automountServiceAccountToken") is not False:
+        found.append("a service account token is mounted: the service calls no Kubernetes API")
     return found
+
+
+def component_problems(objects: Objects) -> list[str]:
+    """The components' objects reach what they are meant for, where a component is included."""
+    found = []
+    deployment, service = one(objects, "Deployment"), one(objects, "Service")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    ports = {p["name"] for p in container(objects)["ports"]}
+    monitor = maybe(objects, "ServiceMonitor")
+    if monitor is not None:
+        if not selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"]):
+            found.append("the ServiceMonitor selects no Service")
+        service_ports = {p["name"] for p in service["spec"]["ports"]}
+        if any(e.get("port") not in service_ports or e.get("path") != "/metrics" for e in monitor["spec"]["endpoints"]):
+            found.append("a ServiceMonitor endpoint is not /metrics on a Service port")
+    autoscaler = maybe(objects, "HorizontalPodAutoscaler")
+    if autoscaler is not None and autoscaler["spec"]["scaleTargetRef"]["name"] != deployment["metadata"]["name"]:
+        found.append("the HorizontalPodAutoscaler scales another Deployment")
+    policy = maybe(objects, "NetworkPolicy")
+    if policy is not None:
+        allowed = {port.get("port") for rule in policy["spec"].get("ingress", []) for port in rule.get("ports", [])}
+        if not selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels) or "http" not in allowed & ports:
+            found.append("the NetworkPolicy does not let clients reach the pods' HTTP port")
+    return found
+
+
+ADAPTER_RULES = DEPLOY / "components" / "autoscaling" / "prometheus-adapter-rules.yaml"
+
+
+def adapter_problems(rules: list[dict[str, Any]], metric: str) -> list[str]:
+    """prometheus-adapter's rules against the autoscaler's metric and the service's series."""
+    found = []
+    if metric not in {rule["name"]["as"] for rule in rules}:
+        found.append(f"the autoscaler reads {metric}, which no prometheus-adapter rule exposes")
+    families = list(Metrics().registry.collect())
+    ours = {f.name for f in families} | {f"{f.name}_total" for f in families if f.type == "counter"}
+    for rule in rules:
+        series = re.match(r"\w+", rule["seriesQuery"])
+        if series is None or series.group(0) not in ours:
+            found.append(f"prometheus-adapter rule on a metric the service does not export: {rule['seriesQuery']}")
+        if not re.search(r"^sum\(.*\) by \(<<\.GroupBy>>\)$", rule["metricsQuery"]):
+            found.append(f"prometheus-adapter rule not summed by the autoscaler's group-by: {rule['metricsQuery']}")
+    return found
+
+
+@pytest.mark.parametrize(
+    ("expected", "break_it"),
+    [
+        ("not summed by the autoscaler's group-by", lambda r: r.update(metricsQuery="rate(<<.Series>>[2m])")),
+        ("does not export", lambda r: r.update(seriesQuery='embedding_busy{namespace!=""}')),
+        ("which no prometheus-adapter rule exposes", lambda r: r["name"].update({"as": "busy"})),
+    ],
+)
+def test_the_adapter_rule_check_rejects_a_broken_rule(
+    expected: str, break_it: Callable[[dict[str, Any]], None]
+) -> None:
+    rules = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]
+    metric = pods_metric(render(EXAMPLE))["name"]
+    assert adapter_problems(rules, metric) == []
+    break_it(rules[0])
+    assert any(expected in problem for problem in adapter_problems(rules, metric))
 
 
 def monitoring_problems(objects: Objects) -> list[str]:
     """The autoscaler's metric, the rules and the dashboard: the same as the service and the repo's sources."""
     found = []
-    adapter = yaml.safe_load((DEPLOY / "prometheus-adapter" / "rules.yaml").read_text())["rules"]
-    if pods_metric(objects)["name"] not in {rule["name"]["as"] for rule in adapter}:
-        found.append(f"the autoscaler reads {pods_metric(objects)['name']}, which no prometheus-adapter rule exposes")
-    ours = {family.name for family in Metrics().registry.collect()}
-    for rule in adapter:
-        series = re.match(r"\w+", rule["seriesQuery"])
-        if series is None or series.group(0) not in ours:
-            found.append(f"prometheus-adapter rule on a metric the service does not export: {rule['seriesQuery']}")
+    if maybe(objects, "HorizontalPodAutoscaler") is not None:
+        found += adapter_problems(yaml.safe_load(ADAPTER_RULES.read_text())["rules"], pods_metric(objects)["name"])
     rules = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "PrometheusRule"}
-    if rules.get("embedding-service") != yaml.safe_load((ROOT / "alerts" / "embedding-service.rules.yml").read_text()):
-        found.append("the PrometheusRule differs from alerts/embedding-service.rules.yml")
+    if maybe(objects, "ServiceMonitor") is not None:
+        if rules.get("embedding-service") != yaml.safe_load(
+            (ROOT / "alerts" / "embedding-service.rules.yml").read_text()
+        ):
+            found.append("the PrometheusRule differs from alerts/embedding-service.rules.yml")
+        dashboard = json.loads((ROOT / "dashboards" / "embedding-service.json").read_text())
+        if [json.loads(text) for text in dashboard_map(objects)["data"].values()] != [dashboard]:
+            found.append("the dashboard ConfigMap differs from dashboards/embedding-service.json")
     optional = ROOT / "alerts" / "embedding-service.kubernetes.rules.yml"
     if rules.get("embedding-service-kubernetes", yaml.safe_load(optional.read_text())) != yaml.safe_load(
         optional.read_text()
     ):
         found.append("the optional PrometheusRule differs from alerts/embedding-service.kubernetes.rules.yml")
-    dashboard = json.loads((ROOT / "dashboards" / "embedding-service.json").read_text())
-    if [json.loads(text) for text in dashboard_map(objects)["data"].values()] != [dashboard]:
-        found.append("the dashboard ConfigMap differs from dashboards/embedding-service.json")
     return found
 
 
@@ -310,17 +459,25 @@ BROKEN: list[tuple[str, Callable[[Objects], None]]] = [
     ("selects no pod", lambda o: one(o, "Service")["spec"]["selector"].update({"app.kubernetes.io/component": "x"})),
     ("sets replicas", lambda o: one(o, "Deployment")["spec"].update(replicas=3)),
     ("no prometheus-adapter rule", lambda o: pods_metric(o).update(name="queue")),
-    ("differs from alerts", lambda o: one(o, "PrometheusRule")["spec"]["groups"][0]["rules"].pop()),
+    (
+        "differs from alerts",
+        lambda o: named(o, "PrometheusRule", "embedding-service")["spec"]["groups"][0]["rules"].pop(),
+    ),
     ("differs from dashboards", lambda o: dashboard_map(o)["data"].update({"embedding-service.json": "{}"})),
     ("does not know", lambda o: settings_map(o)["data"].update(EMBEDDING_MEMORY_HIGH="3GB")),
     ("writable", lambda o: container(o)["securityContext"].update(readOnlyRootFilesystem=False)),
+    ("below EMBEDDING_MEMORY_ELEVATED_BYTES", lambda o: container(o)["resources"]["requests"].update(memory="1536Mi")),
+    ("blocks node drains", lambda o: one(o, "PodDisruptionBudget")["spec"].pop("unhealthyPodEvictionPolicy")),
+    ("token is mounted", lambda o: one(o, "ServiceAccount").pop("automountServiceAccountToken")),
+    ("as the ServiceAccount", lambda o: pod_spec(o).pop("serviceAccountName")),
+    ("HTTP port", lambda o: one(o, "NetworkPolicy")["spec"]["ingress"][0]["ports"][0].update(port="metrics")),
     ("nothing writable", lambda o: container(o).update(volumeMounts=[])),
 ]
 
 
 @pytest.mark.parametrize(("expected", "break_it"), BROKEN, ids=[b[0] for b in BROKEN])
 def test_each_invariant_rejects_a_broken_copy(expected: str, break_it: Callable[[Objects], None]) -> None:
-    broken = copy.deepcopy(render(DEPLOY / "base"))
+    broken = copy.deepcopy(render(EXAMPLE))
     break_it(broken)
     assert any(expected in problem for problem in problems(broken)), problems(broken)
 
