@@ -493,3 +493,60 @@ def test_the_generated_files_are_up_to_date() -> None:
     spec.loader.exec_module(generate)
     for path, text in generate.rendered().items():
         assert path.read_text() == text, f"{path.relative_to(ROOT)} is stale: run make deploy"
+
+
+def hpa_scales_out_rule() -> dict[str, Any]:
+    """The autoscaler's decision as a Prometheus alert: with the adapter's query as prometheus-adapter renders it
+    for two pods, grouped by pod, the HorizontalPodAutoscaler adds a replica when the pods' average exceeds its
+    target (desired = ceil(2 x average / target) > 2)."""
+    (rule,) = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]
+    query = (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", re.match(r"\w+", rule["seriesQuery"]).group(0))  # type: ignore[union-attr]
+        .replace("<<.LabelMatchers>>", 'namespace="embedding",pod=~"a|b"')
+        .replace("<<.GroupBy>>", "pod")
+    )
+    (metric,) = (m for m in one(render(EXAMPLE), "HorizontalPodAutoscaler")["spec"]["metrics"] if m["type"] == "Pods")
+    target = parse_quantity(metric["pods"]["target"]["averageValue"])
+    return {"alert": "ScalesOut", "expr": f"avg({query}) > {target}"}
+
+
+def busy(pod: str, values: str) -> dict[str, str]:
+    return {"series": f'embedding_inference_busy_seconds_total{{namespace="embedding",pod="{pod}"}}', "values": values}
+
+
+def test_one_large_request_does_not_scale_out_and_a_sustained_overload_does(tmp_path: Path) -> None:
+    """Simulated with promtool on the adapter's real query and the autoscaler's real target, scraped every 15 s.
+    512 whole documents keep a pod's inference thread busy for about a minute at most (the production model on
+    2 cores): one such request, on one pod or on each at once, stays under the target. Both pods busy all the
+    time, or 80% of it, scale out within 3 minutes; 60% does not. (Saturation on every pod for most of the
+    2-minute window does scale out: that is load the pods cannot keep up with for long.)"""
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "hpa", "rules": [hpa_scales_out_rule()]}]}))
+    # The autoscaler reads the metric every 15 s: so is the rule evaluated, and checked at each of those times.
+    never = [{"eval_time": f"{15 * k}s", "alertname": "ScalesOut", "exp_alerts": []} for k in range(1, 41)]
+    firing = [{"eval_time": "3m", "alertname": "ScalesOut", "exp_alerts": [{"exp_labels": {}}]}]
+    tests = [
+        # One 512-text request on pod a: busy for 60 s, then idle; pod b idle.
+        {
+            "interval": "15s",
+            "input_series": [busy("a", "0+0x3 15+15x3 60+0x40"), busy("b", "0+0x47")],
+            "alert_rule_test": never,
+        },
+        # One such request on each pod at once.
+        {
+            "interval": "15s",
+            "input_series": [busy("a", "0+0x3 15+15x3 60+0x40"), busy("b", "0+0x3 15+15x3 60+0x40")],
+            "alert_rule_test": never,
+        },
+        {"interval": "15s", "input_series": [busy("a", "0+15x47"), busy("b", "0+15x47")], "alert_rule_test": firing},
+        {"interval": "15s", "input_series": [busy("a", "0+12x47"), busy("b", "0+12x47")], "alert_rule_test": firing},
+        {"interval": "15s", "input_series": [busy("a", "0+9x47"), busy("b", "0+9x47")], "alert_rule_test": never},
+    ]
+    simulation = {"rule_files": ["rules.yml"], "evaluation_interval": "15s", "tests": tests}
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(simulation))
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed: run `make system-deps` (Debian package prometheus)"
+    result = subprocess.run(
+        [promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
