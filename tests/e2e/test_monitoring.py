@@ -291,7 +291,8 @@ def bars_and_cleanups(
 ) -> tuple[dict[str, float], dict[str, float], str] | None:
     """Over the last 40 s: the bars drawn per reason, the cleanups the counters say ran, and the raw data.
 
-    None when a scrape in the window failed: a stale series drops bars, so such a window cannot be compared.
+    None when a scrape in the window, or in the step before it, failed (a stale series drops bars), or when the
+    window starts before both targets were first scraped: such a window cannot be compared.
     The window's ends are whole seconds, so the range query's steps and the instant queries at its ends fall on
     the same milliseconds: fractional times are truncated to milliseconds separately (``end`` and ``end - 40``
     can land a millisecond apart), and a sample in that millisecond is seen by one query and not the other."""
@@ -303,9 +304,18 @@ def bars_and_cleanups(
     scraped = concrete('min(timestamp(up{instance=~"$instance"}))', instances)
     wait_until(lambda: float(stack.query(scraped)[0]["value"][1]) > end + 1, 30, "scrapes after the window")
     window = f"{end - start_ + step:g}s"
-    failed = stack.query(concrete(f'min_over_time(up{{instance=~"$instance"}}[{window}]) < 1', instances), end)
+    # The first bar looks up the counter a step before the window, at the latest sample before that: a scrape that
+    # failed up to a step earlier still hides it (a stale series drops the bar, while the instant query before the
+    # window then finds no sample and counts the counter's whole value: CI once saw drawn 1, ran 2 this way).
+    checked = f"{end - start_ + 2 * step:g}s"
+    failed = stack.query(concrete(f'min_over_time(up{{instance=~"$instance"}}[{checked}]) < 1', instances), end)
     if failed:
         print(f"window {start_:.3f}..{end:.3f}: scrapes failed in it {failed}")
+        return None
+    # Nor can a window that starts before both targets were scraped: its first bars have nothing to subtract.
+    scraped_before = stack.query(concrete('up{instance=~"$instance"} == 1', instances), start_ - 2 * step)
+    if len(scraped_before) < len(instances):
+        print(f"window {start_:.3f}..{end:.3f}: starts before both targets were scraped")
         return None
     body = requests.get(
         f"{stack.prometheus}/api/v1/query_range",
@@ -325,8 +335,9 @@ def bars_and_cleanups(
 def test_bar_panels_count_each_cleanup_once(stack: Stack) -> None:
     """The bars of "Cleanups by reason" over a range add up to the cleanups that really ran in it: the first
     window whose scrapes all succeeded decides. Prometheus times a scrape out after its interval (1 s here), and
-    on a loaded CI machine a scrape sometimes fails: a stale series drops bars, so only such a window is
-    skipped (printed) for a fresh one, three at most. A dashboard expression that miscounts (increase()
+    on a loaded CI machine a scrape sometimes fails: a stale series drops bars, so only such a window (or one
+    that starts before the targets' first scrapes, when this test runs first) is skipped (printed) for a fresh
+    one, three at most. A dashboard expression that miscounts (increase()
     windows, a dropped clamp) fails the first comparable window."""
     panels = json.loads(DASHBOARD.read_text())["panels"]
     (bars,) = (p for p in panels if p["title"] == "Cleanups by reason")
