@@ -11,7 +11,6 @@ from app.budget import MemoryBudget
 from app.config import Settings
 from app.engine import Engine
 from app.heaptrace import HeapTracer
-from app.lifecycle import RunRecord
 from app.memory import MemoryManager
 from app.metrics import Metrics
 from app.schemas import Limits
@@ -29,7 +28,6 @@ class Components:
     metrics: Metrics
     activity: ActivityTracker
     heap_tracer: HeapTracer | None = None  # with EMBEDDING_DEBUG_ENDPOINTS=true
-    run: RunRecord | None = None  # once started: whether this run ends cleanly
 
     @property
     def budget(self) -> MemoryBudget:

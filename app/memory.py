@@ -209,7 +209,7 @@ class Cleaner:
         triggers: Triggers,
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
-        after: Callable[[int], object],
+        after: Callable[[int], None],
     ) -> None:
         self._settings = settings
         self._heap = heap
@@ -335,7 +335,7 @@ class Status:
             return "elevated"
         return "normal"
 
-    def publish(self, rss: int) -> str:
+    def publish(self, rss: int) -> None:
         """Classify ``rss``, set the gauge and log a change (under the lock: changes are logged in order)."""
         status = self.classify(rss)
         with self._lock:
@@ -345,7 +345,6 @@ class Status:
                     self._metrics.memory_status.labels(status=name).set(1 if name == status else 0)
                 if previous is not None:
                     log.info("memory.status_changed", previous=previous, status=status, rss_bytes=rss)
-        return status
 
 
 @dataclass(frozen=True)
@@ -524,7 +523,7 @@ class MemoryManager:
     def _shed_above_limit(self, shedder: Shedder) -> None:
         rss = self._sampler.rss()
         if shedder.short_of(rss):
-            rss = self._release_for_limit()  # re-checked after giving back what can be, before refusing
+            rss = self._release_for_limit(shedder)  # re-checked after giving back what can be, before refusing
         if not shedder.update(rss):
             return
         self._metrics.rejected.labels(reason="memory").inc()
@@ -544,10 +543,9 @@ class MemoryManager:
             self._wake.set()
         return above
 
-    def _release_for_limit(self) -> int:
+    def _release_for_limit(self, shedder: Shedder) -> int:
         """Above the hard limit: a full cleanup once per cooldown, else a purge at most every 0.5 s; RSS after."""
-        assert self.shedder is not None
-        release = self.shedder.release_due()
+        release = shedder.release_due()
         if release is Release.CLEANUP:
             self.cleaner.try_run(CleanupReason.LIMIT)
         elif release is Release.PURGE:
@@ -587,7 +585,7 @@ class MemoryManager:
         shedder = self.shedder
         if shedder is not None and shedder.shedding:
             # Idle or not, give back what can be and stop shedding as soon as memory is under the limit.
-            rss = self._release_for_limit() if shedder.short_of(rss) else rss
+            rss = self._release_for_limit(shedder) if shedder.short_of(rss) else rss
             shedder.update(rss, idle=self._engine.is_idle() and self.budget.used == 0)
         self._publish(sample, rss)
         reason = self.triggers.decide(rss, self._clock())

@@ -79,9 +79,7 @@ class Service:
         app = Flask(__name__)
         app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
         jsonio.init_app(app)
-        Components(
-            settings, self.engine, self.memory, self.metrics, ActivityTracker(), self.heap_tracer, self.run
-        ).init_app(app)
+        Components(settings, self.engine, self.memory, self.metrics, ActivityTracker(), self.heap_tracer).init_app(app)
         instrumentation.init_app(app, self.metrics)
         auth.init_app(app, settings.api_key, settings.cors_origins)
         errors.init_app(app)

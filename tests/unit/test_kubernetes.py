@@ -58,12 +58,11 @@ def compose(components: tuple[str, ...]) -> Objects:
     """The base with ``components``, as an overlay that lists them renders it."""
     with tempfile.TemporaryDirectory() as directory:
         here = Path(directory)
-        relative = lambda path: os.path.relpath(path, here)  # noqa: E731  (kustomize takes relative paths only)
-        kustomization = {
+        kustomization = {  # kustomize takes relative paths only
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
             "kind": "Kustomization",
-            "resources": [relative(DEPLOY / "base")],
-            "components": [relative(DEPLOY / "components" / name) for name in components],
+            "resources": [os.path.relpath(DEPLOY / "base", here)],
+            "components": [os.path.relpath(DEPLOY / "components" / name, here) for name in components],
         }
         (here / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
         return render(here)
