@@ -99,6 +99,8 @@ class Settings:
     request_timeout_s: float = 120.0
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
+    connection_max_age_s: float = 60.0
+    connection_max_requests: int = 0
     torch_threads: int = 0
     http_threads: int = 32
     memory_elevated_bytes: int = 2_000_000_000
@@ -142,6 +144,8 @@ class Settings:
         )
         _check(self.request_timeout_s > 0, "REQUEST_TIMEOUT_S", "a number of seconds above 0")
         _check(self.header_timeout_s > 0, "HEADER_TIMEOUT_S", "a number of seconds above 0")
+        _check(self.connection_max_age_s >= 0, "CONNECTION_MAX_AGE_S", "a number of seconds, 0 for no limit")
+        _check(self.connection_max_requests >= 0, "CONNECTION_MAX_REQUESTS", "a whole number, 0 for no limit")
         _check(self.body_timeout_s > 0, "BODY_TIMEOUT_S", "a number of seconds above 0")
         _check(self.torch_threads >= 0, "TORCH_THREADS", "0 (one per usable CPU) or more")
         _check(self.http_threads >= 1, "HTTP_THREADS", "a whole number of at least 1")
@@ -222,6 +226,8 @@ def _read(reader: _EnvReader) -> dict[str, Any]:
         "queue_size": reader.get("QUEUE_SIZE", _parse_int, "a whole number"),
         "request_timeout_s": reader.get("REQUEST_TIMEOUT_S", _parse_float, "a number of seconds"),
         "header_timeout_s": reader.get("HEADER_TIMEOUT_S", _parse_float, "a number of seconds"),
+        "connection_max_age_s": reader.get("CONNECTION_MAX_AGE_S", _parse_float, "a number of seconds"),
+        "connection_max_requests": reader.get("CONNECTION_MAX_REQUESTS", _parse_int, "a whole number"),
         "body_timeout_s": reader.get("BODY_TIMEOUT_S", _parse_float, "a number of seconds"),
         "torch_threads": reader.get("TORCH_THREADS", _parse_int, "a whole number"),
         "http_threads": reader.get("HTTP_THREADS", _parse_int, "a whole number"),
@@ -265,6 +271,9 @@ HELP: dict[str, str] = {
     "queue_size": "most texts waiting for the model; beyond it, 429",
     "request_timeout_s": "longest time from a request's arrival to its answer",
     "header_timeout_s": "a new connection's request headers must arrive within this, else 408",
+    "connection_max_age_s": "a kept-alive connection is closed after the first answer past this age (give or take "
+    "10%), so that long-lived clients spread over new replicas; 0: no limit",
+    "connection_max_requests": "a kept-alive connection is closed after this many answers; 0: no limit",
     "body_timeout_s": "a request body must arrive within this once its headers have, else 408",
     "torch_threads": "torch threads; 0: one per usable CPU",
     "http_threads": "request threads (each runs a request once it has been read whole)",

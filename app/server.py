@@ -9,6 +9,13 @@ than the body limit is a 413 before a byte of it is read; and a client that send
 then closes its sending side (``shutdown(SHUT_WR)``) still gets its answer, while one that closed its
 socket is told to the request (its texts are dropped).
 
+Kept-alive connections are retired, so that clients spread over replicas that were added after they
+connected (a Kubernetes Service balances connections, not requests): the answer after a connection's
+``EMBEDDING_CONNECTION_MAX_AGE_S`` (give or take 10%, so that clients do not reconnect in step) or its
+``EMBEDDING_CONNECTION_MAX_REQUESTS``-th answer says ``Connection: close``, and the connection closes once it
+is written; nothing is cut mid-request. So does every 429 and 503: the client's retry opens a new connection,
+which may reach a replica with room.
+
 Everything that reaches into gunicorn's protocol (its parser's state, its private hooks) is in this module;
 :mod:`app.internals` lists it and checks, when the worker starts, that the installed gunicorn still has it.
 """
@@ -16,6 +23,7 @@ Everything that reaches into gunicorn's protocol (its parser's state, its privat
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import struct
 from collections.abc import Iterable
@@ -44,6 +52,12 @@ how often after that while its request runs."""
 
 _TCP_CLOSE = 7  # tcpi_state of a connection the peer has reset (Linux <netinet/tcp.h>)
 
+AGE_JITTER = 0.1
+"""Each connection's age limit is EMBEDDING_CONNECTION_MAX_AGE_S times a factor drawn from 1 +- this."""
+
+RETRY_ELSEWHERE = frozenset({429, 503})
+"""Answers that ask the client to retry later: the connection closes after them."""
+
 
 class Protocol(gunicorn_protocol.ASGIProtocol):  # type: ignore[misc]  # gunicorn is untyped
     """gunicorn's HTTP/1 protocol with a deadline for the first request's headers, JSON errors, ``Host``
@@ -53,15 +67,24 @@ class Protocol(gunicorn_protocol.ASGIProtocol):  # type: ignore[misc]  # gunicor
     _answering = False  # the current request's response has started
     _body_seen = 0  # body bytes of the current request so far
     _peer_check: asyncio.TimerHandle | None = None
+    _answers = 0  # requests whose headers arrived on this connection
+    _retire = False  # close the connection after the current answer
+    _retire_at = float("inf")  # the event loop's time after which the next answer closes the connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        max_age = self.worker.connection_max_age_s
+        if max_age > 0:
+            self._retire_at = self.worker.loop.time() + max_age * random.uniform(1 - AGE_JITTER, 1 + AGE_JITTER)  # noqa: S311
         # Later requests on a kept-alive connection are bounded by gunicorn's keepalive timer instead.
         self._header_deadline = self.worker.loop.call_later(self.worker.header_timeout_s, self._headers_too_slow)
 
     def _on_headers_complete(self) -> bool:
         self._cancel_header_deadline()
         self._answering, self._body_seen = False, 0
+        self._answers += 1
+        most = self.worker.connection_max_requests
+        self._retire = bool(most and self._answers >= most) or self.worker.loop.time() >= self._retire_at
         parser = self._callback_parser
         if parser.http_version == (1, 1) and not any(name == b"host" for name, _ in parser.headers):
             self._refuse(400, "an HTTP/1.1 request must have a Host header (RFC 9112 section 3.2)")
@@ -85,9 +108,15 @@ class Protocol(gunicorn_protocol.ASGIProtocol):  # type: ignore[misc]  # gunicor
                 f"(EMBEDDING_MAX_BODY_BYTES): a chunk announced would make it {announced} bytes",
             )
 
-    def _send_response_start(self, *args: Any, **kwargs: Any) -> Any:
+    def _send_response_start(self, status: int, headers: Any, request: Any, close: bool = False) -> Any:
         self._answering = True
-        return super()._send_response_start(*args, **kwargs)
+        if status in RETRY_ELSEWHERE:
+            self._retire = True
+        return super()._send_response_start(status, headers, request, close=close or self._retire)
+
+    def _will_close(self, request: Any, response_requires_close: bool) -> bool:
+        """gunicorn's decision, and this connection's retirement (its age, its answers, a retry-later answer)."""
+        return self._retire or bool(super()._will_close(request, response_requires_close))
 
     def eof_received(self) -> bool | None:
         """The client ended its stream. With its request whole and unanswered it may only have closed its
@@ -190,6 +219,8 @@ class Worker(gasgi.ASGIWorker):  # type: ignore[misc]  # gunicorn is untyped
         settings = components(self.asgi.wsgi_app).settings
         self.header_timeout_s = settings.header_timeout_s
         self.max_body_bytes = settings.max_body_bytes
+        self.connection_max_age_s = settings.connection_max_age_s
+        self.connection_max_requests = settings.connection_max_requests
 
     def init_process(self) -> None:
         # gunicorn's worker builds each connection's protocol from this module-level name; in this (forked

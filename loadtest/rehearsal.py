@@ -94,7 +94,9 @@ global
     stats socket {admin_socket} level admin
 
 # As a Kubernetes Service through kube-proxy: each connection goes to one endpoint and stays there (kept-alive
-# requests follow it), nothing is retried, and a removed endpoint keeps the connections it has.
+# requests follow it), nothing is retried, and a removed endpoint keeps the connections it has. With a
+# readiness path, an endpoint is in only while GET path answers 200, as the endpoints controller follows the
+# readiness probe; with none in, a connection is closed unanswered (kube-proxy rejects it).
 defaults
     mode tcp
     log global
@@ -109,9 +111,9 @@ frontend embeddings
     default_backend replicas
 
 backend replicas
-    balance roundrobin
-    server a 127.0.0.1:{port_a}
-    server b 127.0.0.1:{port_b}
+    balance roundrobin{readiness}
+    server a 127.0.0.1:{port_a}{check}
+    server b 127.0.0.1:{port_b}{check}
 
 listen stats
     mode http
@@ -141,10 +143,19 @@ class Summary:
     failed: list[str] = field(default_factory=list)
 
 
+def readiness_checks(path: str | None) -> str:
+    """haproxy's lines that keep a replica in only while ``GET path`` answers 200 (none for no path)."""
+    if path is None:
+        return ""
+    return f"\n    option httpchk GET {path}\n    default-server inter {CHECK_INTERVAL_MS} fall 1 rise 1"
+
+
 class Balancer:
     """haproxy in the foreground, its request log captured; its stats page read as CSV."""
 
-    def __init__(self, work: Path, port_a: int, port_b: int, template: str = HAPROXY_CONFIG) -> None:
+    def __init__(
+        self, work: Path, port_a: int, port_b: int, template: str = HAPROXY_CONFIG, readiness: str | None = None
+    ) -> None:
         self.port, self.stats_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = work / "haproxy.cfg"
@@ -156,6 +167,8 @@ class Balancer:
                 stats_port=self.stats_port,
                 check_ms=CHECK_INTERVAL_MS,
                 admin_socket=work / "haproxy.sock",
+                readiness=readiness_checks(readiness),
+                check=" check" if readiness else "",
             )
         )
         haproxy = shutil.which("haproxy")
@@ -188,9 +201,19 @@ class Balancer:
 
     def remove(self, name: str) -> None:
         """Take ``name`` out as the endpoints controller takes a terminating pod out of a Service."""
+        self._admin(f"set server replicas/{name} state maint")
+
+    def add(self, name: str) -> None:
+        """Put ``name`` (back) in, as a new pod joins the Service's endpoints."""
+        self._admin(f"set server replicas/{name} state ready")
+
+    def _admin(self, command: str) -> None:
+        deadline = time.monotonic() + 10
+        while not self.admin_socket.exists() and time.monotonic() < deadline:  # haproxy is still starting
+            time.sleep(0.05)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as admin:
             admin.connect(str(self.admin_socket))
-            admin.sendall(f"set server replicas/{name} state maint\n".encode())
+            admin.sendall(f"{command}\n".encode())
             admin.recv(4096)
 
     def requests_log(self) -> list[list[str]]:

@@ -16,6 +16,8 @@ import requests
 from loadtest.hostile import Attack, probe
 from loadtest.service import ServiceProcess, running_service
 
+RETIRING = {"EMBEDDING_CONNECTION_MAX_REQUESTS": "3", "EMBEDDING_CONNECTION_MAX_AGE_S": "1.5"}
+"""The strict service retires kept-alive connections after 3 answers or 1.5 s (give or take 10%)."""
 SLOW_ENOUGH = {"EMBEDDING_HEADER_TIMEOUT_S": "120", "EMBEDDING_BODY_TIMEOUT_S": "120"}  # attackers stay
 
 
@@ -57,7 +59,7 @@ def test_slow_and_stalled_clients_take_no_request_thread(tmp_path: Path) -> None
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """Short header and body deadlines, so the tests can watch them cut slow clients off."""
-    env = {"EMBEDDING_HEADER_TIMEOUT_S": "1", "EMBEDDING_BODY_TIMEOUT_S": "2"}
+    env = {"EMBEDDING_HEADER_TIMEOUT_S": "1", "EMBEDDING_BODY_TIMEOUT_S": "2", **RETIRING}
     with running_service(tmp_path_factory.mktemp("strict") / "service.log", env) as service:
         yield service
 
@@ -83,6 +85,48 @@ def test_an_idle_connection_is_closed_after_the_keepalive_timeout(strict: Servic
         started = time.monotonic()
         assert sock.recv(65536) == b""  # closed by the server
         assert 4 <= time.monotonic() - started <= 8  # gunicorn's keepalive: 5 s
+
+
+def exchange(sock: socket.socket, request: bytes) -> tuple[bytes, bool]:
+    """Send one request on a kept-alive connection, read its whole answer: (status line, whether it says the
+    connection closes after it)."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = dict(line.lower().split(b": ", 1) for line in lines[1:])
+    while len(body) < int(headers[b"content-length"]):
+        body += sock.recv(65536)
+    return lines[0], headers.get(b"connection") == b"close"
+
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def test_a_kept_alive_connection_retires_after_its_requests(strict: ServiceProcess) -> None:
+    """The 3rd answer says Connection: close, and the connection then closes: the client reconnects, and a
+    balancer of connections (a Kubernetes Service) may send it to another replica."""
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=10) as sock:
+        answers = [exchange(sock, HEALTH) for _ in range(3)]
+        assert answers == [(b"HTTP/1.1 200 OK", False), (b"HTTP/1.1 200 OK", False), (b"HTTP/1.1 200 OK", True)]
+        assert sock.recv(65536) == b""  # closed by the server once the answer was written
+
+
+def test_a_kept_alive_connection_retires_after_its_age(strict: ServiceProcess) -> None:
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=10) as sock:
+        assert exchange(sock, HEALTH) == (b"HTTP/1.1 200 OK", False)
+        time.sleep(1.5 * 1.1 + 0.2)  # past the age limit with the most jitter; within gunicorn's keepalive (5 s)
+        assert exchange(sock, HEALTH) == (b"HTTP/1.1 200 OK", True)
+        assert sock.recv(65536) == b""
+
+
+def test_with_the_default_limits_a_busy_connection_stays(service: ServiceProcess) -> None:
+    """The broken copy of the two above: without a request limit, and younger than its age limit (60 s), a
+    connection serves every request a client sends, as before."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+        assert [exchange(sock, HEALTH)[1] for _ in range(30)] == [False] * 30
 
 
 def test_an_over_limit_body_is_a_readable_413_chunked_or_not(service: ServiceProcess) -> None:

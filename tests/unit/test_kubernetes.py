@@ -269,7 +269,9 @@ def pod_problems(objects: Objects) -> list[str]:
         found.append(f"settings the service does not know: {sorted(unread)}")
     routes = set(openapi_document("0", Limits(max_inputs=1, max_input_chars=1), None)["paths"])
     ports = {p["name"] for p in main["ports"]}
-    for name, path in (("startupProbe", "/ready"), ("readinessProbe", "/ready"), ("livenessProbe", "/live")):
+    # Readiness is /health, not /ready: a shedding pod stays among the endpoints and answers 503 with Retry-After
+    # (tests/e2e/test_kubernetes_rehearsal.py shows what clients get either way when every replica sheds).
+    for name, path in (("startupProbe", "/health"), ("readinessProbe", "/health"), ("livenessProbe", "/live")):
         get = main.get(name, {}).get("httpGet", {})
         if get.get("path") != path or path not in routes or get.get("port") not in ports:
             found.append(f"{name} is not GET {path} on a container port: {get}")
@@ -451,7 +453,7 @@ def pods_metric(o: Objects) -> dict[str, Any]:
 
 BROKEN: list[tuple[str, Callable[[Objects], None]]] = [
     ("GET /live", lambda o: probe(o, "livenessProbe").update(path="/health")),
-    ("GET /ready", lambda o: probe(o, "readinessProbe").update(path="/health")),
+    ("GET /health", lambda o: probe(o, "readinessProbe").update(path="/ready")),
     ("grace period", lambda o: pod_spec(o).update(terminationGracePeriodSeconds=60)),
     ("no room above", lambda o: container(o)["resources"]["limits"].update(memory="2Gi")),
     ("TORCH_THREADS", lambda o: container(o)["resources"]["requests"].update(cpu="4")),
