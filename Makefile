@@ -39,15 +39,15 @@ $(STAMP): $(RUN_STAMP)
 
 install: $(STAMP)  ## create the virtual environment and install the service with test tools
 
-system-deps:  ## Debian packages: prometheus, promtool, alertmanager, amtool and haproxy for the tests, jemalloc for the service
+system-deps:  ## Debian packages: prometheus, promtool, alertmanager, amtool, haproxy and bubblewrap for the tests, jemalloc for the service
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || \
 			! command -v prometheus-alertmanager >/dev/null || ! command -v amtool >/dev/null || \
-			! command -v haproxy >/dev/null || \
+			! command -v haproxy >/dev/null || ! command -v bwrap >/dev/null || \
 			! /sbin/ldconfig -p | grep -q 'libjemalloc\.so\.2 '; then \
 		sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$sudo apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends \
-			prometheus prometheus-alertmanager haproxy libjemalloc2 >/dev/null; \
+			prometheus prometheus-alertmanager haproxy bubblewrap libjemalloc2 >/dev/null; \
 	fi
 	@promtool --version | head -1
 	@haproxy -v | head -1

@@ -136,6 +136,22 @@ def resolve_model(name: str) -> ModelSource:
     return ModelSource(name, name)
 
 
+def offline_hint(source: ModelSource) -> str:
+    """What to do when a hub model cannot be fetched because the hub is off (the Docker image's HF_HUB_OFFLINE=1)."""
+    if Path(source.location).is_dir() or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in {
+        "1",
+        "true",
+        "yes",
+        "on",
+    }:
+        return ""
+    return (
+        " (HF_HUB_OFFLINE is set, as in the Docker image: serve the model the image was built with, a directory "
+        "holding the model, or fetch it first with `embedding-service download`; on Kubernetes, add "
+        "components/model-download)"
+    )
+
+
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -326,7 +342,9 @@ class SentenceTransformerBackend(EmbeddingBackend):
         try:
             model = SentenceTransformer(source.location, device=device)
         except Exception as exc:  # sentence-transformers raises many types; all mean "not loadable"
-            raise ModelLoadError(f"cannot load model {self._name!r} from {source.location!r}: {exc}") from exc
+            raise ModelLoadError(
+                f"cannot load model {self._name!r} from {source.location!r}: {exc}{offline_hint(source)}"
+            ) from exc
         model.eval()
         model.requires_grad_(False)
         make_resident(model)

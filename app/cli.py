@@ -1,10 +1,12 @@
-"""The command line: ``embedding-service`` (or ``python -m app``) ``serve``, ``check``, ``settings``.
+"""The command line: ``embedding-service`` (or ``python -m app``) ``serve``, ``check``, ``settings``,
+``download``.
 
 ``serve`` runs what ``make run`` runs (gunicorn with :mod:`app.gunicorn_conf` serving ``app.asgi:app``);
 ``check`` validates the settings, loads the model, embeds one text and says what would run; ``settings``
-lists every ``EMBEDDING_*`` variable from the reader the service validates with. Settings come from the
-environment, as in every other way of running the service; ``--port`` and ``--model`` are shortcuts for
-``EMBEDDING_PORT`` and ``EMBEDDING_MODEL``.
+lists every ``EMBEDDING_*`` variable from the reader the service validates with; ``download`` fetches a hub
+model into a directory the service can then serve offline (the Kubernetes ``model-download`` component's
+init container). Settings come from the environment, as in every other way of running the service;
+``--port`` and ``--model`` are shortcuts for ``EMBEDDING_PORT`` and ``EMBEDDING_MODEL``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from app.config import ConfigError, Settings, byte_text, markdown_table, reference
@@ -80,6 +83,20 @@ def _parser() -> argparse.ArgumentParser:
     settings.add_argument("--json", action="store_true", help="print them as a JSON list")
     settings.add_argument("--markdown", action="store_true", help="print the README's configuration table")
     settings.set_defaults(run=_settings)
+
+    download = commands.add_parser(
+        "download",
+        help="fetch a hub model into a directory that `serve` can load offline",
+        description="Fetch the model EMBEDDING_MODEL names (or --model) from the Hugging Face hub into --to, "
+        "with HF_TOKEN when it is set (private and gated models); the directory is then a model "
+        "EMBEDDING_MODEL can name. A directory that already holds a complete download of the same model and "
+        f"revision is left as it is. Exit 0 when the directory holds the model, {EXIT_MODEL} when it cannot be "
+        "fetched.",
+    )
+    download.add_argument("--to", required=True, type=Path, help="the directory to fill (created when missing)")
+    download.add_argument("--model", help="a hub model id (default: EMBEDDING_MODEL)")
+    download.add_argument("--revision", default="main", help="a branch, tag or commit (default: main)")
+    download.set_defaults(run=_download)
     return parser
 
 
@@ -174,6 +191,66 @@ def _load_and_embed(settings: Settings) -> dict[str, Any]:
         "load_s": round(loaded - started, 2),
         "embed_s": round(time.perf_counter() - loaded, 3),
     }
+
+
+DOWNLOADED = ".embedding-service-download.json"
+"""Written into a download's directory last: which model and revision it holds, complete."""
+
+SKIPPED_FILES = ["*.onnx", "onnx/*", "openvino/*", "*.h5", "*.msgpack", "*.ot", "tf_model*", "flax_model*", "coreml/*"]
+"""Other runtimes' copies of the weights, which sentence-transformers on torch never reads."""
+
+
+def _download(args: argparse.Namespace) -> int:
+    model = (args.model or os.environ.get("EMBEDDING_MODEL", "")).strip()
+    if not model or model.startswith((".", "/", "~")):
+        sys.stderr.write(
+            f"embedding service: download needs a hub model id (--model or EMBEDDING_MODEL), got {model!r}\n"
+        )
+        return EXIT_CONFIG
+    target: Path = args.to
+    wanted = {"model": model, "revision": args.revision}
+    marker = target / DOWNLOADED
+    try:
+        held = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        held = None
+    if isinstance(held, dict) and {key: held.get(key) for key in wanted} == wanted:
+        _say(f"{target} already holds {model} at {args.revision} (commit {held.get('commit')}): nothing to fetch")
+        return 0
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    if HF_HUB_OFFLINE:
+        sys.stderr.write("embedding service: HF_HUB_OFFLINE is set, so nothing can be fetched: set HF_HUB_OFFLINE=0\n")
+        return EXIT_MODEL
+    started = time.perf_counter()
+    try:
+        marker.unlink(missing_ok=True)  # a partial download is never taken for a complete one
+        path = snapshot_download(model, revision=args.revision, local_dir=target, ignore_patterns=SKIPPED_FILES)
+    except Exception as error:  # noqa: BLE001  (every way a download fails is the answer here)
+        token = "with" if os.environ.get("HF_TOKEN") else "without"
+        sys.stderr.write(
+            f"embedding service: cannot fetch {model} at {args.revision} ({token} HF_TOKEN): "
+            f"{type(error).__name__}: {error}\n"
+        )
+        return EXIT_MODEL
+    commit = _downloaded_commit(Path(path))
+    marker.write_text(json.dumps({**wanted, "commit": commit}) + "\n")
+    size = sum(file.stat().st_size for file in target.rglob("*") if file.is_file() and ".cache" not in file.parts)
+    _say(
+        f"fetched {model} at {args.revision} (commit {commit}) into {target}: {byte_text(size)} in "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+    return 0
+
+
+def _downloaded_commit(directory: Path) -> str | None:
+    """The commit huggingface_hub recorded for a ``local_dir`` download (its ``.cache`` metadata), if any."""
+    for metadata in sorted((directory / ".cache" / "huggingface" / "download").rglob("*.metadata")):
+        first = metadata.read_text().splitlines()[:1]
+        if first and len(first[0]) == 40:
+            return first[0]
+    return None
 
 
 def _report(args: argparse.Namespace, report: dict[str, Any], code: int) -> int:

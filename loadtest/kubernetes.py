@@ -10,12 +10,26 @@ readiness path, and the pods by the real service started with the manifest's set
 - :func:`rehearse_all_shedding`: every replica over its memory limit at once. With the manifest's readiness
   path clients get 503 with ``Retry-After``; with ``/ready`` (503 while shedding) every endpoint leaves the
   Service and they get a closed connection and no answer.
+- :class:`PodSandbox`: a container of the rendered Deployment (``kubectl kustomize``) run as the pod would run
+  it, in bubblewrap: as the pod's user and groups with no capability, on a read-only root (this machine's,
+  standing in for the image) with only the Deployment's volumes writable, with the image's entrypoint and
+  environment (the Dockerfile's) and the container's args, settings and env (``$(VAR)`` expanded as the
+  kubelet does). What cannot be the same here is said where it differs: the image's paths are this
+  checkout's (its virtual environment, the bundled model instead of the baked one), the port is a free one,
+  ``emptyDir`` volumes are directories without their size limit.
 
 tests/e2e/test_kubernetes_rehearsal.py runs both; tests/e2e/test_pod_sandbox.py runs the pod's sandbox.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,7 +39,7 @@ import requests
 import yaml
 
 from loadtest.rehearsal import SERVICE_PROXY_CONFIG, Balancer
-from loadtest.service import ROOT, ServiceProcess
+from loadtest.service import BUNDLED_MODEL, ROOT, ServiceProcess
 
 BASE = ROOT / "deploy" / "kubernetes" / "base"
 
@@ -153,3 +167,216 @@ def _wait(condition: Any, what: str, timeout_s: float = 120.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {timeout_s} s for {what}")
         time.sleep(0.2)
+
+
+# --- the pod's sandbox ---------------------------------------------------------------------------------------
+
+KUSTOMIZE = ROOT / "deploy" / "kubernetes"
+
+
+def render(components: list[str], settings: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The base with ``components`` (and ``settings`` merged into its ConfigMap), as ``kubectl kustomize``
+    renders an overlay that lists them."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise RuntimeError("kubectl is needed to render the manifests (kubectl kustomize works offline)")
+    with tempfile.TemporaryDirectory() as directory:
+        here = Path(directory)
+        overlay: dict[str, Any] = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [os.path.relpath(KUSTOMIZE / "base", here)],
+            "components": [os.path.relpath(KUSTOMIZE / "components" / name, here) for name in components],
+        }
+        if settings:
+            overlay["configMapGenerator"] = [
+                {
+                    "name": "embedding-service-config",
+                    "behavior": "merge",
+                    "literals": [f"{k}={v}" for k, v in settings.items()],
+                }
+            ]
+        (here / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+        out = subprocess.run([kubectl, "kustomize", str(here)], capture_output=True, text=True, check=True)
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def image_environment() -> dict[str, str]:
+    """The runtime stage's ``ENV`` of the Dockerfile, with this checkout's paths for the image's: the virtual
+    environment's bin first on PATH, and the bundled model for the baked one."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    runtime = dockerfile[dockerfile.rindex("\nFROM ") :]
+    env: dict[str, str] = {}
+    for block in re.findall(r"^ENV ((?:.*\\\n)*.*)$", runtime, re.MULTILINE):
+        for key, value in re.findall(r"(\w+)=(\S*)", block.replace("\\\n", " ")):
+            env[key] = value
+    env["PATH"] = f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin"
+    env["EMBEDDING_MODEL"] = BUNDLED_MODEL
+    return {k: v for k, v in env.items() if "${" not in v}  # build arguments (the build's sha, its label)
+
+
+def entrypoint() -> list[str]:
+    """The Dockerfile's ENTRYPOINT (exec form)."""
+    import json
+
+    (found,) = re.findall(r"^ENTRYPOINT (\[.*\])$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    return list(json.loads(found))
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """``$(VAR)`` as the kubelet expands it in env values and args: from the variables defined before;
+    unknown ones stay as written, ``$$`` is a literal ``$``."""
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+        value,
+    )
+
+
+class PodSandbox(ServiceProcess):
+    """One container of a rendered Deployment, run as the pod runs it (see the module's docstring)."""
+
+    def __init__(self, objects: list[dict[str, Any]], container: str, volumes: dict[str, Path], log_path: Path):
+        super().__init__(log_path)
+        (deployment,) = (o for o in objects if o["kind"] == "Deployment")
+        self.pod = deployment["spec"]["template"]["spec"]
+        (self.container,) = (
+            c for c in self.pod["containers"] + self.pod.get("initContainers", []) if c["name"] == container
+        )
+        self.maps = {o["metadata"]["name"]: o.get("data", {}) for o in objects if o["kind"] == "ConfigMap"}
+        self.volumes = volumes
+
+    def environment(self) -> dict[str, str]:
+        """The image's environment, then the container's envFrom and env in order, as the kubelet builds it
+        (an optional Secret that is not there adds nothing); the port is a free one."""
+        env = image_environment()
+        for source in self.container.get("envFrom", []):
+            env.update(self.maps[source["configMapRef"]["name"]])
+        for var in self.container.get("env", []):
+            if "value" in var:
+                env[var["name"]] = expand(var["value"], env)
+            elif not var["valueFrom"].get("secretKeyRef", {}).get("optional"):
+                raise ValueError(f"{var['name']} needs a Secret, which the rehearsal does not have")
+        env["EMBEDDING_PORT"] = str(self.port)
+        return env
+
+    def command(self) -> list[str]:
+        env = self.environment()
+        security = {**self.pod.get("securityContext", {}), **self.container.get("securityContext", {})}
+        uid, gid = str(security["runAsUser"]), str(security["runAsGroup"])
+        groups = [str(security["fsGroup"])] if "fsGroup" in security else []
+        if not security.get("readOnlyRootFilesystem") or security.get("allowPrivilegeEscalation", True):
+            raise ValueError("the container's root is writable or it may escalate privileges")
+        bwrap = shutil.which("bwrap")
+        if bwrap is None:
+            raise RuntimeError("bubblewrap is needed for the pod's sandbox: make system-deps installs it")
+        args = [bwrap, *_image_root(), "--proc", "/proc", "--dev", "/dev"]
+        args += ["--perms", "1777", "--tmpfs", "/dev/shm"]  # noqa: S108  (every container runtime gives one)
+        args += _reachable([Path(sys.base_prefix), Path(sys.prefix), ROOT], int(uid))
+        declared = {v["name"]: v for v in self.pod.get("volumes", [])}
+        for mount in self.container.get("volumeMounts", []):
+            if "emptyDir" not in declared[mount["name"]]:
+                raise ValueError(f"volume {mount['name']} is not an emptyDir: the rehearsal has only those")
+            source = self.volumes[mount["name"]]
+            args += ["--ro-bind" if mount.get("readOnly") else "--bind", str(source), mount["mountPath"]]
+        args += ["--remount-ro", "/"]  # the root, with the mount points the volumes needed, read-only
+        workdir = re.findall(r"^WORKDIR (\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)[-1]
+        args += ["--unshare-pid", "--as-pid-1", "--die-with-parent", "--chdir", workdir, "--clearenv"]
+        for key, value in env.items():
+            args += ["--setenv", key, value]
+        if os.geteuid() == 0:  # drop to the pod's user, groups and no capability, as the runtime does
+            setpriv = ["setpriv", "--reuid", uid, "--regid", gid, "--groups", ",".join(groups) or gid]
+            args += [*setpriv, "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+        else:  # an unprivileged user namespace that maps this user to the pod's
+            args[1:1] = ["--unshare-user", "--uid", uid, "--gid", gid]
+        return [*args, *entrypoint(), *(expand(a, env) for a in self.container.get("args", []))]
+
+    def run(self, timeout_s: float = 120) -> int:
+        """Run to its end (an init container); its exit code."""
+        with self.log_path.open("wb") as log:
+            return subprocess.run(
+                self.command(), check=False, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s
+            ).returncode
+
+    def start(self) -> PodSandbox:
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_probe(self, path: str, timeout_s: float = 120) -> None:
+        """Until GET ``path`` (the startup probe's) answers 200."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the container exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            if _status(f"{self.url}{path}") == 200:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"not ready after {timeout_s} s:\n{self.log_text()[-3000:]}")
+
+    def processes(self) -> list[dict[str, Any]]:
+        """The container's processes: pid, name, real and effective uid, groups."""
+        import psutil
+
+        assert self.proc is not None
+        found = []
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            uids = child.uids()
+            found.append({"pid": child.pid, "name": child.name(), "uid": [uids.real, uids.effective],
+                          "gids": list(child.gids())})  # fmt: skip
+        return found
+
+    def _stop(self) -> None:
+        """SIGTERM to the container's first process (gunicorn's master), as the kubelet signals PID 1."""
+        import psutil
+
+        assert self.proc is not None
+        try:
+            first = psutil.Process(self.proc.pid).children() or [psutil.Process(self.proc.pid)]
+        except psutil.NoSuchProcess:  # it exited already
+            first = []
+        for process in first:
+            process.send_signal(signal.SIGTERM)
+
+
+def _image_root() -> list[str]:
+    """bubblewrap's arguments for a root that stands in for the image's: this machine's top-level directories
+    bound read-only into a fresh root, where mount points for the volumes can be made (as a container runtime
+    makes them), which is itself made read-only once they are."""
+    args: list[str] = []
+    for entry in sorted(Path("/").iterdir()):
+        if entry.name in ("proc", "dev"):
+            continue
+        if entry.is_symlink():
+            args += ["--symlink", os.readlink(entry), str(entry)]
+        else:
+            args += ["--ro-bind", str(entry), str(entry)]
+    return args
+
+
+def empty_dir(path: Path) -> Path:
+    """A directory as the kubelet makes an ``emptyDir``: empty, writable by every user."""
+    path.mkdir(parents=True)
+    path.chmod(0o777)
+    return path
+
+
+def _reachable(paths: list[Path], uid: int) -> list[str]:
+    """bubblewrap's arguments that let ``uid`` reach ``paths`` (the interpreter, the virtual environment, this
+    checkout) where a parent directory shuts others out (a home directory of mode 0700): a read-only tmpfs over
+    that parent, with only these paths bound into it."""
+    args: list[str] = []
+    covered: set[Path] = set()
+    for path in (p.resolve() for p in paths):
+        closed = next((a for a in reversed(path.parents) if a != Path("/") and not os.stat(a).st_mode & 0o001), None)
+        if closed is None or uid == os.stat(closed).st_uid:
+            continue
+        if closed not in covered:
+            args += ["--tmpfs", str(closed)]
+            covered.add(closed)
+        for parent in reversed(path.relative_to(closed).parents):
+            if parent != Path("."):
+                args += ["--perms", "0755", "--dir", str(closed / parent)]
+        args += ["--ro-bind", str(path), str(path)]
+    return args + [arg for closed in covered for arg in ("--remount-ro", str(closed))]

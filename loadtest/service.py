@@ -96,7 +96,7 @@ class ServiceProcess:
         """SIGTERM, wait for exit, return the exit code."""
         assert self.proc is not None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self._stop()
         try:
             code = self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -104,6 +104,11 @@ class ServiceProcess:
             code = self.proc.wait()
         self._log.close()
         return code
+
+    def _stop(self) -> None:
+        """Ask the service to stop, as its supervisor would."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
 
     def wait_exit(self, timeout_s: float) -> int:
         """Wait for the process to exit by itself; return the exit code."""

@@ -27,10 +27,11 @@ from app.memory import CGROUP_LIMIT_SHARE
 from app.metrics import Metrics
 from app.openapi import openapi_document
 from app.schemas import Limits
+from app.version import __version__
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
-COMPONENTS = ("monitoring", "autoscaling", "network-policy", "kubernetes-alerts")
+COMPONENTS = ("monitoring", "autoscaling", "network-policy", "kubernetes-alerts", "model-download")
 """The optional parts an overlay adds to the base (deploy/kubernetes/components)."""
 COMBINATIONS = [c for n in range(len(COMPONENTS) + 1) for c in itertools.combinations(COMPONENTS, n)]
 EXAMPLE = DEPLOY / "overlays" / "example"
@@ -213,12 +214,24 @@ def test_the_base_applies_on_a_bare_cluster() -> None:
         "autoscaling": {"HorizontalPodAutoscaler"},
         "network-policy": {"NetworkPolicy"},
         "kubernetes-alerts": {"PrometheusRule"},
+        "model-download": set(),  # an init container and a volume in the Deployment
     }
     assert crd_backed(compose(("monitoring",))) == [
         "monitoring.coreos.com/v1 PrometheusRule",
         "monitoring.coreos.com/v1 ServiceMonitor",
         "monitoring.coreos.com/v1alpha1 AlertmanagerConfig",
     ]
+
+
+def test_every_image_tag_is_the_release() -> None:
+    """The base's and the components' ``images:`` name the version this checkout builds."""
+    tags = {
+        str(path.relative_to(DEPLOY)): image.get("newTag")
+        for path in DEPLOY.rglob("kustomization.yaml")
+        for image in yaml.safe_load(path.read_text()).get("images", [])
+    }
+    assert "base/kustomization.yaml" in tags and "components/model-download/kustomization.yaml" in tags
+    assert set(tags.values()) == {__version__}, tags
 
 
 @pytest.mark.parametrize(
@@ -345,11 +358,51 @@ def component_problems(objects: Objects) -> list[str]:
     autoscaler = maybe(objects, "HorizontalPodAutoscaler")
     if autoscaler is not None and autoscaler["spec"]["scaleTargetRef"]["name"] != deployment["metadata"]["name"]:
         found.append("the HorizontalPodAutoscaler scales another Deployment")
+    found += download_problems(objects)
     policy = maybe(objects, "NetworkPolicy")
     if policy is not None:
         allowed = {port.get("port") for rule in policy["spec"].get("ingress", []) for port in rule.get("ports", [])}
         if not selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels) or "http" not in allowed & ports:
             found.append("the NetworkPolicy does not let clients reach the pods' HTTP port")
+    return found
+
+
+def download_problems(objects: Objects) -> list[str]:
+    """components/model-download: the init container fills the directory the server reads, read-only, with the
+    hub id the settings name; it runs as the server does, with the token from an optional Secret."""
+    pod = pod_spec(objects)
+    init = {c["name"]: c for c in pod.get("initContainers", [])}.get("model-download")
+    if init is None:
+        return []
+    found = []
+    main = container(objects)
+    if init["image"] != main["image"]:
+        found.append("the model-download init container runs another image than the server")
+    target = init["args"][init["args"].index("--to") + 1]
+    names = [var["name"] for var in main.get("env", [])]
+    served = {var["name"]: var.get("value") for var in main.get("env", [])}
+    if served.get("EMBEDDING_MODEL") != target:
+        found.append(f"the server reads {served.get('EMBEDDING_MODEL')}, the init container fills {target}")
+    if "EMBEDDING_SERVED_MODEL_NAME" in names and names.index("EMBEDDING_SERVED_MODEL_NAME") > names.index(
+        "EMBEDDING_MODEL"
+    ):
+        found.append("EMBEDDING_SERVED_MODEL_NAME is expanded after EMBEDDING_MODEL is rewritten to a path")
+    mounts = {m["name"]: m for m in main.get("volumeMounts", [])}
+    init_mounts = {m["name"]: m for m in init.get("volumeMounts", [])}
+    if not target.startswith(init_mounts.get("models", {}).get("mountPath", "?") + "/"):
+        found.append("the init container does not write into the models volume")
+    if (
+        not mounts.get("models", {}).get("readOnly")
+        or mounts["models"]["mountPath"] != init_mounts["models"]["mountPath"]
+    ):
+        found.append("the server does not read the models volume read-only where the init container filled it")
+    env = {var["name"]: var for var in init.get("env", [])}
+    if env.get("HF_HUB_OFFLINE", {}).get("value") != "0":
+        found.append("the init container is offline (HF_HUB_OFFLINE): it cannot fetch")
+    token = env.get("HF_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    if not token.get("optional"):
+        found.append("HF_TOKEN is not read from an optional Secret (public models need none)")
+    found += [f"model-download: {problem}" for problem in security_problems(pod, init)]
     return found
 
 
@@ -474,6 +527,38 @@ BROKEN: list[tuple[str, Callable[[Objects], None]]] = [
     ("HTTP port", lambda o: one(o, "NetworkPolicy")["spec"]["ingress"][0]["ports"][0].update(port="metrics")),
     ("nothing writable", lambda o: container(o).update(volumeMounts=[])),
 ]
+
+
+def init_container(o: Objects) -> dict[str, Any]:
+    (init,) = pod_spec(o)["initContainers"]
+    return init  # type: ignore[no-any-return]
+
+
+def main_env(o: Objects) -> list[dict[str, Any]]:
+    return container(o)["env"]  # type: ignore[no-any-return]
+
+
+BROKEN_DOWNLOAD: list[tuple[str, Callable[[Objects], None]]] = [
+    ("another image", lambda o: init_container(o).update(image="python:3.11")),
+    ("the init container fills", lambda o: init_container(o)["args"].__setitem__(2, "/models/other")),
+    ("expanded after", lambda o: main_env(o).reverse()),
+    (
+        "read-only where",
+        lambda o: next(m for m in container(o)["volumeMounts"] if m["name"] == "models").pop("readOnly"),
+    ),
+    ("cannot fetch", lambda o: init_container(o)["env"][0].update(value="1")),
+    ("optional Secret", lambda o: init_container(o)["env"][2]["valueFrom"]["secretKeyRef"].pop("optional")),
+    ("model-download: the root filesystem is writable", lambda o: init_container(o)["securityContext"].clear()),
+]
+
+
+@pytest.mark.parametrize(("expected", "break_it"), BROKEN_DOWNLOAD, ids=[b[0] for b in BROKEN_DOWNLOAD])
+def test_the_model_download_check_rejects_a_broken_copy(expected: str, break_it: Callable[[Objects], None]) -> None:
+    rendered = compose(("model-download",))
+    assert download_problems(rendered) == []
+    broken = copy.deepcopy(rendered)
+    break_it(broken)
+    assert any(expected in problem for problem in download_problems(broken)), download_problems(broken)
 
 
 @pytest.mark.parametrize(("expected", "break_it"), BROKEN, ids=[b[0] for b in BROKEN])
