@@ -36,8 +36,10 @@ from app.routes import EMBED_LABELS, prometheus_regex
 OUT = Path(__file__).with_name("embedding-service.json")
 DS = {"type": "prometheus", "uid": "${datasource}"}
 INSTANCE = 'instance=~"$instance"'
-JOB = 'job="embedding-service"'
-"""The scrape job the instances are listed from (the alert rules' default selector)."""
+SERVICE_JOB = "embedding-service"
+"""The scrape job the instances are listed from (the alert rules' default selector). On Kubernetes the job is
+the deployment's ``app.kubernetes.io/instance``: another instance's dashboard lists its own (``build(job=...)``;
+deploy/kubernetes/generate.py --instance)."""
 SLOS = tomllib.loads((Path(__file__).resolve().parents[1] / "alerts" / "slos.toml").read_text())
 """The service level objectives (alerts/slos.toml), quoted in the panels' descriptions."""
 AVAILABILITY_BUDGET = f"{1 - float(SLOS['availability']['objective']):.1%}"
@@ -762,8 +764,9 @@ def errors(lay: Layout) -> None:
     )
 
 
-def build(settings: Settings | None = None) -> dict[str, Any]:
-    """The dashboard, its stat colours from ``settings`` (default: the service's defaults)."""
+def build(settings: Settings | None = None, job: str = SERVICE_JOB) -> dict[str, Any]:
+    """The dashboard of the instances of ``job``, its stat colours from ``settings`` (default: the service's
+    defaults); uid and title name the job unless it is the default one."""
     settings = settings or Settings()
     lay = Layout()
     overview(lay, settings)
@@ -773,8 +776,8 @@ def build(settings: Settings | None = None) -> dict[str, Any]:
     errors(lay)
     objectives(lay)
     return {
-        "uid": "embedding-service",
-        "title": "Embedding service",
+        "uid": job,
+        "title": "Embedding service" if job == SERVICE_JOB else f"Embedding service: {job}",
         "description": "Memory, cleanups, throughput and errors of the embedding service.",
         "tags": ["embedding", "memory"],
         "schemaVersion": 39,
@@ -805,7 +808,7 @@ def build(settings: Settings | None = None) -> dict[str, Any]:
                     "type": "query",
                     "datasource": DS,
                     # From the scrape targets: an instance still loading its model (no model info yet) shows.
-                    "query": {"query": f"label_values(up{{{JOB}}}, instance)", "refId": "instance"},
+                    "query": {"query": f'label_values(up{{job="{job}"}}, instance)', "refId": "instance"},
                     "refresh": 2,
                     "includeAll": True,
                     "multi": True,

@@ -568,16 +568,22 @@ def test_each_invariant_rejects_a_broken_copy(expected: str, break_it: Callable[
     assert any(expected in problem for problem in problems(broken)), problems(broken)
 
 
-def test_the_generated_files_are_up_to_date() -> None:
-    """deploy/kubernetes/generate.py's output is what is committed (run `make deploy` after changing the rules
-    or the dashboard)."""
+@functools.cache
+def deploy_generator() -> Any:
+    """deploy/kubernetes/generate.py as a module (it is a script beside the manifests)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("deploy_generate", DEPLOY / "generate.py")
     assert spec and spec.loader
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)
-    for path, text in generate.rendered().items():
+    return generate
+
+
+def test_the_generated_files_are_up_to_date() -> None:
+    """deploy/kubernetes/generate.py's output is what is committed (run `make deploy` after changing the rules
+    or the dashboard)."""
+    for path, text in deploy_generator().rendered().items():
         assert path.read_text() == text, f"{path.relative_to(ROOT)} is stale: run make deploy"
 
 
@@ -636,3 +642,166 @@ def test_one_large_request_does_not_scale_out_and_a_sustained_overload_does(tmp_
         [promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- several instances in one namespace ------------------------------------------------------------------------
+
+STAGING = "embedding-staging"
+
+
+def test_another_instances_rules_and_dashboard_are_the_generators_own() -> None:
+    """What deploy/kubernetes/generate.py --instance writes (with PyYAML only) is what alerts/generate.py and
+    dashboards/generate.py make for that job."""
+    from alerts.generate import render as render_rules
+    from dashboards.generate import build
+
+    generate = deploy_generator()
+    rules = generate.prometheus_rule(instance=STAGING)["spec"]
+    assert rules == yaml.safe_load(render_rules(selector=f'job="{STAGING}"'))
+    assert rules != generate.prometheus_rule()["spec"]
+    assert generate.dashboard(STAGING) == build(job=STAGING)
+    assert generate.dashboard() == build()
+
+
+def two_instances(tmp: Path, staging_label: bool = True, staging_monitoring: str = "generated") -> Objects:
+    """Production (the example's components) and staging (its own name suffix, instance label and monitoring
+    component from generate.py --instance) in one namespace, rendered together."""
+    generate = deploy_generator()
+    (tmp / "staging" / "monitoring").mkdir(parents=True)
+    for name, text in generate.instance_component(STAGING).items():
+        (tmp / "staging" / "monitoring" / name).write_text(text)
+    components = ["monitoring", "network-policy", "autoscaling"]
+
+    def rel(path: Path, here: Path) -> str:
+        return os.path.relpath(path, here)
+
+    production: dict[str, Any] = {
+        "resources": [rel(DEPLOY / "base", tmp / "production")],
+        "components": [rel(DEPLOY / "components" / c, tmp / "production") for c in components],
+    }
+    staging: dict[str, Any] = {
+        "nameSuffix": "-staging",
+        "resources": [rel(DEPLOY / "base", tmp / "staging")],
+        "components": [
+            "monitoring"
+            if staging_monitoring == "generated"
+            else rel(DEPLOY / "components" / "monitoring", tmp / "staging"),
+            *(rel(DEPLOY / "components" / c, tmp / "staging") for c in components[1:]),
+        ],
+    }
+    if staging_label:
+        staging["labels"] = [{"pairs": {"app.kubernetes.io/instance": STAGING}, "includeSelectors": True}]
+    (tmp / "production").mkdir()
+    for name, overlay in (("production", production), ("staging", staging)):
+        kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", **overlay}
+        (tmp / name / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    both = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "embedding",
+            "resources": ["production", "staging"]}  # fmt: skip
+    (tmp / "kustomization.yaml").write_text(yaml.safe_dump(both))
+    return render(tmp)
+
+
+def instance_problems(objects: Objects) -> list[str]:
+    """Two instances in one namespace: each object reaches its own instance only, each instance's monitoring
+    (scrape job, rules, dashboard) is its own."""
+    return selector_problems(objects) + scrape_problems(objects) + dashboard_problems(objects)
+
+
+def selector_problems(objects: Objects) -> list[str]:
+    found = []
+    ids = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    if len(ids) != len(set(ids)):
+        found.append("two objects of one kind share a name")
+    deployments = {d["metadata"]["name"]: d for d in objects if d["kind"] == "Deployment"}
+    pods = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in deployments.items()}
+    services = [o for o in objects if o["kind"] == "Service"]
+    selectors: list[tuple[str, Mapping[str, str]]] = [
+        (f"Service {o['metadata']['name']}", o["spec"]["selector"]) for o in services
+    ]
+    for kind, path in (("Deployment", ("spec", "selector")), ("PodDisruptionBudget", ("spec", "selector")),
+                       ("NetworkPolicy", ("spec", "podSelector"))):  # fmt: skip
+        for o in (o for o in objects if o["kind"] == kind):
+            selectors.append((f"{kind} {o['metadata']['name']}", o[path[0]][path[1]]["matchLabels"]))
+    for name, deployment in deployments.items():
+        for spread in deployment["spec"]["template"]["spec"].get("topologySpreadConstraints", []):
+            selectors.append((f"Deployment {name}'s spread", spread["labelSelector"]["matchLabels"]))
+    for what, selector in selectors:
+        chosen = sum(selects(selector, labels) for labels in pods.values())
+        if chosen != 1:
+            found.append(f"{what} selects the pods of {chosen} instances")
+    for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
+        if hpa["spec"]["scaleTargetRef"]["name"] not in deployments:
+            found.append(f"HorizontalPodAutoscaler {hpa['metadata']['name']} scales no Deployment")
+    return found
+
+
+def scrape_problems(objects: Objects) -> list[str]:
+    """Each ServiceMonitor scrapes one Service, as that instance's job, and the rules and dashboard beside it
+    select that job."""
+    found = []
+    services = [o for o in objects if o["kind"] == "Service"]
+    monitors = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    for monitor in monitors:
+        chosen = [s for s in services if selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
+        if len(chosen) != 1:
+            found.append(f"ServiceMonitor {monitor['metadata']['name']} scrapes {len(chosen)} Services")
+            continue
+        label = monitor["spec"].get("jobLabel")
+        job = chosen[0]["metadata"]["labels"].get(label) if label else chosen[0]["metadata"]["name"]
+        relabels = monitor["spec"]["endpoints"][0].get("relabelings", [])
+        if {"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "instance"} not in relabels:
+            found.append("instance is not the pod's name")
+        suffix = monitor["metadata"]["name"].removeprefix("embedding-service")
+        rule = named(objects, "PrometheusRule", f"embedding-service{suffix}")
+        jobs = {j for g in rule["spec"]["groups"] for r in g["rules"] for j in re.findall(r'job="([^"]*)"', r["expr"])}
+        if jobs != {job}:
+            found.append(
+                f"the rules beside ServiceMonitor {monitor['metadata']['name']} select jobs {jobs}, its job is {job}"
+            )
+        board = next(iter(named(objects, "ConfigMap", f"embedding-service-dashboard{suffix}")["data"].values()))
+        if f'up{{job=\\"{job}\\"}}' not in board:
+            found.append(f"the dashboard beside ServiceMonitor {monitor['metadata']['name']} does not list job {job}")
+    return found
+
+
+def dashboard_problems(objects: Objects) -> list[str]:
+    found = []
+    boards = [
+        json.loads(text)
+        for o in objects
+        if o["kind"] == "ConfigMap"
+        for k, text in o.get("data", {}).items()
+        if k.endswith(".json")
+    ]
+    keys = [
+        k
+        for o in objects
+        if o["kind"] == "ConfigMap" and "grafana_dashboard" in o["metadata"].get("labels", {})
+        for k in o["data"]
+    ]
+    for what, values in (("uid", [b["uid"] for b in boards]), ("title", [b["title"] for b in boards]), ("file", keys)):
+        if len(values) != len(set(values)):
+            found.append(f"the dashboards share a {what}: Grafana keeps one")
+    return found
+
+
+def test_two_instances_in_one_namespace_each_reach_only_their_own(tmp_path: Path) -> None:
+    objects = two_instances(tmp_path)
+    assert [e for o in objects for e in schema_errors(o)] == []
+    assert len([o for o in objects if o["kind"] == "Deployment"]) == 2
+    assert instance_problems(objects) == []
+
+
+@pytest.mark.parametrize(
+    ("expected", "variant"),
+    [
+        ("selects the pods of 2 instances", {"staging_label": False}),
+        ("select jobs {'embedding-service'}, its job is embedding-staging", {"staging_monitoring": "default"}),
+        ("the dashboards share a uid", {"staging_monitoring": "default"}),
+    ],
+)
+def test_the_instance_check_rejects_a_broken_second_instance(
+    tmp_path: Path, expected: str, variant: dict[str, Any]
+) -> None:
+    problems = instance_problems(two_instances(tmp_path, **variant))
+    assert any(expected in problem for problem in problems), problems
