@@ -95,6 +95,18 @@ def limit_glibc_arenas(arenas: int) -> bool:
     return bool(libc().mallopt(_M_ARENA_MAX, arenas))
 
 
+OPENVINO_CONFLICT = (
+    "OpenVINO's CPU plugin initialises TBB, whose bundled hwloc frees memory with glibc's free: beside a preloaded "
+    "jemalloc the process aborts (free(): invalid pointer)"
+)
+
+
+def allocator_for(requested: str, backend: str) -> str:
+    """The allocator to start under: jemalloc as asked, except with ``EMBEDDING_BACKEND=openvino``
+    (:data:`OPENVINO_CONFLICT`), which runs on glibc with the same arena cap and trims."""
+    return "glibc" if backend == "openvino" else requested
+
+
 def jemalloc_library() -> str | None:
     """The shared jemalloc library to preload (Debian: package ``libjemalloc2``), or None."""
     return ctypes.util.find_library("jemalloc")

@@ -202,6 +202,8 @@ def info() -> Response:
         device=model.device,
         dtype=model.dtype,
         dtype_reason=model.dtype_reason,
+        backend=model.backend,  # type: ignore[arg-type]  # ModelInfo names one of the two
+        backend_reason=model.backend_reason,
         input_types=[kind for kind in get_args(InputType) if kind in model.prompts],
         prompts=dict(model.prompts),
         batch_size=settings.batch_size,

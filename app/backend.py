@@ -9,10 +9,16 @@ the real model is tested on its own.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import itertools
+import json
 import os
 import re
+import shutil
+import tempfile
+import time
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +85,9 @@ class ModelInfo:
     dtype: str = "float32"
     """The precision the forward pass computes in (weights stay float32; see :func:`pick_dtype`)."""
     dtype_reason: str = ""
+    backend: str = "torch"
+    """The runtime of the forward pass: torch, or openvino (the same module converted; see :meth:`load`)."""
+    backend_reason: str = ""
     pooling: str = "mean"
     """How token vectors become the text's vector (sentence-transformers' pooling mode: mean, cls, ...)."""
     weight_bytes: int | None = None
@@ -320,14 +329,26 @@ class EmbeddingBackend(ABC):
 class SentenceTransformerBackend(EmbeddingBackend):
     """A sentence-transformers model on torch, run under inference mode."""
 
-    def __init__(self, model: str, device: str = "auto", torch_threads: int = 0, dtype: str = "auto") -> None:
+    def __init__(
+        self,
+        model: str,
+        device: str = "auto",
+        torch_threads: int = 0,
+        dtype: str = "auto",
+        *,
+        backend: str = "torch",
+        cache_dir: str | None = None,
+    ) -> None:
         self._name = model
         self._requested_device = device
         self._requested_dtype = dtype
+        self._requested_backend = backend
+        self._cache_dir = cache_dir
         self._torch_threads = torch_threads
         self._model: Any = None
         self._counter: Any = None
         self._dtype = "float32"
+        self._openvino: OpenVINOForward | None = None  # set when the forward pass runs in OpenVINO
 
     def load(self) -> ModelInfo:
         import torch
@@ -358,6 +379,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
         if max_seq_length is None or max_seq_length < 1:
             raise ModelLoadError(f"model {self._name!r} does not report its maximum sequence length")
         dtype, reason = self._choose_dtype(device)
+        backend, backend_reason = self._choose_backend(source, device, dtype)
         return ModelInfo(
             model_id=source.model_id,
             dimensions=dimensions,
@@ -366,6 +388,8 @@ class SentenceTransformerBackend(EmbeddingBackend):
             prompts=self._prompts(model, source.model_id),
             dtype=dtype,
             dtype_reason=reason,
+            backend=backend,
+            backend_reason=backend_reason,
             pooling=self._pooling(model),
             weight_bytes=self.weight_bytes(),
             special_tokens=int(self._counter.num_special_tokens_to_add(pair=False)),
@@ -391,6 +415,73 @@ class SentenceTransformerBackend(EmbeddingBackend):
                 f"auto: {dtype} failed the start-up probe (min cosine {worst:.5f} < {FIDELITY_MIN_COSINE})",
             )
         return dtype, f"{reason}; start-up probe min cosine to float32 {worst:.5f}, below {FIDELITY_MIN_COSINE}"
+
+    def _choose_backend(self, source: ModelSource, device: str, dtype: str) -> tuple[str, str]:
+        """torch, or OpenVINO where asked for or where ``auto`` finds it faster here and the fidelity probe
+        agrees (min cosine to torch's float32 at least :data:`FIDELITY_MIN_COSINE`)."""
+        requested = self._requested_backend
+        if requested == "torch":
+            return "torch", "EMBEDDING_BACKEND=torch"
+        unusable = self._openvino_unusable(device)
+        if unusable:
+            return "torch", f"auto: {unusable}"
+        try:
+            example = self.prepare(list(FIDELITY_PROBE))
+            key = cache_key(source, self._name)
+            forward, how = OpenVINOForward.build(self._model, example, dtype, key=key, cache_dir=self._cache_dir)
+        except Exception as exc:  # not installed, or a model its converter cannot take: torch serves it
+            if requested == "openvino":
+                raise ModelLoadError(f"EMBEDDING_BACKEND=openvino: cannot run the model in OpenVINO: {exc}") from exc
+            return "torch", f"auto: openvino cannot run this model ({type(exc).__name__}: {exc})"
+        saved, self._dtype = self._dtype, "float32"
+        reference = self._probe()
+        self._dtype = saved
+        self._openvino = forward
+        worst = float(cosines(reference, self._probe()).min())
+        fidelity = f"min cosine to torch float32 {worst:.5f}"
+        if requested == "openvino":
+            return "openvino", f"EMBEDDING_BACKEND=openvino ({how}); {fidelity}"
+        if worst < FIDELITY_MIN_COSINE:
+            self._openvino = None
+            return "torch", f"auto: openvino failed the start-up probe ({fidelity} < {FIDELITY_MIN_COSINE})"
+        return self._faster(forward, f"{how}; {fidelity}")
+
+    def _openvino_unusable(self, device: str) -> str | None:
+        """Why OpenVINO cannot run here (an error where it is asked for), or None."""
+        from app.allocator import OPENVINO_CONFLICT, active
+
+        if active() == "jemalloc":  # EMBEDDING_BACKEND=openvino starts on glibc (app.allocator.allocator_for)
+            why = f"openvino cannot run beside jemalloc, the allocator here: {OPENVINO_CONFLICT}"
+            hint = " (EMBEDDING_ALLOCATOR=glibc lets auto measure it)"
+        elif device != "cpu":
+            why, hint = f"openvino runs on the CPU only, the device is {device}", ""
+        else:
+            return None
+        if self._requested_backend == "openvino":
+            raise ModelLoadError(f"EMBEDDING_BACKEND=openvino: {why}")
+        return why + hint
+
+    def _faster(self, forward: OpenVINOForward, said: str) -> tuple[str, str]:
+        """``auto``'s choice between the runtimes by their speed on a start-up batch."""
+        timing = self.prepare((list(FIDELITY_PROBE) * SPEED_PROBE_TEXTS)[:SPEED_PROBE_TEXTS])
+        ours = self._best_time(timing)
+        self._openvino = None
+        theirs = self._best_time(timing)
+        speed = f"{theirs / ours:.2f}x torch's speed on a start-up batch of {SPEED_PROBE_TEXTS} texts"
+        if ours * FASTER_BY >= theirs:
+            return "torch", f"auto: openvino ran at {speed}, not faster ({said})"
+        self._openvino = forward
+        return "openvino", f"auto: openvino ran at {speed} ({said})"
+
+    def _best_time(self, prepared: Prepared) -> float:
+        """The fastest of a few forward passes of ``prepared`` (after one to warm up), in seconds."""
+        self.finish(self.encode(prepared))
+        times = []
+        for _ in range(SPEED_PROBE_RUNS):
+            started = time.perf_counter()
+            self.finish(self.encode(prepared))
+            times.append(time.perf_counter() - started)
+        return min(times)
 
     def weight_bytes(self) -> int:
         """Bytes of the model's parameters and buffers (a constant once loaded)."""
@@ -487,6 +578,8 @@ class SentenceTransformerBackend(EmbeddingBackend):
     def encode(self, prepared: Prepared) -> Any:
         import torch
 
+        if self._openvino is not None:
+            return self._openvino(prepared)
         device_type = self._model.device.type
         reduced = self._dtype != "float32"
         with (
@@ -498,10 +591,10 @@ class SentenceTransformerBackend(EmbeddingBackend):
         return output["sentence_embedding"], output["token_embeddings"]
 
     def finish(self, encoded: Any) -> np.ndarray:
-        return np.ascontiguousarray(encoded[0].float().cpu().numpy(), dtype=np.float32)
+        return np.ascontiguousarray(_as_numpy(encoded[0]), dtype=np.float32)
 
     def finish_tokens(self, encoded: Any, token_counts: list[int]) -> list[np.ndarray]:
-        rows = encoded[1].float().cpu().numpy()
+        rows = _as_numpy(encoded[1])
         # Padding is on the right for the tokenizers sentence-transformers loads: a text's tokens come first.
         return [
             np.ascontiguousarray(row[:count], dtype=np.float32) for row, count in zip(rows, token_counts, strict=True)
@@ -522,7 +615,146 @@ class SentenceTransformerBackend(EmbeddingBackend):
             self._model.eval()
 
 
+def _as_numpy(values: Any) -> np.ndarray:
+    """A torch tensor (any dtype, any device) or an OpenVINO output as a float32 array."""
+    if hasattr(values, "cpu"):
+        values = values.float().cpu().numpy()
+    return np.asarray(values, dtype=np.float32)
+
+
+SPEED_PROBE_TEXTS = 16
+"""Texts in the start-up batch ``EMBEDDING_BACKEND=auto`` times each runtime on (the fidelity probe's, repeated)."""
+SPEED_PROBE_RUNS = 3
+FASTER_BY = 1.05
+"""``auto`` takes OpenVINO only when it is at least this much faster: a tie keeps torch (one runtime fewer)."""
+OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def cache_key(source: ModelSource, name: str) -> str | None:
+    """What identifies a model's converted copy: its files (names, sizes, times) or its hub commit, and the
+    versions of the runtimes that converted it; None where neither is known."""
+    import openvino
+    import sentence_transformers
+    import torch
+    import transformers
+
+    location = Path(source.location)
+    if location.is_dir():
+        identity: Any = sorted(
+            (str(f.relative_to(location)), f.stat().st_size, f.stat().st_mtime_ns)
+            for f in location.rglob("*")
+            if f.is_file()
+        )
+    else:
+        revision = model_revision(source)
+        if revision is None:
+            return None
+        identity = [name, revision]
+    versions = [openvino.__version__, torch.__version__, transformers.__version__, sentence_transformers.__version__]
+    digest = hashlib.sha256(json.dumps([identity, versions]).encode()).hexdigest()
+    return f"{source.model_id.replace('/', '--')}-{digest[:16]}"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embedding-service"
+
+
+class OpenVINOForward:
+    """The sentence-transformers module's whole forward pass (transformer, pooling, normalisation) converted to
+    OpenVINO and compiled for the CPU at the precision the dtype names; called with a prepared batch, it
+    answers the pooled vectors and the token vectors, as torch's forward does."""
+
+    def __init__(self, compiled: Any, inputs: list[str]) -> None:
+        self._request = compiled.create_infer_request()
+        self._inputs = inputs
+
+    def __call__(self, prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
+        features = prepared.features
+        result = self._request.infer({name: features[name].cpu().numpy() for name in self._inputs})
+        return result[0], result[1]
+
+    @classmethod
+    def build(
+        cls, model: Any, example: Prepared, dtype: str, *, key: str | None, cache_dir: str | None
+    ) -> tuple[OpenVINOForward, str]:
+        """Convert ``model`` (or read the copy a previous start cached under ``key``) and compile it; what was
+        done, in words."""
+        import openvino
+        import torch
+
+        inputs = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in example.features]
+        where = Path(cache_dir) if cache_dir else default_cache_dir()
+        cached = where / "openvino" / key / "model.xml" if key else None
+        core = openvino.Core()
+        started = time.perf_counter()
+        if cached is not None and cached.exists():
+            converted = core.read_model(cached)
+            how = f"read the converted model cached in {cached.parent} in {time.perf_counter() - started:.1f} s"
+        else:
+            converted = convert(model, example, inputs)
+            how = f"converted in {time.perf_counter() - started:.1f} s"
+            how += _save(converted, cached)
+        config = {
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),  # EMBEDDING_TORCH_THREADS, as torch runs
+            "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[dtype],
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        return cls(core.compile_model(converted, "CPU", config), inputs), how
+
+
+def convert(model: Any, example: Prepared, inputs: list[str]) -> Any:
+    """``openvino.convert_model`` of the module's forward pass, batch and sequence length left dynamic."""
+    import openvino
+    import torch
+
+    class Forward(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> tuple[Any, Any]:
+            features = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:  # BERT's; MPNet and XLM-R have none
+                features["token_type_ids"] = token_type_ids
+            output = self.model.forward(features)
+            return output["sentence_embedding"], output["token_embeddings"]
+
+    tensors = {name: example.features[name] for name in inputs}
+    shapes = [(name, [-1, -1], openvino.Type.i64) for name in inputs]
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings on transformers' shape checks
+        return openvino.convert_model(Forward(), example_input=tensors, input=shapes)
+
+
+def _save(converted: Any, cached: Path | None) -> str:
+    """Keep ``converted`` for the next start (written aside, then renamed into place); what happened."""
+    if cached is None:
+        return "; not cached: the model has no files or hub commit to key it by"
+    import openvino
+
+    root = cached.parent.parent
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=root, prefix=".converting-"))
+        try:
+            openvino.save_model(converted, scratch / cached.name, compress_to_fp16=False)
+            os.replace(scratch, cached.parent)  # whole or not at all
+        except OSError:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+    except OSError as exc:
+        return f"; not cached ({exc.strerror or exc}: {root})"
+    return f"; cached in {cached.parent}"
+
+
 def backend_for(settings: Settings) -> EmbeddingBackend:
-    """The backend the settings ask for: their model on their device with their thread count (sentence-
-    transformers is the only kind today; a second kind would be chosen here, by a setting)."""
-    return SentenceTransformerBackend(settings.model, settings.device, settings.torch_threads, settings.dtype)
+    """The backend the settings ask for: their model on their device with their thread count, on the runtime
+    ``EMBEDDING_BACKEND`` names (or ``auto`` picks at start)."""
+    return SentenceTransformerBackend(
+        settings.model,
+        settings.device,
+        settings.torch_threads,
+        settings.dtype,
+        backend=settings.backend,
+        cache_dir=settings.cache_dir,
+    )

@@ -188,6 +188,8 @@ def _load_and_embed(settings: Settings) -> dict[str, Any]:
         "device": info.device,
         "dtype": info.dtype,
         "dtype_reason": info.dtype_reason,
+        "backend": info.backend,
+        "backend_reason": info.backend_reason,
         "load_s": round(loaded - started, 2),
         "embed_s": round(time.perf_counter() - loaded, 3),
     }

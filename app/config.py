@@ -24,6 +24,7 @@ DEFAULT_MODEL = "intfloat/multilingual-e5-small"
 MEMORY_POLICIES = tuple(MemoryPolicy)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+BACKENDS = ("auto", "torch", "openvino")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MODEL_NAME_POLICIES = ("any", "served")
 SECRETS = frozenset({"admin_token", "api_key"})
@@ -89,6 +90,8 @@ class Settings:
     model: str = DEFAULT_MODEL
     device: str = "auto"
     dtype: str = "auto"
+    backend: str = "auto"
+    cache_dir: str | None = None
     port: int = 5000
     batch_size: int = 32
     max_batch_tokens: int = 2048
@@ -131,6 +134,7 @@ class Settings:
     def __post_init__(self) -> None:
         _check(self.device in DEVICES, "DEVICE", f"one of {', '.join(DEVICES)}")
         _check(self.dtype in DTYPES, "DTYPE", f"one of {', '.join(DTYPES)}")
+        _check(self.backend in BACKENDS, "BACKEND", f"one of {', '.join(BACKENDS)}")
         _check(1 <= self.port <= 65535, "PORT", "a port number from 1 to 65535")
         _check(1 <= self.batch_size <= 4096, "BATCH_SIZE", "a whole number from 1 to 4096")
         _check(self.max_batch_tokens >= 1, "MAX_BATCH_TOKENS", "a whole number of at least 1")
@@ -217,6 +221,8 @@ def _read(reader: _EnvReader) -> dict[str, Any]:
         "model": reader.get("MODEL", str, "a hub id, a local directory or all-minilm-l6-v2"),
         "device": reader.get("DEVICE", _lower),
         "dtype": reader.get("DTYPE", _lower),
+        "backend": reader.get("BACKEND", _lower),
+        "cache_dir": reader.get("CACHE_DIR", str, "a directory"),
         "port": reader.get("PORT", _parse_int, "a whole number"),
         "batch_size": reader.get("BATCH_SIZE", _parse_int, "a whole number"),
         "max_batch_tokens": reader.get("MAX_BATCH_TOKENS", _parse_int, "a whole number"),
@@ -262,6 +268,10 @@ HELP: dict[str, str] = {
     "device": "where the model runs: auto picks CUDA, then MPS, then the CPU",
     "dtype": "the precision the model computes in; auto: bfloat16 where the hardware computes it natively and a "
     "start-up probe agrees, else float32",
+    "backend": "the runtime of the forward pass: torch, or openvino (the same model converted at start, CPU only); "
+    "auto: openvino where a start-up check finds it faster on this machine and the fidelity probe agrees",
+    "cache_dir": "where a converted model is kept between starts, keyed by the model's files and the runtime's "
+    "version; unset: $XDG_CACHE_HOME/embedding-service (~/.cache); not writable: converted at every start",
     "port": "the listening port (all interfaces)",
     "batch_size": "most texts in one model batch",
     "max_batch_tokens": "most padded tokens (texts x longest) in one model batch: bounds a batch's activations",
@@ -306,6 +316,7 @@ HELP: dict[str, str] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "device": DEVICES,
     "dtype": DTYPES,
+    "backend": BACKENDS,
     "memory_policy": MEMORY_POLICIES,
     "allocator": ALLOCATORS,
     "log_level": LOG_LEVELS,

@@ -576,7 +576,11 @@ class Engine:
         self._encode(warm_up, tokens=True)
         self._run_hooks(self._on_ready)
         self._metrics.model_info.labels(
-            model=info.model_id, device=info.device, dimensions=str(info.dimensions), dtype=info.dtype
+            model=info.model_id,
+            device=info.device,
+            dimensions=str(info.dimensions),
+            dtype=info.dtype,
+            backend=info.backend,
         ).set(1)
         with self._cond:
             if self._state == "loading":
@@ -589,6 +593,8 @@ class Engine:
             device=info.device,
             dtype=info.dtype,
             dtype_reason=info.dtype_reason,
+            backend=info.backend,
+            backend_reason=info.backend_reason,
             dimensions=info.dimensions,
             max_seq_length=info.max_seq_length,
             load_s=round(loaded - started, 3),

@@ -16,7 +16,7 @@ import socket
 import sys
 from typing import Any
 
-from app.allocator import bound_kernel_caches, exec_under_jemalloc
+from app.allocator import allocator_for, bound_kernel_caches, exec_under_jemalloc
 from app.config import ConfigError, Settings
 from app.handover import HANDOVER_DIR_VARIABLE, Offer, inherited_listeners
 from app.logs import gunicorn_logconfig
@@ -28,7 +28,7 @@ except ConfigError as _error:
     raise SystemExit(2) from None
 
 bound_kernel_caches()  # before the worker imports torch: oneDNN reads it once
-exec_under_jemalloc(_settings.allocator, _settings.malloc_arenas)
+exec_under_jemalloc(allocator_for(_settings.allocator, _settings.backend), _settings.malloc_arenas)
 
 # Sockets inherited from a running version (app.handover) or from systemd replace the bind below.
 _inherited = inherited_listeners() > 0

@@ -496,7 +496,13 @@ class MemoryManager:
     def _log_allocator(self) -> None:
         requested = self._settings.allocator
         fields = {"allocator": self.allocator, "requested": requested, "trim_after_batch": self.trim_after_batch}
-        if requested == "jemalloc" and self.allocator != "jemalloc":
+        if allocator.allocator_for(requested, self._settings.backend) != requested:
+            log.info(
+                "memory.allocator",
+                **fields,
+                hint=f"glibc for EMBEDDING_BACKEND=openvino: {allocator.OPENVINO_CONFLICT}",
+            )
+        elif requested == "jemalloc" and self.allocator != "jemalloc":
             log.warning("memory.allocator", **fields, hint="jemalloc not found (Debian: libjemalloc2)")
         else:
             log.info("memory.allocator", **fields)

@@ -155,8 +155,8 @@ class Metrics:
         )
         self.model_info = Gauge(
             "embedding_model_info",
-            "The loaded model (value 1).",
-            ["model", "device", "dimensions", "dtype"],
+            "The loaded model, the precision and the runtime its forward pass runs in (value 1).",
+            ["model", "device", "dimensions", "dtype", "backend"],
             registry=r,
         )
         self.ready = Gauge("embedding_ready", "1 once the model is loaded and warmed up, else 0.", registry=r)

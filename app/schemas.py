@@ -728,6 +728,8 @@ class InfoResponse(_Answer):
     device: str
     dtype: str = Field(description="The precision the model computes in: float32, bfloat16 or float16.")
     dtype_reason: str = Field(description="Why that dtype: the setting, or what auto found on this hardware.")
+    backend: Literal["torch", "openvino"] = Field(description="The runtime the forward pass runs in.")
+    backend_reason: str = Field(description="Why that runtime: the setting, or what auto measured at start.")
     input_types: list[InputType]
     prompts: dict[str, str] = Field(description="The model's prompts: the prompt_name values /embed takes.")
     batch_size: int

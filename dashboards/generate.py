@@ -315,7 +315,7 @@ def overview(lay: Layout, settings: Settings) -> None:
         "Model",
         "The loaded model and the device it runs on.",
         "none",
-        f"max by (model, device, dimensions, dtype) ({selector('embedding_model_info')})",
+        f"max by (model, device, dimensions, dtype, backend) ({selector('embedding_model_info')})",
         NEUTRAL,
         legend="{{model}} on {{device}} ({{dimensions}}d, {{dtype}})",
         color_mode="none",

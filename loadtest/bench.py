@@ -3,14 +3,15 @@
     make bench                       # 1024 texts of the standard-library corpus
     BENCH_TEXTS=2048 make bench
 
-Over the same mixed-length texts, each run after its own warm-up:
+Over the same mixed-length texts, each run after its own warm-up, on each runtime (torch, and OpenVINO:
+``EMBEDDING_BACKEND``):
   1. in-process in float32, and in-process at the dtype ``EMBEDDING_DTYPE=auto`` picks on this machine
      (length-sorted batches of 32, the service's own backend);
   2. the service at the auto dtype: 4 clients x 32-text requests (through OpenAI's /v1/embeddings with
      base64 vectors, then text-embeddings-inference's /embed with JSON numbers), 16 clients x single texts,
      and 8 clients x 1-64 random texts.
-It prints texts/s and each service run's ratio to in-process at the same dtype, and writes
-``reports/bench.json``. Numbers only: nothing here passes or fails.
+It prints the CPU's flags, texts/s and each service run's ratio to in-process on the same runtime at the same
+dtype, and writes ``reports/bench.json``. Numbers only: nothing here passes or fails.
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ REPORTS = Path("reports")
 TARGETS = {"service_32_texts": 1.0, "service_single_texts": 0.8}
 
 
-def in_process(texts: list[str], dtype: str) -> float:
-    """Texts per second of the service's backend alone at ``dtype``, length-sorted batches of 32."""
-    from loadtest.fidelity import encode_all, load
+def in_process(texts: list[str], dtype: str, backend: str = "torch") -> float:
+    """Texts per second of the service's backend alone at ``dtype`` on ``backend`` (torch or openvino),
+    length-sorted batches of 32."""
+    from app.backend import SentenceTransformerBackend
+    from loadtest.fidelity import encode_all
 
-    _, rate = encode_all(load(dtype), texts)
+    model = SentenceTransformerBackend(BUNDLED_MODEL, "cpu", dtype=dtype, backend=backend)
+    model.load()
+    _, rate = encode_all(model, texts)
     return rate
 
 
@@ -82,51 +87,67 @@ def random_requests(texts: list[str], seed: int = 7) -> list[list[str]]:
     return out
 
 
+def service_rates(texts: list[str], env: dict[str, str], name: str) -> dict[str, float]:
+    """The three loads (and the 32-text one through TEI's route) through a service started with ``env``."""
+    service = ServiceProcess(REPORTS / f"bench-service-{name}.log", env=env).start()
+    try:
+        service.wait_ready(300)
+        url = service.url
+        loads: dict[str, tuple[str, list[list[str]], int, str]] = {
+            "32_texts": (f"{name} service, 4 clients x 32 texts", chunks(texts, 32), 4, "openai"),
+            "32_texts_tei": ("  the same through TEI's /embed", chunks(texts, 32), 4, "tei"),
+            "single_texts": (f"{name} service, 16 clients x 1 text", chunks(texts, 1), 16, "openai"),
+            "random_1_64_texts": (f"{name} service, 8 clients x 1-64 texts", random_requests(texts), 8, "openai"),
+        }
+        return {
+            load: timed(label, lambda r=requests_, c=clients, p=protocol: through_service(url, r, c, p))
+            for load, (label, requests_, clients, protocol) in loads.items()
+        }
+    finally:
+        service.terminate()
+
+
 def main() -> None:
-    from app.backend import pick_dtype
+    from app.backend import cpu_flags, pick_dtype
 
     n = int(os.environ.get("BENCH_TEXTS", "1024"))
     texts = [d.text for d in sample(build_corpus(), n, seed=1)]
     words = sum(len(t.split()) for t in texts)
     auto, why = pick_dtype("auto", "cpu")
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx_vnni", "avx512_vnni"})
     print(f"benchmark: {n} texts, {words / n:.0f} words on average, model {BUNDLED_MODEL}, {os.cpu_count()} CPUs")
-    print(f"auto dtype: {auto} ({why})")
-    fp32 = timed("in-process, float32", lambda: in_process(texts, "float32"))
-    base = fp32 if auto == "float32" else timed(f"in-process, {auto}", lambda: in_process(texts, auto))
+    print(
+        f"CPU flags: {', '.join(flags) or 'none of avx2, avx512f, avx512_bf16, amx_bf16'}; auto dtype: {auto} ({why})"
+    )
+    fp32 = timed("in-process torch, float32", lambda: in_process(texts, "float32"))
+    base = fp32 if auto == "float32" else timed(f"in-process torch, {auto}", lambda: in_process(texts, auto))
+    ov_fp32 = timed("in-process openvino, float32", lambda: in_process(texts, "float32", "openvino"))
+    ov_base = ov_fp32
+    if auto != "float32":
+        ov_base = timed(f"in-process openvino, {auto}", lambda: in_process(texts, auto, "openvino"))
     REPORTS.mkdir(exist_ok=True)
-    service = ServiceProcess(REPORTS / "bench-service.log", env={"EMBEDDING_DTYPE": "auto"}).start()
-    try:
-        service.wait_ready()
-        batched = timed("service, 4 clients x 32 texts", lambda: through_service(service.url, chunks(texts, 32), 4))
-        tei = timed(
-            "  the same through TEI's /embed", lambda: through_service(service.url, chunks(texts, 32), 4, "tei")
-        )
-        single = timed("service, 16 clients x 1 text", lambda: through_service(service.url, chunks(texts, 1), 16))
-        mixed = timed(
-            "service, 8 clients x 1-64 texts", lambda: through_service(service.url, random_requests(texts), 8)
-        )
-    finally:
-        service.terminate()
-    result = {
+    torch_rates = service_rates(texts, {"EMBEDDING_DTYPE": "auto", "EMBEDDING_BACKEND": "torch"}, "torch")
+    openvino_rates = service_rates(texts, {"EMBEDDING_DTYPE": "auto", "EMBEDDING_BACKEND": "openvino"}, "openvino")
+    result: dict[str, object] = {
         "texts": n,
+        "cpu_flags": flags,
         "auto_dtype": auto,
         "auto_reason": why,
         "in_process_float32_texts_per_s": round(fp32, 1),
         "in_process_auto_texts_per_s": round(base, 1),
-        "service_32_texts_per_s": round(batched, 1),
-        "service_32_texts_tei_per_s": round(tei, 1),
-        "service_single_texts_per_s": round(single, 1),
-        "service_random_1_64_texts_per_s": round(mixed, 1),
-        "ratio_32_texts": round(batched / base, 3),
-        "ratio_single_texts": round(single / base, 3),
-        "ratio_random_1_64_texts": round(mixed / base, 3),
+        "in_process_openvino_float32_texts_per_s": round(ov_fp32, 1),
+        "in_process_openvino_auto_texts_per_s": round(ov_base, 1),
         "targets": TARGETS,
     }
-    print(
-        f"ratio to in-process at {auto}: 32-text requests {result['ratio_32_texts']:.2f}"
-        f" (target {TARGETS['service_32_texts']}), single texts {result['ratio_single_texts']:.2f}"
-        f" (target {TARGETS['service_single_texts']}), 1-64 random {result['ratio_random_1_64_texts']:.2f}"
-    )
+    for name, rates, reference in (("torch", torch_rates, base), ("openvino", openvino_rates, ov_base)):
+        for load, rate in rates.items():
+            result[f"service_{name}_{load}_per_s"] = round(rate, 1)
+            result[f"ratio_{name}_{load}"] = round(rate / reference, 3)
+        print(
+            f"{name}: ratio to in-process {name} at {auto}: 32-text requests {rates['32_texts'] / reference:.2f}"
+            f" (target {TARGETS['service_32_texts']}), single texts {rates['single_texts'] / reference:.2f}"
+            f" (target {TARGETS['service_single_texts']}), 1-64 random {rates['random_1_64_texts'] / reference:.2f}"
+        )
     (REPORTS / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -31,7 +31,7 @@ from loadtest.service import BUNDLED_MODEL
 REPORTS = Path("reports")
 MIN_COSINE = 0.999
 MIN_KNN_OVERLAP = 0.98
-VARIANTS = ("float32", "bfloat16", "float16", "bfloat16-weights")
+VARIANTS = ("float32", "bfloat16", "float16", "bfloat16-weights", "openvino-float32", "openvino-bfloat16")
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,10 @@ def encode_all(backend: SentenceTransformerBackend, texts: list[str], batch_size
 
 
 def load(variant: str) -> SentenceTransformerBackend:
-    """The bundled model on CPU computing in ``variant``'s precision."""
-    dtype = variant.removesuffix("-weights")
-    backend = SentenceTransformerBackend(BUNDLED_MODEL, "cpu", dtype=dtype)
+    """The bundled model on CPU computing in ``variant``'s precision (``openvino-``: in OpenVINO)."""
+    runtime = "openvino" if variant.startswith("openvino-") else "torch"
+    dtype = variant.removeprefix("openvino-").removesuffix("-weights")
+    backend = SentenceTransformerBackend(BUNDLED_MODEL, "cpu", dtype=dtype, backend=runtime)
     backend.load()
     if variant.endswith("-weights"):
         backend.cast_weights(dtype)

@@ -1,0 +1,84 @@
+"""EMBEDDING_BACKEND on the real service: OpenVINO runs the same model converted at start and keeps its vectors,
+a restart reads the converted copy instead of converting again, auto decides from what it measured, and the
+default allocator (jemalloc, which OpenVINO cannot run beside) keeps auto on torch and says why."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from app.backend import cosines, resolve_model
+from loadtest.corpus import build_corpus, sample
+from loadtest.fidelity import MIN_COSINE, MIN_KNN_OVERLAP, knn_overlap
+from loadtest.service import BUNDLED_MODEL, ServiceProcess, running_service
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("converted")
+
+
+@pytest.fixture(scope="module")
+def openvino(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Iterator[ServiceProcess]:
+    env = {"EMBEDDING_BACKEND": "openvino", "EMBEDDING_CACHE_DIR": str(cache)}
+    with running_service(tmp_path_factory.mktemp("openvino") / "service.log", env) as service:
+        yield service
+
+
+def info(service: ServiceProcess) -> dict[str, str]:
+    answer: dict[str, str] = requests.get(f"{service.url}/info", timeout=10).json()
+    return answer
+
+
+def test_openvino_serves_the_models_vectors(openvino: ServiceProcess) -> None:
+    """The whole path through the service on OpenVINO against sentence-transformers' own float32 encode()."""
+    from sentence_transformers import SentenceTransformer
+
+    texts = [d.text for d in sample(build_corpus(), 64, seed=2)]
+    answer = requests.post(f"{openvino.url}/embed", json={"inputs": texts}, timeout=120)
+    assert answer.status_code == 200, answer.text
+    served = np.asarray(answer.json(), dtype=np.float32)
+    library = SentenceTransformer(resolve_model(BUNDLED_MODEL).location, device="cpu")
+    reference = library.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True)
+    cos = cosines(reference, served)
+    described = info(openvino)
+    print(f"\nopenvino at {described['dtype']}: min cosine {cos.min():.5f}; {described['backend_reason']}")
+    assert described["backend"] == "openvino"
+    assert cos.min() >= MIN_COSINE
+    assert knn_overlap(reference, served) >= MIN_KNN_OVERLAP
+    assert openvino.metric("embedding_model_info", backend="openvino") == 1
+    (allocator,) = openvino.events("memory.allocator")
+    assert allocator["allocator"] == "glibc" and "jemalloc" in allocator["hint"]
+
+
+def test_a_restart_reads_the_converted_model_instead_of_converting_again(
+    openvino: ServiceProcess, cache: Path, tmp_path: Path
+) -> None:
+    first = info(openvino)["backend_reason"]
+    assert "converted in" in first or "read the converted model" in first
+    (converted,) = cache.glob("openvino/*/model.xml")
+    env = {"EMBEDDING_BACKEND": "openvino", "EMBEDDING_CACHE_DIR": str(cache)}
+    with running_service(tmp_path / "again.log", env) as again:
+        reason = info(again)["backend_reason"]
+    print(f"\nfirst start: {first}\nsecond start: {reason}")
+    assert f"read the converted model cached in {converted.parent}" in reason
+
+
+def test_auto_picks_by_what_it_measured_and_jemalloc_keeps_torch(tmp_path: Path) -> None:
+    with running_service(tmp_path / "glibc.log", {"EMBEDDING_ALLOCATOR": "glibc"}) as glibc:
+        measured = info(glibc)
+    print(f"\nauto on glibc: {measured['backend']}: {measured['backend_reason']}")
+    speed = re.search(r"openvino ran at ([\d.]+)x torch's speed", measured["backend_reason"])
+    assert speed is not None
+    assert measured["backend"] == ("openvino" if float(speed.group(1)) >= 1.05 else "torch")
+    with running_service(tmp_path / "jemalloc.log") as default:
+        kept = info(default)
+    assert kept["backend"] == "torch"
+    assert "cannot run beside jemalloc" in kept["backend_reason"]
