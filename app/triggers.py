@@ -117,10 +117,13 @@ class Triggers:
         self._in_hand = False  # the inference thread took the asked-for cleanup and runs it
 
     def count_request(self) -> bool:
-        """One request admitted; whether ``EMBEDDING_CLEANUP_EVERY_REQUESTS`` have been since the last cleanup."""
+        """One request admitted; whether it is the one that makes ``EMBEDDING_CLEANUP_EVERY_REQUESTS`` since the
+        last cleanup: the monitor is woken once for the count, not by every request that follows until the
+        cleanup has run (each wake is a full memory sample: under 16 single-text clients that was a quarter of a
+        core taken from the model)."""
         with self._lock:
             self._requests += 1
-            return self._requests >= self._settings.cleanup_every_requests
+            return self._requests == self._settings.cleanup_every_requests
 
     def state(self) -> TriggerState:
         with self._lock:
