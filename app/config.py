@@ -251,7 +251,8 @@ def _read(reader: _EnvReader) -> dict[str, Any]:
         "trim_interval_s": reader.get("TRIM_INTERVAL_S", _parse_float, "a number of seconds"),
         "allocator": reader.get("ALLOCATOR", _lower),
         "malloc_arenas": reader.get("MALLOC_ARENAS", _parse_int, "a whole number"),
-        "admin_token": reader.get("ADMIN_TOKEN", str, "a secret"),
+        # Stripped as the token a client sends is: a value written with a trailing newline still matches.
+        "admin_token": reader.get("ADMIN_TOKEN", str.strip, "a secret"),
         "debug_endpoints": reader.get("DEBUG_ENDPOINTS", _parse_bool, "true or false"),
         "state_dir": reader.get("STATE_DIR", str, "a directory"),
         "log_level": reader.get("LOG_LEVEL", _lower),

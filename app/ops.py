@@ -111,10 +111,16 @@ def require_admin(token: str | None) -> None:
 
 
 def _is_loopback(address: str | None) -> bool:
+    """127.0.0.0/8 and ::1, and 127.0.0.1 as a dual-stack socket bound to [::] sees it (::ffff:127.0.0.1), which
+    Python 3.11's ``is_loopback`` does not count."""
+    if address is None:
+        return False
     try:
-        return address is not None and ipaddress.ip_address(address).is_loopback
+        ip = ipaddress.ip_address(address)
     except ValueError:
         return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
 
 
 def whole_number_arg(name: str, default: int, maximum: int) -> int:

@@ -865,8 +865,15 @@ def model_names(info: ModelInfo, served: tuple[str, ...] = ()) -> set[str]:
 
 
 def quote(value: Any) -> str:
-    """``repr(value)`` up to :data:`MAX_QUOTE_CHARS`, marked when cut: error messages never echo a whole input."""
-    text = repr(value) if not isinstance(value, int) or isinstance(value, bool) else _int_text(value)
+    """``repr(value)`` up to :data:`MAX_QUOTE_CHARS`, marked when cut: error messages never echo a whole input.
+    A value nested deeper than Python can render (an array in an array, about 980 deep) is named, not shown: the
+    RecursionError it raised was a 500 for a client's bad input."""
+    try:
+        text = repr(value) if not isinstance(value, int) or isinstance(value, bool) else _int_text(value)
+    except RecursionError:
+        return f"an {_type_name(value)} nested too deeply to show"
+    except ValueError:  # a number of more digits than Python converts, inside an array or an object
+        return f"an {_type_name(value)} holding a number of thousands of digits"
     return text if len(text) <= MAX_QUOTE_CHARS else f"{text[:MAX_QUOTE_CHARS]}... ({len(text)} characters)"
 
 

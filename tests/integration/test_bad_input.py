@@ -150,3 +150,25 @@ def test_bad_requests_do_not_disturb_good_ones(service: ServiceProcess) -> None:
         assert sum(f.result() for f in bad) > 0
     assert statuses == [200] * 40
     assert requests.get(f"{service.url}/ready", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "field"),
+    [
+        ("/v1/embeddings", '"input": "x"', "encoding_format"),
+        ("/embed", '"inputs": "x"', "input_type"),
+        ("/embed", '"inputs": "x"', "truncation_direction"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["array", "object"])
+def test_a_value_nested_as_deep_as_python_can_render_is_a_client_error(
+    service: ServiceProcess, route: str, body: str, field: str, kind: str
+) -> None:
+    """980 to 982 levels were a 500 (a RecursionError quoting the value in the message): each one a 5xx for the
+    error-rate alert. Every depth around Python's recursion limit is now the client's error, in JSON."""
+    for depth in range(976, 987):
+        value = "[" * depth + "1" + "]" * depth if kind == "array" else '{"k":' * depth + "1" + "}" * depth
+        raw = ("{" + body + f', "{field}": {value}' + "}").encode()
+        response = requests.post(f"{service.url}{route}", data=raw, headers=JSON, timeout=30)
+        assert response.status_code in (400, 422), (depth, response.status_code, response.text[:300])
+        assert len(message_of(route, response)) < 400

@@ -305,6 +305,25 @@ def test_without_a_token_admin_routes_answer_loopback_clients_only(client: Flask
 
 
 @pytest.mark.parametrize(
+    ("address", "status"),
+    [("::ffff:127.0.0.1", 200), ("::1", 200), ("127.0.0.9", 200), ("::ffff:192.0.2.7", 403), ("::ffff:7f00:1", 200)],
+)
+def test_loopback_counts_as_a_dual_stack_socket_sees_it(backend: FakeBackend, address: str, status: int) -> None:
+    """Bound to [::], a client on 127.0.0.1 arrives as ::ffff:127.0.0.1, which Python 3.11 does not call loopback:
+    it was refused the admin routes."""
+    app = Service(SETTINGS, backend=backend, heap=QUIET_HEAP, record_run=False).app  # not started
+    assert app.test_client().post("/cleanup", environ_base={"REMOTE_ADDR": address}).status_code == status
+
+
+def test_an_admin_token_written_with_a_newline_still_matches(backend: FakeBackend) -> None:
+    """The token sent is stripped; the configured one (a Secret's file, an env file) is now too."""
+    settings = Settings.from_env({"EMBEDDING_MODEL": "fake", "EMBEDDING_ADMIN_TOKEN": "let-me-in\n"})
+    app = Service(settings, backend=backend, heap=QUIET_HEAP, record_run=False).app
+    answer = app.test_client().post("/cleanup", environ_base=ELSEWHERE, headers={"Authorization": "Bearer let-me-in"})
+    assert answer.status_code == 200
+
+
+@pytest.mark.parametrize(
     "headers", [{"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}], ids=["origin", "fetch"]
 )
 def test_admin_routes_refuse_a_browsers_request(client: FlaskClient, headers: dict[str, str]) -> None:

@@ -68,6 +68,7 @@ def test_the_oldest_generation_is_counted_at_most_once_per_interval() -> None:
     now[0] = 59.0
     assert objects.sample().gc_tracked_objects["2"] == first.gc_tracked_objects["2"]  # not counted again yet
     now[0] = 60.0
-    assert objects.sample().gc_tracked_objects["2"] >= first.gc_tracked_objects["2"] + 50_000
+    # At least the 50,000 held, give or take the few objects the collection between the counts freed there.
+    assert objects.sample().gc_tracked_objects["2"] >= first.gc_tracked_objects["2"] + 49_000
     assert objects.sample().allocated_blocks > 0
     del held
