@@ -192,6 +192,9 @@ class Protocol(gunicorn_protocol.ASGIProtocol):  # type: ignore[misc]  # gunicor
                 f"transfer coding {message!r} is not supported: send the body with a Content-Length, or with "
                 "Transfer-Encoding: chunked"
             )
+        if not path:  # gunicorn's parser refused the request: the route its request line named, if it got that far
+            target = getattr(self._callback_parser, "path", None)
+            path = target.decode("latin-1").partition("?")[0] if isinstance(target, bytes) else ""
         reason = PROTOCOL_REFUSALS.get(status)
         refused = getattr(self.app, "on_refusal", None)
         if reason is not None and refused is not None:

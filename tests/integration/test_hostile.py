@@ -69,7 +69,7 @@ def test_slow_headers_and_stalled_bodies_are_cut_off_with_408(strict: ServicePro
         time.sleep(4)
         assert attack.open_connections() == 0
     assert attack.answers == {"HTTP/1.1 408 Request Timeout": 10}
-    status, body = status_and_json(raw_exchange(strict, b"POST /embed HTTP/1.1\r\nHost: x\r\n"))
+    status, body = status_and_json(raw_exchange(strict, b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n"))
     assert status == 408
     assert body["error"] == {
         "message": "the request headers did not arrive within 1 s",
@@ -152,7 +152,7 @@ def test_an_over_limit_body_is_a_readable_413_chunked_or_not(service: ServicePro
     [
         (b"THIS IS NOT HTTP\r\n\r\n", 400),
         (b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
-        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 10_000 + b"\r\n\r\n", 431),
+        (b"GET /live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 10_000 + b"\r\n\r\n", 431),
     ],
     ids=["garbage", "long-url", "huge-header"],
 )
@@ -233,9 +233,9 @@ def test_a_client_that_half_closes_after_its_request_gets_its_answer(service: Se
 @pytest.mark.parametrize(
     ("raw", "status", "error_type", "reason"),
     [
-        (b"GET /health HTTP/1.1\r\n\r\n", 400, "invalid_request_error", "bad_request"),
+        (b"GET /live HTTP/1.1\r\n\r\n", 400, "invalid_request_error", "bad_request"),
         (
-            b"POST /embed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n",
             501,
             "not_supported_error",
             "not_supported",
@@ -264,3 +264,18 @@ def test_a_chunk_announced_over_the_body_limit_is_a_413_before_it_is_sent(servic
     assert status == 413
     assert "larger than the limit of 1048576 bytes" in str(body)
     assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize(("route", "shape"), [("/embed", {"error", "error_type"}), ("/v1/embeddings", {"error"})])
+def test_a_request_the_parser_refuses_gets_its_routes_error_shape(
+    service: ServiceProcess, route: str, shape: set[str]
+) -> None:
+    """Both Content-Length and Transfer-Encoding (a smuggling attempt): gunicorn's parser refuses it before the
+    request exists; the answer still takes the shape of the route it named (TEI's on TEI's routes)."""
+    raw = (
+        f"POST {route}?x=1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ).encode()
+    status, body = status_and_json(raw_exchange(service, raw))
+    assert status == 400
+    assert set(body) == shape
