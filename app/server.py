@@ -193,8 +193,9 @@ class Protocol(gunicorn_protocol.ASGIProtocol):  # type: ignore[misc]  # gunicor
                 "Transfer-Encoding: chunked"
             )
         if not path:  # gunicorn's parser refused the request: the route its request line named, if it got that far
-            target = getattr(self._callback_parser, "path", None)
+            target, verb = (getattr(self._callback_parser, name, None) for name in ("path", "method"))
             path = target.decode("latin-1").partition("?")[0] if isinstance(target, bytes) else ""
+            method = verb.decode("latin-1") if isinstance(verb, bytes) and not method else method
         reason = PROTOCOL_REFUSALS.get(status)
         refused = getattr(self.app, "on_refusal", None)
         if reason is not None and refused is not None:
