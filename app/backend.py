@@ -147,12 +147,9 @@ def resolve_model(name: str) -> ModelSource:
 
 def offline_hint(source: ModelSource) -> str:
     """What to do when a hub model cannot be fetched because the hub is off (the Docker image's HF_HUB_OFFLINE=1)."""
-    if Path(source.location).is_dir() or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in {
-        "1",
-        "true",
-        "yes",
-        "on",
-    }:
+    from huggingface_hub.constants import HF_HUB_OFFLINE  # the library's own reading of the variable
+
+    if Path(source.location).is_dir() or not HF_HUB_OFFLINE:
         return ""
     return (
         " (HF_HUB_OFFLINE is set, as in the Docker image: serve the model the image was built with, a directory "
@@ -349,6 +346,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
         self._counter: Any = None
         self._dtype = "float32"
         self._openvino: OpenVINOForward | None = None  # set when the forward pass runs in OpenVINO
+        self._reference: np.ndarray | None = None  # the fidelity probe in torch at float32, once computed
 
     def load(self) -> ModelInfo:
         import torch
@@ -402,8 +400,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
         dtype, reason = pick_dtype(self._requested_dtype, device, flags)
         if dtype == "float32":
             return dtype, reason
-        self._dtype = "float32"
-        reference = self._probe()
+        reference = self._float32_probe()
         self._dtype = dtype
         worst = float(cosines(reference, self._probe()).min())
         if worst >= FIDELITY_MIN_COSINE:
@@ -433,9 +430,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
             if requested == "openvino":
                 raise ModelLoadError(f"EMBEDDING_BACKEND=openvino: cannot run the model in OpenVINO: {exc}") from exc
             return "torch", f"auto: openvino cannot run this model ({type(exc).__name__}: {exc})"
-        saved, self._dtype = self._dtype, "float32"
-        reference = self._probe()
-        self._dtype = saved
+        reference = self._float32_probe()
         self._openvino = forward
         worst = float(cosines(reference, self._probe()).min())
         fidelity = f"min cosine to torch float32 {worst:.5f}"
@@ -498,6 +493,16 @@ class SentenceTransformerBackend(EmbeddingBackend):
 
     def _probe(self) -> np.ndarray:
         return self.finish(self.encode(self.prepare(list(FIDELITY_PROBE))))
+
+    def _float32_probe(self) -> np.ndarray:
+        """The probe in torch at float32: the reference both the dtype's and the runtime's checks compare with,
+        computed once."""
+        if self._reference is None:
+            assert self._openvino is None, "the reference is torch's"
+            saved, self._dtype = self._dtype, "float32"
+            self._reference = self._probe()
+            self._dtype = saved
+        return self._reference
 
     @staticmethod
     def _shape(model: Any) -> ModelShape:
@@ -644,11 +649,8 @@ def cache_key(source: ModelSource, name: str) -> str | None:
 
     location = Path(source.location)
     if location.is_dir():
-        identity: Any = sorted(
-            (str(f.relative_to(location)), f.stat().st_size, f.stat().st_mtime_ns)
-            for f in location.rglob("*")
-            if f.is_file()
-        )
+        files = [(f, f.stat()) for f in location.rglob("*") if f.is_file()]
+        identity: Any = sorted((str(f.relative_to(location)), st.st_size, st.st_mtime_ns) for f, st in files)
     else:
         revision = model_revision(source)
         if revision is None:

@@ -203,8 +203,14 @@ SKIPPED_FILES = ["*.onnx", "onnx/*", "openvino/*", "*.h5", "*.msgpack", "*.ot", 
 
 
 def _download(args: argparse.Namespace) -> int:
+    from app.backend import ModelLoadError, resolve_model
+
     model = (args.model or os.environ.get("EMBEDDING_MODEL", "")).strip()
-    if not model or model.startswith((".", "/", "~")):
+    try:  # a hub id resolves to itself; a directory or a bundled model's name to a place on this disk
+        hub_id = bool(model) and resolve_model(model).location == model and not Path(model).is_dir()
+    except ModelLoadError:  # a path that does not exist
+        hub_id = False
+    if not hub_id:
         sys.stderr.write(
             f"embedding service: download needs a hub model id (--model or EMBEDDING_MODEL), got {model!r}\n"
         )

@@ -19,7 +19,6 @@ PROTOCOL_METHODS = (
     "_on_body",
     "_send_response_start",
     "_send_error_response",
-    "_will_close",
     "_safe_write",
     "_close_transport",
     "connection_made",

@@ -68,23 +68,29 @@ class Protocol(gunicorn_protocol.ASGIProtocol):  # type: ignore[misc]  # gunicor
     _body_seen = 0  # body bytes of the current request so far
     _peer_check: asyncio.TimerHandle | None = None
     _answers = 0  # requests whose headers arrived on this connection
-    _retire = False  # close the connection after the current answer
     _retire_at = float("inf")  # the event loop's time after which the next answer closes the connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        max_age = self.worker.connection_max_age_s
-        if max_age > 0:
-            self._retire_at = self.worker.loop.time() + max_age * random.uniform(1 - AGE_JITTER, 1 + AGE_JITTER)  # noqa: S311
+        settings = self.worker.settings
+        if settings.connection_max_age_s > 0:
+            jitter = random.uniform(1 - AGE_JITTER, 1 + AGE_JITTER)  # noqa: S311  (spreading, not security)
+            self._retire_at = self.worker.loop.time() + settings.connection_max_age_s * jitter
         # Later requests on a kept-alive connection are bounded by gunicorn's keepalive timer instead.
-        self._header_deadline = self.worker.loop.call_later(self.worker.header_timeout_s, self._headers_too_slow)
+        self._header_deadline = self.worker.loop.call_later(settings.header_timeout_s, self._headers_too_slow)
+
+    def _retire(self) -> None:
+        """Close the connection once the current answer is written: gunicorn's own keep-alive switch, which
+        announces ``Connection: close`` and ends the connection loop after the answer."""
+        self._keepalive = 0
 
     def _on_headers_complete(self) -> bool:
         self._cancel_header_deadline()
         self._answering, self._body_seen = False, 0
         self._answers += 1
-        most = self.worker.connection_max_requests
-        self._retire = bool(most and self._answers >= most) or self.worker.loop.time() >= self._retire_at
+        most = self.worker.settings.connection_max_requests
+        if (most and self._answers >= most) or self.worker.loop.time() >= self._retire_at:
+            self._retire()
         parser = self._callback_parser
         if parser.http_version == (1, 1) and not any(name == b"host" for name, _ in parser.headers):
             self._refuse(400, "an HTTP/1.1 request must have a Host header (RFC 9112 section 3.2)")
@@ -101,22 +107,20 @@ class Protocol(gunicorn_protocol.ASGIProtocol):  # type: ignore[misc]  # gunicor
         if self._closed or parser is None or getattr(parser, "_chunk_state", None) != "data":
             return
         announced = self._body_seen + int(getattr(parser, "_chunk_remaining", 0))
-        if announced > self.worker.max_body_bytes:
+        limit = self.worker.settings.max_body_bytes
+        if announced > limit:
             self._refuse(
                 413,
-                f"request body is larger than the limit of {self.worker.max_body_bytes} bytes "
+                f"request body is larger than the limit of {limit} bytes "
                 f"(EMBEDDING_MAX_BODY_BYTES): a chunk announced would make it {announced} bytes",
             )
 
     def _send_response_start(self, status: int, headers: Any, request: Any, close: bool = False) -> Any:
         self._answering = True
-        if status in RETRY_ELSEWHERE:
-            self._retire = True
-        return super()._send_response_start(status, headers, request, close=close or self._retire)
-
-    def _will_close(self, request: Any, response_requires_close: bool) -> bool:
-        """gunicorn's decision, and this connection's retirement (its age, its answers, a retry-later answer)."""
-        return self._retire or bool(super()._will_close(request, response_requires_close))
+        if status in RETRY_ELSEWHERE:  # known only now: gunicorn decided to keep the connection a moment ago
+            self._retire()
+            close = True
+        return super()._send_response_start(status, headers, request, close=close)
 
     def eof_received(self) -> bool | None:
         """The client ended its stream. With its request whole and unanswered it may only have closed its
@@ -165,7 +169,7 @@ class Protocol(gunicorn_protocol.ASGIProtocol):  # type: ignore[misc]  # gunicor
         self._header_deadline = None
         if self._closed or self._current_request is not None:
             return
-        self._refuse(408, f"the request headers did not arrive within {self.worker.header_timeout_s:g} s")
+        self._refuse(408, f"the request headers did not arrive within {self.worker.settings.header_timeout_s:g} s")
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer ``status`` with the JSON error body (in the shape of the request's route, once it is known)
@@ -220,11 +224,7 @@ class Worker(gasgi.ASGIWorker):  # type: ignore[misc]  # gunicorn is untyped
     def load_wsgi(self) -> None:
         super().load_wsgi()
         # The protocol's limits are the served app's settings (read once, when app.asgi was imported).
-        settings = components(self.asgi.wsgi_app).settings
-        self.header_timeout_s = settings.header_timeout_s
-        self.max_body_bytes = settings.max_body_bytes
-        self.connection_max_age_s = settings.connection_max_age_s
-        self.connection_max_requests = settings.connection_max_requests
+        self.settings = components(self.asgi.wsgi_app).settings
 
     def init_process(self) -> None:
         # gunicorn's worker builds each connection's protocol from this module-level name; in this (forked

@@ -38,29 +38,14 @@ from typing import Any
 import requests
 import yaml
 
-from loadtest.rehearsal import SERVICE_PROXY_CONFIG, Balancer
+from loadtest.rehearsal import SERVICE_PROXY_CONFIG, Balancer, main_container
 from loadtest.service import BUNDLED_MODEL, ROOT, ServiceProcess
-
-BASE = ROOT / "deploy" / "kubernetes" / "base"
-
-
-def main_container() -> dict[str, Any]:
-    """The service's container as deploy/kubernetes/base/deployment.yaml declares it."""
-    manifest = yaml.safe_load((BASE / "deployment.yaml").read_text())
-    (container,) = (c for c in manifest["spec"]["template"]["spec"]["containers"] if c["name"] == "embedding-service")
-    return container  # type: ignore[no-any-return]
 
 
 def readiness_path() -> str:
     """The path of the manifest's readiness probe: what decides whether a pod is among the Service's endpoints."""
     path: str = main_container()["readinessProbe"]["httpGet"]["path"]
     return path
-
-
-def manifest_settings() -> dict[str, str]:
-    """deploy/kubernetes/base/settings.env: the EMBEDDING_* variables every pod gets."""
-    pairs = (line.split("=", 1) for line in (BASE / "settings.env").read_text().splitlines())
-    return {key.strip(): value.strip() for key, value in (p for p in pairs if len(p) == 2) if not key.startswith("#")}
 
 
 def _replica_of(balancer: Balancer) -> Counter[str]:
@@ -128,7 +113,7 @@ def rehearse_all_shedding(work: Path, readiness: list[str]) -> dict[str, Any]:
     pod = ServiceProcess(work / "pod.log", env).start()
     seen: dict[str, Any] = {}
     try:
-        _wait(lambda: _status(f"{pod.url}/health") == 200, "the replica to load its model")
+        pod.wait_ready(path="/health")  # loaded: /ready is 503 while it sheds
         _wait(lambda: _status(f"{pod.url}/ready") == 503, "the replica to shed")
         for i, path in enumerate(readiness):
             (work / f"service-{i}").mkdir()
@@ -174,31 +159,41 @@ def _wait(condition: Any, what: str, timeout_s: float = 120.0) -> None:
 KUSTOMIZE = ROOT / "deploy" / "kubernetes"
 
 
-def render(components: list[str], settings: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """The base with ``components`` (and ``settings`` merged into its ConfigMap), as ``kubectl kustomize``
-    renders an overlay that lists them."""
+class KubeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads a bare ``=`` (an AlertmanagerConfig's matchType, as kustomize writes it and Kubernetes'
+    YAML 1.2 reader takes it) as its 'value' tag: a string here."""
+
+
+KubeLoader.add_constructor("tag:yaml.org,2002:value", lambda loader, node: loader.construct_scalar(node))
+
+
+def render_dir(kustomization: Path) -> list[dict[str, Any]]:
+    """What ``kubectl kustomize`` renders of the kustomization in ``kustomization`` (offline)."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         raise RuntimeError("kubectl is needed to render the manifests (kubectl kustomize works offline)")
+    out = subprocess.run([kubectl, "kustomize", str(kustomization)], capture_output=True, text=True, check=True)
+    return [doc for doc in yaml.load_all(out.stdout, Loader=KubeLoader) if doc]
+
+
+def render(components: tuple[str, ...] | list[str], settings: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The base with ``components`` (and ``settings`` merged into its ConfigMap), as an overlay that lists them
+    renders it."""
     with tempfile.TemporaryDirectory() as directory:
         here = Path(directory)
-        overlay: dict[str, Any] = {
+        overlay: dict[str, Any] = {  # kustomize takes relative paths only
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
             "kind": "Kustomization",
             "resources": [os.path.relpath(KUSTOMIZE / "base", here)],
             "components": [os.path.relpath(KUSTOMIZE / "components" / name, here) for name in components],
         }
         if settings:
+            literals = [f"{k}={v}" for k, v in settings.items()]
             overlay["configMapGenerator"] = [
-                {
-                    "name": "embedding-service-config",
-                    "behavior": "merge",
-                    "literals": [f"{k}={v}" for k, v in settings.items()],
-                }
+                {"name": "embedding-service-config", "behavior": "merge", "literals": literals}
             ]
         (here / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
-        out = subprocess.run([kubectl, "kustomize", str(here)], capture_output=True, text=True, check=True)
-    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+        return render_dir(here)
 
 
 def image_environment() -> dict[str, str]:
@@ -215,12 +210,16 @@ def image_environment() -> dict[str, str]:
     return {k: v for k, v in env.items() if "${" not in v}  # build arguments (the build's sha, its label)
 
 
+def dockerfile_instruction(name: str) -> str:
+    """The argument of the Dockerfile's last ``name`` instruction (the runtime stage's): USER, WORKDIR, ..."""
+    return str(re.findall(rf"^{name} (.+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)[-1]).strip()
+
+
 def entrypoint() -> list[str]:
     """The Dockerfile's ENTRYPOINT (exec form)."""
     import json
 
-    (found,) = re.findall(r"^ENTRYPOINT (\[.*\])$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
-    return list(json.loads(found))
+    return list(json.loads(dockerfile_instruction("ENTRYPOINT")))
 
 
 def expand(value: str, env: dict[str, str]) -> str:
@@ -286,7 +285,7 @@ class PodSandbox(ServiceProcess):
             if any(path.is_relative_to(point) for point in mounted):
                 args += ["--ro-bind", str(path), str(path)]
         args += ["--remount-ro", "/"]  # the root, with the mount points the volumes needed, read-only
-        workdir = re.findall(r"^WORKDIR (\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)[-1]
+        workdir = dockerfile_instruction("WORKDIR")
         args += ["--unshare-pid", "--as-pid-1", "--die-with-parent", "--chdir", workdir, "--clearenv"]
         for key, value in env.items():
             args += ["--setenv", key, value]
@@ -308,18 +307,6 @@ class PodSandbox(ServiceProcess):
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT)
         return self
-
-    def wait_probe(self, path: str, timeout_s: float = 120) -> None:
-        """Until GET ``path`` (the startup probe's) answers 200."""
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the container exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            if _status(f"{self.url}{path}") == 200:
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"not ready after {timeout_s} s:\n{self.log_text()[-3000:]}")
 
     def processes(self) -> list[dict[str, Any]]:
         """The container's processes: pid, name, real and effective uid, groups."""

@@ -34,6 +34,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
 import yaml
@@ -362,11 +363,16 @@ ENDPOINTS_DELAY_S = 1.0
 and kube-proxy, concurrently with the preStop hook)."""
 
 
-def pre_stop_s() -> float:
-    """The preStop pause of the Kubernetes manifests: what the rehearsal of a pod's shutdown waits."""
+def main_container() -> dict[str, Any]:
+    """The service's container as deploy/kubernetes/base/deployment.yaml declares it."""
     manifest = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "base" / "deployment.yaml").read_text())
     (container,) = (c for c in manifest["spec"]["template"]["spec"]["containers"] if c["name"] == "embedding-service")
-    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    return container  # type: ignore[no-any-return]
+
+
+def pre_stop_s() -> float:
+    """The preStop pause of the Kubernetes manifests: what the rehearsal of a pod's shutdown waits."""
+    command = main_container()["lifecycle"]["preStop"]["exec"]["command"]
     if command[0] != "sleep":
         raise ValueError(f"the preStop hook is not a pause: {command}")
     return float(command[1])

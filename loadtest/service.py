@@ -74,8 +74,8 @@ class ServiceProcess:
         )
         return self
 
-    def wait_ready(self, timeout_s: float = 120.0) -> list[int]:
-        """Poll ``/ready`` until 200; return the status codes seen on the way."""
+    def wait_ready(self, timeout_s: float = 120.0, path: str = "/ready") -> list[int]:
+        """Poll ``path`` (``/ready``, or a manifest's probe) until 200; return the status codes seen on the way."""
         seen: list[int] = []
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -83,7 +83,7 @@ class ServiceProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             try:
-                status = requests.get(f"{self.url}/ready", timeout=2).status_code
+                status = requests.get(f"{self.url}{path}", timeout=2).status_code
             except requests.RequestException:  # not listening yet, or too busy loading to answer in 2 s
                 status = 0
             seen.append(status)

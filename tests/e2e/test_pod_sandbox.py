@@ -41,7 +41,7 @@ def test_the_service_runs_in_the_pods_sandbox(tmp_path: Path) -> None:
     tmp = empty_dir(tmp_path / "volumes" / "tmp")
     pod = PodSandbox(objects, "embedding-service", {"tmp": tmp}, tmp_path / "pod.log").start()
     try:
-        pod.wait_probe(startup_path(objects))
+        pod.wait_ready(path=startup_path(objects))
         assert embeds(pod) == 384
         processes = pod.processes()
         print(json.dumps(processes, indent=2))
@@ -73,7 +73,7 @@ def test_a_model_from_the_download_volume(tmp_path: Path) -> None:
 
     pod = PodSandbox(objects, "embedding-service", volumes, tmp_path / "pod.log").start()
     try:
-        pod.wait_probe(startup_path(objects))
+        pod.wait_ready(path=startup_path(objects))
         assert embeds(pod, model=HUB_ID) == 384
         info = requests.get(f"{pod.url}/info", timeout=10).json()
         print(json.dumps(info, indent=2)[:1500])

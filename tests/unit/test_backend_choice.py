@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import cast
+
+import pytest
 
 from app.allocator import allocator_for
-from app.backend import ModelSource, cache_key
+from app.backend import ModelSource, OpenVINOForward, Prepared, SentenceTransformerBackend, cache_key
 
 
 def test_openvino_starts_on_glibc_and_everything_else_as_asked() -> None:
@@ -34,3 +37,18 @@ def test_a_converted_copy_is_keyed_by_the_models_files(tmp_path: Path) -> None:
 
 def test_a_hub_id_without_a_known_commit_is_not_cached() -> None:
     assert cache_key(ModelSource("org/not-in-any-cache", "org/not-in-any-cache"), "org/not-in-any-cache") is None
+
+
+@pytest.mark.parametrize(("torch_s", "chosen"), [(1.04, "torch"), (1.05, "torch"), (1.06, "openvino")])
+def test_auto_takes_openvino_only_when_it_is_at_least_5_percent_faster(torch_s: float, chosen: str) -> None:
+    """At the boundary: 1.05x keeps torch (one runtime fewer), 1.06x takes OpenVINO. Times are faked: the real
+    runtimes' choice is tests/integration/test_backends.py's."""
+    backend = SentenceTransformerBackend("fake")
+    forward = cast(OpenVINOForward, object())
+    backend.prepare = lambda texts: Prepared(features={}, token_counts=[])  # type: ignore[method-assign]
+    backend._best_time = lambda prepared: 1.0 if backend._openvino is forward else torch_s  # type: ignore[method-assign]
+    backend._openvino = forward
+    runtime, reason = backend._faster(forward, "probed")
+    assert runtime == chosen
+    assert f"{torch_s:.2f}x torch's speed" in reason
+    assert (backend._openvino is forward) == (chosen == "openvino")

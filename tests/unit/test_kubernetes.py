@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,9 @@ from app.metrics import Metrics
 from app.openapi import openapi_document
 from app.schemas import Limits
 from app.version import __version__
+from loadtest.kubernetes import KubeLoader, dockerfile_instruction
+from loadtest.kubernetes import render as compose  # the base with components
+from loadtest.kubernetes import render_dir as render  # a kustomization directory
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -38,35 +40,6 @@ EXAMPLE = DEPLOY / "overlays" / "example"
 SETTINGS_MAP = "embedding-service-config"
 KUBERNETES_VERSIONS = ("1.30", "1.37")  # the oldest and newest the validator knows that we support
 Objects = list[dict[str, Any]]
-
-
-class KubeLoader(yaml.SafeLoader):
-    """YAML 1.1 reads a bare ``=`` (an AlertmanagerConfig's matchType, as kustomize writes it and Kubernetes'
-    YAML 1.2 reader takes it) as its 'value' tag: a string here."""
-
-
-KubeLoader.add_constructor("tag:yaml.org,2002:value", lambda loader, node: loader.construct_scalar(node))
-
-
-def render(kustomization: Path) -> Objects:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl is needed to render the kustomizations (kubectl kustomize works offline)"
-    out = subprocess.run([kubectl, "kustomize", str(kustomization)], capture_output=True, text=True, check=True)
-    return [doc for doc in yaml.load_all(out.stdout, Loader=KubeLoader) if doc]
-
-
-def compose(components: tuple[str, ...]) -> Objects:
-    """The base with ``components``, as an overlay that lists them renders it."""
-    with tempfile.TemporaryDirectory() as directory:
-        here = Path(directory)
-        kustomization = {  # kustomize takes relative paths only
-            "apiVersion": "kustomize.config.k8s.io/v1beta1",
-            "kind": "Kustomization",
-            "resources": [os.path.relpath(DEPLOY / "base", here)],
-            "components": [os.path.relpath(DEPLOY / "components" / name, here) for name in components],
-        }
-        (here / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-        return render(here)
 
 
 @pytest.fixture(
@@ -466,9 +439,7 @@ def monitoring_problems(objects: Objects) -> list[str]:
 
 
 def security_problems(pod: dict[str, Any], main: dict[str, Any]) -> list[str]:
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    user = re.findall(r"^USER (\d+)", dockerfile, re.MULTILINE)[-1]
-    workdir = re.findall(r"^WORKDIR (\S+)", dockerfile, re.MULTILINE)[-1]
+    user, workdir = dockerfile_instruction("USER"), dockerfile_instruction("WORKDIR")
     security = {**pod.get("securityContext", {}), **main.get("securityContext", {})}
     found = []
     if not (security.get("runAsNonRoot") and str(security.get("runAsUser")) == user):
