@@ -13,12 +13,20 @@ from collections.abc import Callable
 from typing import Any, get_args
 
 import numpy as np
+import orjson
 import structlog
 from flask import Blueprint, Response, g, jsonify, request, send_from_directory
 
 from app.activity import OPS_CHECK_HEADER
 from app.backend import InputType, ModelInfo, Token
-from app.budget import Reservation
+from app.budget import (
+    ANSWER_COPIES,
+    DECODE_BYTES_PER_ID,
+    Reservation,
+    held_text_bytes,
+    token_rows_bytes,
+    tokenizing_bytes,
+)
 from app.components import components
 from app.docs import DOCS_ASSETS, DOCS_PAGE, swagger_ui_dir
 from app.engine import EmbeddingResult
@@ -162,25 +170,46 @@ def _count_name_mismatch(asked: str, info: ModelInfo) -> None:
 
 @bp.post("/tokenize")
 def tokenize() -> Response:
-    """How the model tokenizes each text: text-embeddings-inference's route, answer and errors."""
+    """How the model tokenizes each text: text-embeddings-inference's route, answer and errors.
+
+    An answer is about 66 bytes of JSON per token, 15 to 35 times its request, and each token is a few Python
+    objects while it is written: the request is admitted and held in the memory budget like an embedding
+    request, its texts tokenized one at a time, each text's part of the answer written before the next one
+    is read, and its reservation grows with the answer (a 413 or 429 the moment it no longer fits)."""
     info = _model_info()
-    req = TokenizeRequest.validated(parse_json_object(_body()), components().limits, info)
+    parts = components()
+    req = TokenizeRequest.validated(parse_json_object(_body()), parts.limits, info)
+    parts.memory.admit()
+    reservation = _reservation()
     prompt = info.prompts[req.prompt_name] if req.prompt_name else ""
-    texts = [prompt + text for text in req.texts]
-    tokenized = components().engine.tokenize(texts, add_special_tokens=req.add_special_tokens)
-    answer = []
-    for tokens, text in zip(tokenized, texts, strict=True):
+    held, answer = held_text_bytes(request.content_length or 0, req.texts), 0
+    pieces = [b"["]
+    for given in req.texts:
+        text = prompt + given
+        reservation.resize(held + answer + tokenizing_bytes(len(text)))
+        (tokens,) = parts.engine.tokenize([text], add_special_tokens=req.add_special_tokens)
+        reservation.resize(held + answer + token_rows_bytes(len(tokens)))
         to_bytes = _byte_offsets(text)
-        answer.append([_tei_token(token, to_bytes) for token in tokens])
-    return jsonify(answer)
+        pieces += [orjson.dumps([_tei_token(token, to_bytes) for token in tokens]), b","]
+        answer += len(pieces[-2])
+        del tokens
+    pieces[-1] = b"]"
+    reservation.resize(held + ANSWER_COPIES * answer)
+    return Response(pieces, mimetype="application/json")
 
 
 @bp.post("/decode")
 def decode() -> Response:
-    """Token ids back to text: text-embeddings-inference's route, answer and errors."""
+    """Token ids back to text: text-embeddings-inference's route, answer and errors; admitted and held in the
+    memory budget like every route that does work."""
     info = _model_info()
-    req = DecodeRequest.validated(parse_json_object(_body()), components().limits, info)
-    return jsonify(components().engine.decode(req.rows, skip_special_tokens=req.skip_special_tokens))
+    parts = components()
+    req = DecodeRequest.validated(parse_json_object(_body()), parts.limits, info)
+    parts.memory.admit()
+    reservation = _reservation()
+    ids = sum(len(row) for row in req.rows)
+    reservation.resize(2 * (request.content_length or 0) + ids * DECODE_BYTES_PER_ID)
+    return jsonify(parts.engine.decode(req.rows, skip_special_tokens=req.skip_special_tokens))
 
 
 @bp.get("/info")

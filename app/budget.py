@@ -49,6 +49,21 @@ this keeps it inside the budget like any other request."""
 PER_TEXT_BYTES = 256
 """The Python objects of one text in flight beside its characters: list slots, its fitted copy, counts."""
 
+ENCODING_BYTES_PER_TOKEN = 256
+"""What the tokenizer's encoding of a text holds per token while it is read (``POST /tokenize``): its ids,
+offsets, masks and token strings, in Rust and as Python lists. Measured with tracemalloc on 32,768-character
+texts of words and of symbols: 180 bytes per token on the Python side, the Rust side's about 70 beside it."""
+TOKEN_ROW_BYTES = 768
+"""One token of a ``POST /tokenize`` answer while it is written: its dict, text and offsets as Python objects
+and its JSON (640 to 680 bytes per token at the peak, measured with tracemalloc as above)."""
+ANSWER_COPIES = 4
+"""An answer written piece by piece is held about this many times at its peak: its pieces, their join into one
+body (app/front.py), the socket's send buffer and the slice of it being written."""
+DECODE_BYTES_PER_ID = 128
+"""One token id of a ``POST /decode`` request at its peak: the id as a Python int in its list, the token's
+string in the tokenizer, and its share of the text and of the answer's JSON."""
+"""The Python objects of one text in flight beside its characters: list slots, its fitted copy, counts."""
+
 BODY_COST_FACTOR = 3
 """A body costs itself, its decoding while it is parsed (``json.loads`` decodes the bytes to one string
 first), and its texts once parsed (about its size for ASCII JSON): the estimate before it is parsed. The
@@ -146,6 +161,23 @@ class CostModel:
         answer_dims = dimensions or self.dimensions
         vectors = texts * 4 * (self.dimensions + answer_dims)
         return vectors + texts * answer_dims * JSON_BYTES_PER_FLOAT * 2 + texts * PER_TEXT_BYTES
+
+
+def tokenizing_bytes(chars: int) -> int:
+    """At most what tokenizing one text of ``chars`` characters (its prompt included) holds, before its tokens
+    are known: a character makes at most 3 tokens (see :meth:`CostModel.token_bound`), none cut."""
+    return (3 * chars + SPECIAL_TOKENS_BOUND) * ENCODING_BYTES_PER_TOKEN
+
+
+def token_rows_bytes(tokens: int) -> int:
+    """What one tokenized text of ``tokens`` tokens holds while its part of a ``POST /tokenize`` answer is
+    written: its encoding and each token's row."""
+    return tokens * (ENCODING_BYTES_PER_TOKEN + TOKEN_ROW_BYTES)
+
+
+def held_text_bytes(body_bytes: int, texts: Iterable[str]) -> int:
+    """What a parsed request holds of what it carried: its body (and its decoded copy) and its texts."""
+    return 2 * body_bytes + sum(sys.getsizeof(text) for text in texts)
 
 
 def body_estimate(length: int) -> int:

@@ -424,7 +424,7 @@ class MemoryManager:
         self.allocator = allocator.active()
         self.trim_after_batch = self._policy.trims_between_batches and settings.trim_after_batch
         self._next_trim_at = 0.0  # inference thread only
-        self._worked = False  # batches ran since the last trim while idle (inference thread only)
+        self._worked = False  # work was admitted or batches ran since the last trim while idle
         self.baseline_bytes: int | None = None
         """RSS once the model is loaded, warmed up and its load garbage given back (the budget's floor)."""
         self.triggers = Triggers(self._policy, settings, clock())
@@ -517,9 +517,12 @@ class MemoryManager:
     # --- request path: counting only ----------------------------------------------
 
     def admit(self) -> None:
-        """Called for every embedding request before it is queued: shed load above the limit, count it."""
+        """Called for every request that does work (embedding, tokenizing, decoding) before it does it: shed load
+        above the limit, count it, and have the idle thread give back what it freed once the burst is over
+        (``/tokenize`` bursts never reach the engine)."""
         if self.shedder is not None:
             self._shed_above_limit(self.shedder)
+        self._worked = True
         if self.triggers.count_request() and self._policy.wakes_monitor_on_count:
             self._wake.set()
         reason = self._policy.on_request(self._sampler.rss)

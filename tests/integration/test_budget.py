@@ -95,6 +95,49 @@ def test_sixteen_largest_requests_complete_or_are_refused_at_once(whole: Service
     assert len(logged) == len(refused)
 
 
+def post_json(url: str, route: str, body: bytes) -> tuple[int, float, Mapping[str, str]]:
+    started = time.perf_counter()
+    response = requests.post(f"{url}{route}", data=body, headers={"Content-Type": "application/json"}, timeout=600)
+    return response.status_code, time.perf_counter() - started, response.headers
+
+
+def test_tokenize_is_held_in_the_memory_budget(whole: ServiceProcess) -> None:
+    """POST /tokenize answers 15 to 35 times its request: 32 texts of 32,768 characters took the worker from 708
+    to 1,012 MB outside every bound, and 16 of them at once far past the budget. Held in it, they complete or are
+    refused at once, and the worker's peak stays within the budget."""
+    body = json.dumps({"inputs": documents(32, 32_768)}).encode()
+    before = whole.worker_rss()
+    whole.reset_peak_rss()
+    status, seconds, _ = post_json(whole.url, "/tokenize", body)
+    alone = whole.worker_rss("VmHWM")
+    assert status == 200
+    assert requests.get(f"{whole.url}/memory", timeout=10).json()["budget"]["peak_bytes"] >= 17 * MB  # its answer
+    whole.reset_peak_rss()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: post_json(whole.url, "/tokenize", body), range(16)))
+    peak = whole.worker_rss("VmHWM")
+    statuses = [status for status, _, _ in answers]
+    print(
+        f"\n/tokenize of 32 x 32,768 characters ({len(body) / MB:.1f} MB): alone {seconds:.1f} s, RSS "
+        f"{before / MB:.0f} -> peak {alone / MB:.0f} MB; 16 at once: {statuses.count(200)} answered, "
+        f"{statuses.count(429)} refused, peak {peak / MB:.0f} MB (budget {BUDGET / MB:.0f} MB)"
+    )
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(429) >= 1, "16 tokenize requests fit a 120 MB budget: the budget does not bound them"
+    assert all(headers["Retry-After"] == "2" for status, _, headers in answers if status == 429)
+    assert peak - before <= BUDGET + SLACK
+
+
+def test_decode_is_held_in_the_memory_budget(whole: ServiceProcess) -> None:
+    """About 2.5 million ids fit the largest body; they cost more than a 120 MB budget holds: a 413 at once."""
+    ids = json.dumps({"ids": [[2023] * 32_768] * 64}).encode()
+    status, seconds, _ = post_json(whole.url, "/decode", ids)
+    assert status == 413
+    assert seconds < 5
+    small = requests.post(f"{whole.url}/decode", json={"ids": [7592, 2088]}, timeout=10)
+    assert small.status_code == 200 and small.json() == ["hello world"]
+
+
 def test_an_idle_service_gives_a_burst_back(whole: ServiceProcess) -> None:
     deadline = time.monotonic() + 30
     baseline = requests.get(f"{whole.url}/memory", timeout=10).json()["budget"]["baseline_bytes"]

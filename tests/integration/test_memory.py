@@ -200,10 +200,20 @@ def test_above_the_hard_limit_new_requests_get_503_and_the_service_stays_up(tmp_
         assert "above the service's limit" in ready.json()["error"]["message"]
         responses = [requests.post(f"{service.url}/embed", json={"inputs": "x"}, timeout=30) for _ in range(3)]
         assert [r.status_code for r in responses] == [503] * 3
+        # Every route that does work is shed (POST /tokenize and /decode answered 200 here).
+        work = {
+            "/tokenize": {"inputs": "x"},
+            "/decode": {"ids": [7592]},
+            "/embed_all": {"inputs": "x"},
+            "/similarity": {"inputs": {"source_sentence": "x", "sentences": ["y"]}},
+            "/v1/embeddings": {"input": "x"},
+        }
+        shed = {route: requests.post(f"{service.url}{route}", json=body, timeout=30) for route, body in work.items()}
+        assert {route: r.status_code for route, r in shed.items()} == dict.fromkeys(work, 503)
         assert all(r.headers["Retry-After"] == "5" for r in responses)
         assert responses[0].json()["error_type"] == "Unhealthy"  # text-embeddings-inference's body on /embed
         assert "above the service's limit" in responses[0].json()["error"]
-        assert service.metric("embedding_rejected_total", reason="memory") == 3
+        assert service.metric("embedding_rejected_total", reason="memory") == 3 + len(work)
         assert service.metric("embedding_cleanups_total", reason="limit") == 1  # tried once, then the cooldown
         assert service.metric("embedding_memory_threshold_bytes", level="limit") == 100 * MB
         memory = requests.get(f"{service.url}/memory", timeout=10).json()

@@ -544,6 +544,20 @@ def test_each_policy_exports_a_zero_for_every_cleanup_it_can_run_and_no_other(po
     assert (CleanupReason.LEGACY in exported) is (policy is MemoryPolicy.LEGACY)
 
 
+def test_a_burst_that_never_reaches_the_engine_is_given_back_too() -> None:
+    """POST /tokenize and /decode are admitted but run no batch: once they are answered, the idle engine gives
+    what they freed back as it does after a burst of embedding requests."""
+    setup = Setup()
+    reservation = setup.manager.budget.reservation()
+    setup.manager.admit()
+    reservation.resize(40_000_000)  # a tokenize answer being written
+    setup.manager.on_idle()
+    assert setup.heap.releases == []
+    reservation.release()
+    setup.manager.on_idle()
+    assert len(setup.heap.releases) == 1
+
+
 def test_a_policy_named_in_the_environment_becomes_the_typed_policy() -> None:
     assert SETTINGS.replace(memory_policy="legacy").memory_policy is MemoryPolicy.LEGACY
 
