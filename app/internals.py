@@ -61,13 +61,21 @@ def missing(protocol_module: ModuleType | None = None, worker_module: ModuleType
     worker: Any = getattr(worker_module, "ASGIWorker", None)
     if worker is None:
         lacking.append("gunicorn.workers.gasgi.ASGIWorker")
-    elif "asgi" not in getattr(getattr(getattr(worker, "load_wsgi", None), "__code__", None), "co_names", ()):
-        lacking.append("ASGIWorker.load_wsgi (setting .asgi: the worker reads the served app's settings there)")
+    else:
+        if "asgi" not in _names_in(getattr(worker, "load_wsgi", None)):
+            lacking.append("ASGIWorker.load_wsgi (setting .asgi: the worker reads the served app's settings there)")
+        if "create_server" not in _names_in(getattr(worker, "_serve", None)):
+            lacking.append("ASGIWorker._serve (listening through loop.create_server: the worker sets its backlog)")
     from gunicorn.arbiter import Arbiter
 
     if not isinstance(getattr(Arbiter, "LISTENERS", None), list):  # app.gunicorn_conf's when_ready offers them
         lacking.append("gunicorn.arbiter.Arbiter.LISTENERS")
     return lacking
+
+
+def _names_in(function: Any) -> tuple[str, ...]:
+    """The global and attribute names ``function``'s code uses (empty for anything else)."""
+    return tuple(getattr(getattr(function, "__code__", None), "co_names", ()))
 
 
 def check() -> None:

@@ -23,6 +23,7 @@ Everything that reaches into gunicorn's protocol (its parser's state, its privat
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import socket
 import struct
@@ -231,6 +232,13 @@ class Worker(gasgi.ASGIWorker):  # type: ignore[misc]  # gunicorn is untyped
         # worker) process it is ours.
         gasgi.ASGIProtocol = Protocol
         super().init_process()
+
+    def run(self) -> None:
+        # asyncio's create_server listens again on the inherited socket with its own backlog (100), replacing
+        # gunicorn's (--backlog, 2048): of 1,000 clients connecting at once, the kernel dropped the handshakes of
+        # hundreds, which then waited without an answer. The worker's servers listen with gunicorn's.
+        self.loop.create_server = functools.partial(self.loop.create_server, backlog=self.cfg.backlog)
+        super().run()
 
 
 PROTOCOL_REFUSALS = {

@@ -42,8 +42,11 @@ class ServiceProcess:
         env: dict[str, str] | None = None,
         port: int | None = None,
         target: str = SERVICE,
+        host: str = "127.0.0.1",
     ) -> None:
         self.target = target
+        self.host = host
+        """The address gunicorn binds: loopback, or ``[::]`` (every address, IPv4 clients as ``::ffff:a.b.c.d``)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -59,7 +62,7 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         """Start gunicorn; returns at once (see :meth:`wait_ready`)."""
         gunicorn = Path(sys.executable).with_name("gunicorn")
-        bind = ["--bind", f"127.0.0.1:{self.port}"]
+        bind = ["--bind", f"{self.host}:{self.port}"]
         if self.target == SERVICE:  # the command line users run: `embedding-service serve`
             command = [sys.executable, "-m", "app", "serve", *bind]
         else:  # another app behind the same front and gunicorn configuration
@@ -171,10 +174,14 @@ class ServiceProcess:
 
 @contextmanager
 def running_service(
-    log_path: Path, env: dict[str, str] | None = None, port: int | None = None, target: str = "app.asgi:app"
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    target: str = "app.asgi:app",
+    host: str = "127.0.0.1",
 ) -> Iterator[ServiceProcess]:
     """A ready service for the ``with`` block (on ``port``, default a free one), stopped with SIGTERM after it."""
-    service = ServiceProcess(log_path, env, port, target).start()
+    service = ServiceProcess(log_path, env, port, target, host).start()
     try:
         service.wait_ready()
         yield service

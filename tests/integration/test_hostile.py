@@ -3,7 +3,10 @@ errors, a huge request beside a small one, clients that leave. Real sockets, rea
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
+import resource
 import socket
 import threading
 import time
@@ -58,10 +61,48 @@ def test_slow_and_stalled_clients_take_no_request_thread(tmp_path: Path) -> None
 
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    """Short header and body deadlines, so the tests can watch them cut slow clients off."""
+    """Short header and body deadlines, so the tests can watch them cut slow clients off; bound to every address
+    (``[::]``, dual-stack), so its IPv4 clients arrive as IPv4-mapped IPv6 addresses."""
     env = {"EMBEDDING_HEADER_TIMEOUT_S": "1", "EMBEDDING_BODY_TIMEOUT_S": "2", **RETIRING}
-    with running_service(tmp_path_factory.mktemp("strict") / "service.log", env) as service:
+    with running_service(tmp_path_factory.mktemp("strict") / "service.log", env, host="[::]") as service:
         yield service
+
+
+def test_bound_to_every_address_an_ipv4_loopback_client_is_a_loopback_client(strict: ServiceProcess) -> None:
+    """Bound to [::], a client on 127.0.0.1 arrives as ::ffff:127.0.0.1, which Python 3.11 does not count as
+    loopback: POST /cleanup (loopback only, without an admin token) answered it 403."""
+    assert requests.post(f"{strict.url}/cleanup", timeout=60).status_code == 200
+    assert requests.post(f"http://[::1]:{strict.port}/cleanup", timeout=60).status_code in (200, 429)
+
+
+def test_a_thousand_connections_at_once_each_get_an_answer(strict: ServiceProcess) -> None:
+    """1,000 clients connect at once and send nothing: each is answered 408 at the header deadline. asyncio
+    listened with a backlog of 100, so the kernel dropped the handshakes of hundreds, whose clients then waited
+    for an answer that never came (about 336 of 1,000)."""
+
+    async def connect_and_wait() -> bytes:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", strict.port), 20)
+        except (OSError, TimeoutError) as exc:
+            return f"no connection: {type(exc).__name__}".encode()
+        try:
+            return (await asyncio.wait_for(reader.read(), 20)).split(b"\r\n", 1)[0] or b"closed without an answer"
+        except (OSError, TimeoutError) as exc:
+            return f"no answer: {type(exc).__name__}".encode()
+        finally:
+            writer.close()
+
+    async def thousand() -> list[bytes]:
+        return await asyncio.gather(*(connect_and_wait() for _ in range(1000)))
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    try:
+        answers = collections.Counter(asyncio.run(thousand()))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    print(f"\n1,000 connections at once: {dict(answers)}")
+    assert answers == {b"HTTP/1.1 408 Request Timeout": 1000}
 
 
 def test_slow_headers_and_stalled_bodies_are_cut_off_with_408(strict: ServiceProcess) -> None:

@@ -3,6 +3,7 @@ all of it, and a release that lacks a member is named, not found later by a fail
 
 from __future__ import annotations
 
+import asyncio
 import types
 
 import gunicorn.asgi.protocol
@@ -74,5 +75,17 @@ def test_a_release_whose_worker_loads_the_app_elsewhere_is_named() -> None:
 
     worker = copy_of(gunicorn.workers.gasgi, ASGIWorker=ASGIWorker)
     assert internals.missing(gunicorn.asgi.protocol, worker) == [
-        "ASGIWorker.load_wsgi (setting .asgi: the worker reads the served app's settings there)"
+        "ASGIWorker.load_wsgi (setting .asgi: the worker reads the served app's settings there)",
+        "ASGIWorker._serve (listening through loop.create_server: the worker sets its backlog)",
+    ]
+
+
+def test_a_release_whose_worker_listens_another_way_is_named() -> None:
+    class ASGIWorker(gunicorn.workers.gasgi.ASGIWorker):  # type: ignore[misc]
+        async def _serve(self) -> None:  # listens without loop.create_server: the backlog would not be set
+            await asyncio.sleep(0)
+
+    worker = copy_of(gunicorn.workers.gasgi, ASGIWorker=ASGIWorker)
+    assert internals.missing(gunicorn.asgi.protocol, worker) == [
+        "ASGIWorker._serve (listening through loop.create_server: the worker sets its backlog)"
     ]
