@@ -30,7 +30,7 @@ from app.budget import (
 from app.components import components
 from app.docs import DOCS_ASSETS, DOCS_PAGE, swagger_ui_dir
 from app.engine import EmbeddingResult
-from app.errors import ClientClosed, NotFound, Unavailable
+from app.errors import ClientClosed, NotFound, Unavailable, UnsupportedMediaType
 from app.front import BODY, CLIENT_GONE, RESERVATION
 from app.openapi import openapi_document
 from app.schemas import (
@@ -57,6 +57,9 @@ BUILD_SHA_VARIABLE = "EMBEDDING_BUILD_SHA"
 """The commit the image was built from (TEI's ``sha`` in ``/info``), set by the Dockerfile's build argument."""
 DOCKER_LABEL_VARIABLE = "EMBEDDING_DOCKER_LABEL"
 """The image's label (TEI's ``docker_label``), set by the Dockerfile's build argument."""
+
+JSON_MEDIA_TYPE = "application/json"
+"""The one media type of request bodies."""
 
 MAX_NAMES_LOGGED = 64
 """Model names a request asked for that are logged once each (the rest are only counted)."""
@@ -295,12 +298,31 @@ def docs_asset(name: str) -> Response:
 
 def _body() -> bytes:
     """The request body, once: as the front read it (no copy), let go from the request once parsed; or from the
-    stream for a request that did not come through the front."""
+    stream for a request that did not come through the front. Only JSON in UTF-8, uncompressed, is read: a
+    415 otherwise, so that no cross-site form (``text/plain``) reaches a route that does work."""
+    _require_json()
     body: bytes | None = request.environ.pop(BODY, None)
     if body is None:
         return request.get_data()
     request.environ["wsgi.input"] = io.BytesIO()
     return body
+
+
+def _require_json() -> None:
+    """415 unless the body is declared ``application/json`` (in UTF-8) and sent as it is."""
+    declared = request.headers.get("Content-Type")
+    if request.mimetype != JSON_MEDIA_TYPE:
+        got = "none" if declared is None else quote(declared)
+        raise UnsupportedMediaType(f"send the body as JSON with Content-Type: {JSON_MEDIA_TYPE}; got {got}")
+    charset = request.mimetype_params.get("charset", "utf-8")
+    if charset.lower() not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType(f"send JSON in UTF-8 (RFC 8259); got charset {quote(charset)}")
+    encoding = request.headers.get("Content-Encoding", "").strip()
+    if encoding.lower() not in ("", "identity"):
+        raise UnsupportedMediaType(
+            f"Content-Encoding {quote(encoding)} is not accepted: send the body uncompressed (the body limit is on "
+            "what the service reads)"
+        )
 
 
 def _model_info() -> ModelInfo:

@@ -100,6 +100,13 @@ class MalformedBody(BadRequest):
     tei_status: int | None = None
 
 
+class UnsupportedMediaType(ServiceError):
+    """A body that is not declared as JSON in UTF-8, or sent compressed (415, on every route)."""
+
+    status = 415
+    type = "invalid_request_error"
+
+
 class Unauthorized(ServiceError):
     """A missing or wrong admin token."""
 

@@ -71,19 +71,24 @@ _ANSWERS: tuple[type[Any], ...] = (
     MemoryResponse,
     HeapGrowthResponse,
 )
+_NOT_JSON = "A body not declared as Content-Type: application/json (in UTF-8), or sent compressed (Content-Encoding)."
 _ERRORS = {
-    "400": "Malformed JSON, a field of the wrong type, or text that is not valid Unicode.",
+    "400": "Malformed JSON (not UTF-8, a key repeated in an object, NaN or Infinity), a field of the wrong type, or "
+    "text that is not valid Unicode.",
     "401": "EMBEDDING_API_KEY is set and the request does not carry it (Authorization: Bearer <key>).",
     "404": "A model other than the served ones was asked for, under EMBEDDING_MODEL_NAME_POLICY=served.",
     "413": "Request body over the size limit.",
+    "415": _NOT_JSON,
     "422": "Empty input, too many inputs, or dimensions out of range.",
     "429": "Inference queue full; retry after Retry-After seconds.",
     "503": "Not ready, shutting down, over the memory limit, or timed out in the queue.",
 }
 _TEI_ERRORS = {
-    "400": 'No input or an empty text "" (error_type Empty), or a body that is not a JSON object.',
+    "400": "No input at all (error_type Empty), or a body that is not a JSON object: not UTF-8, a key repeated in "
+    "an object, NaN or Infinity.",
     "401": "EMBEDDING_API_KEY is set and the request does not carry it (Authorization: Bearer <key>).",
     "413": "A body over the size limit (error_type Validation).",
+    "415": _NOT_JSON + " (error_type Validation)",
     "422": "A field of the wrong type, more texts than the limit, a text too long with truncate false, token ids, "
     "an unknown prompt_name (Validation), or a text the tokenizer cannot take (Tokenizer).",
     "424": "The model failed on an input (error_type Backend).",
@@ -131,8 +136,11 @@ def _with_limits(schemas: dict[str, Any], limits: Limits, info: ModelInfo | None
             properties = schemas[name]["properties"]
             if info.prompts:
                 _option(properties["prompt_name"])["enum"] = sorted(info.prompts)
-            else:  # a model without prompts takes no prompt_name
-                del properties["prompt_name"]
+            else:  # a model without prompts takes no prompt_name: null (its default) only, as validation has it
+                properties["prompt_name"] = {
+                    "type": "null",
+                    "description": f"Model {info.model_id} declares no prompts: leave prompt_name out (or null).",
+                }
 
 
 def _option(prop: dict[str, Any]) -> dict[str, Any]:

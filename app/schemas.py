@@ -21,6 +21,7 @@ tokens; the body limit still bounds what a request can carry.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Self, get_args
 
@@ -249,19 +250,21 @@ def _check_dimensions(value: Any, info: ValidationInfo) -> int:
         raise BadRequest(f"'dimensions' must be a whole number, got {_type_name(value)}", param="dimensions")
     if not 1 <= value <= model.dimensions:
         raise Unprocessable(
-            f"'dimensions' must be from 1 to {model.dimensions} for model {model.model_id!r}, got {quote(value)}",
+            f"'dimensions' must be from 1 to {model.dimensions} for model {quote(model.model_id)}, got {quote(value)}",
             param="dimensions",
         )
     return value
 
 
-TruncationDirection = Literal["right", "left"]
+TruncationDirection = Literal["right", "left", "Right", "Left"]
+"""Which end of an over-long text is cut: this service's spelling, and text-embeddings-inference's (its enum
+serialised as it is named, which huggingface_hub's client sends)."""
 TRUNCATION_DIRECTIONS: tuple[str, ...] = get_args(TruncationDirection)
 
 
 def _check_truncation_direction(value: Any) -> str:
-    if isinstance(value, str) and value.lower() in TRUNCATION_DIRECTIONS:
-        return value.lower()  # TEI takes Left and Right too
+    if isinstance(value, str) and value in TRUNCATION_DIRECTIONS:
+        return value.lower()
     raise BadRequest(
         f"'truncation_direction' must be one of {', '.join(TRUNCATION_DIRECTIONS)}, got {quote(value)}",
         param="truncation_direction",
@@ -275,7 +278,7 @@ def _check_prompt_name(value: Any, info: ValidationInfo) -> str:
     if value not in model.prompts:
         offered = ", ".join(sorted(model.prompts)) or "none: it declares no prompts"
         raise Unprocessable(
-            f"prompt_name {quote(value)} is not one of model {model.model_id!r}'s prompts ({offered})",
+            f"prompt_name {quote(value)} is not one of model {quote(model.model_id)}'s prompts ({offered})",
             param="prompt_name",
         )
     return value
@@ -373,7 +376,7 @@ class OpenAIEmbeddingRequest(_Request):
         model, limits = _model(info), _limits(info)
         if limits.refuse_unknown_models and value not in model_names(model, limits.served_names):
             raise NotFound(
-                f"model {quote(value)} is not served here; this service serves {model.model_id!r} only, under the "
+                f"model {quote(value)} is not served here; this service serves {quote(model.model_id)} only, under the "
                 f"names {', '.join(sorted(model_names(model, limits.served_names)))} (embeddings of different "
                 "models must not be mixed in one index)",
                 param="model",
@@ -579,20 +582,47 @@ class DecodeRequest(_Request):
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """Decode a request body that must be a JSON object."""
+    """Decode a request body that must be a JSON object, as RFC 8259 has it: UTF-8 (not UTF-16 or UTF-32, which
+    Python's own decoder guesses from the first bytes), each key once (not the last of several), and numbers
+    only (not ``NaN`` or ``Infinity``)."""
     if not raw.strip():
         raise MalformedBody("request body is empty; send a JSON object")
+    if raw[:2] in _UTF16_32_STARTS or raw[:1] == b"\x00" or raw[1:2] == b"\x00":
+        raise MalformedBody("request body is not UTF-8 (it looks like UTF-16 or UTF-32); send JSON in UTF-8")
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        body = json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except UnicodeDecodeError as exc:
+        raise MalformedBody(f"request body is not UTF-8 (byte {exc.start} is not part of a character)") from None
+    except json.JSONDecodeError as exc:
         raise MalformedBody(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise MalformedBody("request body is not valid JSON: nested too deeply") from None
-    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
-        raise MalformedBody("request body is not valid JSON: a number is too long") from None
+    except ValueError as exc:  # a repeated key, NaN, or more digits than Python converts (sys.get_int_max_str_digits)
+        detail = str(exc) if isinstance(exc, _NotJson) else "a number is too long"
+        raise MalformedBody(f"request body is not valid JSON: {detail}") from None
     if not isinstance(body, dict):
         raise MalformedBody(f"request body must be a JSON object, got {_type_name(body)}")
     return body
+
+
+_UTF16_32_STARTS = frozenset({b"\xff\xfe", b"\xfe\xff"})
+"""The byte order marks of UTF-16 and UTF-32 (little and big endian); UTF-8's is ignored, as RFC 8259 allows."""
+
+
+class _NotJson(ValueError):
+    """What JSON itself does not allow, though Python's decoder takes it."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        repeated = next(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+        raise _NotJson(f"the key {quote(repeated)} appears more than once in an object")
+    return body
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON value (numbers must be finite)")
 
 
 def parse_embed(body: dict[str, Any], limits: Limits, info: ModelInfo) -> EmbeddingRequest:
@@ -865,23 +895,21 @@ def model_names(info: ModelInfo, served: tuple[str, ...] = ()) -> set[str]:
 
 
 def quote(value: Any) -> str:
-    """``repr(value)`` up to :data:`MAX_QUOTE_CHARS`, marked when cut: error messages never echo a whole input.
-    A value nested deeper than Python can render (an array in an array, about 980 deep) is named, not shown: the
+    """``value`` as JSON writes it (``null``, ``true``, ``"text"``, ``{"k": null}``: the client's own words, not
+    Python's), up to :data:`MAX_QUOTE_CHARS`, marked when cut: error messages never echo a whole input. A value
+    nested deeper than can be written (an array in an array, about 980 deep) is named, not shown: the
     RecursionError it raised was a 500 for a client's bad input."""
     try:
-        text = repr(value) if not isinstance(value, int) or isinstance(value, bool) else _int_text(value)
+        text = json.dumps(value, ensure_ascii=False)
     except RecursionError:
         return f"an {_type_name(value)} nested too deeply to show"
-    except ValueError:  # a number of more digits than Python converts, inside an array or an object
-        return f"an {_type_name(value)} holding a number of thousands of digits"
+    except ValueError:  # a number of more digits than Python converts
+        return "a number of thousands of digits" if _is_int(value) else f"an {_type_name(value)} holding such a number"
+    except TypeError:  # not a JSON value: what the service quotes of its own (a header's value is a string)
+        text = repr(value)
+    if not _encodable(text):  # a lone surrogate (\ud800) cannot be written in UTF-8: escaped, as JSON allows
+        text = json.dumps(value)
     return text if len(text) <= MAX_QUOTE_CHARS else f"{text[:MAX_QUOTE_CHARS]}... ({len(text)} characters)"
-
-
-def _int_text(value: int) -> str:
-    try:
-        return str(value)
-    except ValueError:  # more digits than Python converts
-        return "a number of thousands of digits"
 
 
 def _encodable(text: str) -> bool:

@@ -321,7 +321,7 @@ def test_with_an_api_key_probes_metrics_and_docs_stay_open_and_the_key_is_never_
     for path in ("/", "/health", "/ping", "/live", "/ready", "/metrics", "/info", "/openapi.json", "/docs"):
         assert requests.get(f"{prompted.url}{path}", timeout=10).status_code == 200, path
     # Refused before its body is read: nothing of it is held in the memory budget, and it is counted.
-    big = requests.post(f"{prompted.url}/embed", data=b'{"inputs": "' + b"x" * 500_000 + b'"}', timeout=30)
+    big = requests.post(f"{prompted.url}/embed", json={"inputs": "x" * 500_000}, timeout=30)
     assert big.status_code == 401
     metrics = requests.get(f"{prompted.url}/metrics", timeout=10).text
     assert re.search(r'^embedding_rejected_total\{reason="unauthorized"\} [1-9]', metrics, re.MULTILINE)

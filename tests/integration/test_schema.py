@@ -7,10 +7,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import pytest
+import requests
 
-from loadtest.service import running_service
+from loadtest.service import ServiceProcess, running_service
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 EXAMPLES_PER_OPERATION = 100
@@ -40,3 +43,41 @@ def test_the_api_keeps_to_its_openapi_document(tmp_path: Path) -> None:
     print(f"\n{summary}")
     assert result.returncode == 0, result.stdout[-8000:]
     assert " passed" in summary and "failed" not in summary
+
+
+AGREEMENT_CASES = [
+    # (route, body): where the document and the validation disagreed, and values either side of each rule.
+    *(("/embed", {"inputs": "x", "truncation_direction": d}) for d in ("right", "left", "Right", "Left", "LEFT", "up")),
+    *(("/embed", {"inputs": "x", "prompt_name": name}) for name in ("query", "", None)),
+    ("/tokenize", {"inputs": "x", "prompt_name": "query"}),
+    ("/similarity", {"inputs": {"source_sentence": "x", "sentences": ["y"]}, "parameters": {"prompt_name": "q"}}),
+    *(
+        (
+            "/similarity",
+            {"inputs": {"source_sentence": "x", "sentences": ["y"]}, "parameters": {"truncation_direction": d}},
+        )
+        for d in ("Left", "LEFT")
+    ),
+    *(("/embed", {"inputs": text}) for text in ("", " ", "\ufeff", "\x1f", "\x85", "\u200b", "\x00", "\u0301")),
+    *(("/v1/embeddings", {"input": "x", "dimensions": n}) for n in (0, 1, 1.0, 384, 385, True)),
+    *(("/v1/embeddings", {"input": "x", "encoding_format": f}) for f in ("float", "Float", "base64")),
+    *(("/v1/embeddings", {"input": "x", "input_type": t}) for t in ("query", "Query", None)),
+    ("/decode", {"ids": [101, 102], "skip_special_tokens": "yes"}),
+]
+
+
+def documented_as_valid(document: dict[str, Any], route: str, body: dict[str, Any]) -> bool:
+    """Whether the served document's request schema for ``POST route`` takes ``body`` (JSON Schema 2020-12)."""
+    schema = document["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    validator = jsonschema.Draft202012Validator({**document, **schema})  # its $refs resolve in the document
+    return validator.is_valid(body)
+
+
+@pytest.mark.parametrize(("route", "body"), AGREEMENT_CASES)
+def test_the_document_and_the_validation_agree(service: ServiceProcess, route: str, body: dict[str, Any]) -> None:
+    document = requests.get(f"{service.url}/openapi.json", timeout=10).json()
+    answer = requests.post(f"{service.url}{route}", json=body, timeout=30)
+    valid = documented_as_valid(document, route, body)
+    assert (answer.status_code == 200) == valid, (valid, answer.status_code, answer.text[:300])
+    if not valid:
+        assert answer.status_code in (400, 422), answer.text[:300]

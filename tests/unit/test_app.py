@@ -61,8 +61,13 @@ def test_input_type_adds_the_model_prefix(client: FlaskClient, backend: FakeBack
     [
         ("get", "/nowhere", {}, 404),
         ("get", "/v1/embeddings", {}, 405),
-        ("post", "/v1/embeddings", {"data": b'{"input": "' + b"x" * 3000 + b'"}'}, 413),
-        ("post", "/v1/embeddings", {"data": b"{bad"}, 400),
+        (
+            "post",
+            "/v1/embeddings",
+            {"data": b'{"input": "' + b"x" * 3000 + b'"}', "content_type": "application/json"},
+            413,
+        ),
+        ("post", "/v1/embeddings", {"data": b"{bad", "content_type": "application/json"}, 400),
         ("post", "/v1/embeddings", {"json": {"input": []}}, 422),
     ],
 )
@@ -81,8 +86,14 @@ def test_every_error_is_a_json_error_body(
     ("method", "path", "kwargs", "status", "error_type"),
     [
         ("get", "/embed", {}, 405, "Validation"),
-        ("post", "/embed", {"data": b'{"inputs": "' + b"x" * 3000 + b'"}'}, 413, "Validation"),
-        ("post", "/embed", {"data": b"{bad"}, 400, "Validation"),
+        (
+            "post",
+            "/embed",
+            {"data": b'{"inputs": "' + b"x" * 3000 + b'"}', "content_type": "application/json"},
+            413,
+            "Validation",
+        ),
+        ("post", "/embed", {"data": b"{bad", "content_type": "application/json"}, 400, "Validation"),
         ("post", "/", {"json": {"inputs": []}}, 400, "Empty"),
         ("post", "/tokenize", {"json": {"inputs": 3}}, 422, "Validation"),
     ],
@@ -198,7 +209,7 @@ ANSWERS: list[tuple[str, str, dict[str, Any], int, type[Any]]] = [
     ("post", "/embed", {"json": {"inputs": 3}}, 422, TeiErrorResponse),
     ("post", "/embed", {"json": {"inputs": []}}, 400, TeiErrorResponse),
     ("post", "/embed", {"json": {"inputs": ["a"] * 5}}, 422, TeiErrorResponse),
-    ("post", "/embed", {"data": b"[1, 2]"}, 400, TeiErrorResponse),
+    ("post", "/embed", {"data": b"[1, 2]", "content_type": "application/json"}, 400, TeiErrorResponse),
     ("post", "/v1/embeddings", {"json": {"input": [[1, 2]]}}, 422, ErrorResponse),
     ("post", "/tokenize", {"json": {"inputs": ["é b", "c"], "add_special_tokens": False}}, 200, TokenizeResponse),
     ("post", "/tokenize", {"json": {"inputs": "a", "prompt_name": "nope"}}, 422, TeiErrorResponse),

@@ -41,8 +41,12 @@ def test_a_single_string_becomes_one_text() -> None:
         ({"inputs": [101, 7592, 102]}, Unprocessable, "'inputs' holds token ids; this service embeds text only"),
         ({"inputs": [[101, 102], [101]]}, Unprocessable, "POST /tokenize shows how this model tokenizes"),
         ({"inputs": [1, "x"]}, BadRequest, "inputs[0] must be a string, got number"),
-        ({"inputs": "x", "truncation_direction": "middle"}, BadRequest, "must be one of right, left, got 'middle'"),
-        ({"inputs": "x", "prompt_name": "passage"}, Unprocessable, "not one of model 'org/some-model''s prompts"),
+        (
+            {"inputs": "x", "truncation_direction": "middle"},
+            BadRequest,
+            'must be one of right, left, Right, Left, got "middle"',
+        ),
+        ({"inputs": "x", "prompt_name": "passage"}, Unprocessable, 'not one of model "org/some-model"\'s prompts'),
         ({"inputs": "x", "prompt_name": 3}, BadRequest, "'prompt_name' must be a string"),
         ({"inputs": "x", "prompt_name": "query", "input_type": "query"}, Unprocessable, "not both"),
         ({"inputs": ["x" * 51], "truncate": False}, Unprocessable, "51 characters, more than the limit of 50"),
@@ -63,7 +67,7 @@ def test_embed_body_errors(body: dict[str, Any], error: type[ServiceError], frag
 @pytest.mark.parametrize(
     ("body", "error", "fragment"),
     [
-        ({"input": "x", "encoding_format": "int8"}, BadRequest, "unsupported encoding_format 'int8'"),
+        ({"input": "x", "encoding_format": "int8"}, BadRequest, 'unsupported encoding_format "int8"'),
         ({"input": "x", "model": 7}, BadRequest, "'model' must be a string"),
         ({"input": [1, 2, 3]}, Unprocessable, "check_embedding_ctx_length=False"),
         ({"input": [[1, 2], [3]]}, Unprocessable, "'input' holds token ids"),
@@ -95,7 +99,7 @@ def test_any_model_name_is_answered_unless_the_policy_is_served() -> None:
     assert (
         parse_openai({"input": "x", "model": "text-embedding-ada-002"}, LIMITS, INFO).model == "text-embedding-ada-002"
     )
-    with pytest.raises(NotFound, match="serves 'org/some-model' only, under the names org/some-model, some-model, "):
+    with pytest.raises(NotFound, match='serves "org/some-model" only, under the names org/some-model, some-model, '):
         parse_openai({"input": "x", "model": "text-embedding-ada-002"}, STRICT, INFO)
     for name in ("text-embedding-3-small", "org/some-model", "some-model"):
         assert parse_openai({"input": "x", "model": name}, STRICT, INFO).texts == ["x"]
@@ -186,7 +190,7 @@ def test_decode_takes_one_list_of_ids_or_many() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "fragment"),
-    [(b"", "empty"), (b"{bad", "not valid JSON"), (b"[1]", "got array"), (b"\xff\xfe", "not valid JSON")],
+    [(b"", "empty"), (b"{bad", "not valid JSON"), (b"[1]", "got array"), (b"\xff\xfe", "looks like UTF-16 or UTF-32")],
 )
 def test_body_must_be_a_json_object(raw: bytes, fragment: str) -> None:
     with pytest.raises(BadRequest) as caught:

@@ -63,7 +63,7 @@ def test_prompt_name_puts_the_models_prompt_before_each_text(client: FlaskClient
     unknown = client.post("/embed", json={"inputs": "x", "prompt_name": "passage"})
     assert unknown.status_code == 422
     assert unknown.get_json()["error"] == (
-        "prompt_name 'passage' is not one of model 'fake/model''s prompts (classification, query)"
+        'prompt_name "passage" is not one of model "fake/model"\'s prompts (classification, query)'
     )
 
 
