@@ -58,6 +58,22 @@ def test_openvino_serves_the_models_vectors(openvino: ServiceProcess) -> None:
     assert allocator["allocator"] == "glibc" and "jemalloc" in allocator["hint"]
 
 
+def test_torchs_weights_are_let_go_when_openvino_runs(openvino: ServiceProcess, service: ServiceProcess) -> None:
+    """OpenVINO holds its own copy of the weights: torch's checkpoint is no longer mapped into the worker, as it
+    is on torch (and its weights still counted for GET /memory)."""
+    mapped = {
+        each: Path(f"/proc/{each.worker_pid()}/maps").read_text().count("model.safetensors")
+        for each in (openvino, service)
+    }
+    print(
+        f"\nworker RSS: {openvino.worker_rss() / 1e6:.0f} MB on openvino, {service.worker_rss() / 1e6:.0f} MB on torch"
+    )
+    assert mapped[service] >= 1
+    assert mapped[openvino] == 0
+    weights = [requests.get(f"{each.url}/memory", timeout=10).json()["breakdown"]["weight_bytes"] for each in mapped]
+    assert weights[0] == weights[1] > 0
+
+
 def test_a_restart_reads_the_converted_model_instead_of_converting_again(
     openvino: ServiceProcess, cache: Path, tmp_path: Path
 ) -> None:
