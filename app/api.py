@@ -24,6 +24,7 @@ from app.budget import (
     DECODE_BYTES_PER_ID,
     Reservation,
     held_text_bytes,
+    parse_bytes,
     token_rows_bytes,
     tokenizing_bytes,
 )
@@ -71,7 +72,7 @@ _names_lock = threading.Lock()
 def embed_root() -> Response:
     """TEI's default route: embeddings (``/embed``'s request), or similarities for a body whose ``inputs`` is an
     object, as ``InferenceClient.sentence_similarity`` posts to the base URL."""
-    body = parse_json_object(_body())
+    body = _json_body()
     if isinstance(body.get("inputs"), dict):
         return _similarity(body)
     return _embed(body)
@@ -80,7 +81,7 @@ def embed_root() -> Response:
 @bp.post("/embed")
 def embed() -> Response:
     """Embed one text or a list of texts: text-embeddings-inference's route, answer and errors."""
-    return _embed(parse_json_object(_body()))
+    return _embed(_json_body())
 
 
 def _embed(body: dict[str, Any]) -> Response:
@@ -100,7 +101,7 @@ def embed_all() -> Response:
     """Each text's token vectors (the transformer's last hidden state, special tokens included): TEI's route."""
     started = time.perf_counter()
     info = _model_info()
-    req = EmbedAllRequest.parse(parse_json_object(_body()), components().limits, info)
+    req = EmbedAllRequest.parse(_json_body(), components().limits, info)
     result = _run(req, info)
     assert result.token_vectors is not None
     response = jsonify(result.token_vectors)
@@ -111,7 +112,7 @@ def embed_all() -> Response:
 @bp.post("/similarity")
 def similarity() -> Response:
     """The cosine similarity of a source sentence to each of the others: TEI's route."""
-    return _similarity(parse_json_object(_body()))
+    return _similarity(_json_body())
 
 
 def _similarity(body: dict[str, Any]) -> Response:
@@ -133,7 +134,7 @@ def openai_embeddings() -> Response:
     started = time.perf_counter()
     info = _model_info()
     limits = components().limits
-    req = parse_openai(parse_json_object(_body()), limits, info)
+    req = parse_openai(_json_body(), limits, info)
     if req.model is not None and req.model not in model_names(info, limits.served_names):
         _count_name_mismatch(req.model, info)
     result = _run(req, info)
@@ -181,7 +182,7 @@ def tokenize() -> Response:
     is read, and its reservation grows with the answer (a 413 or 429 the moment it no longer fits)."""
     info = _model_info()
     parts = components()
-    req = TokenizeRequest.validated(parse_json_object(_body()), parts.limits, info)
+    req = TokenizeRequest.validated(_json_body(), parts.limits, info)
     parts.memory.admit()
     reservation = _reservation()
     prompt = info.prompts[req.prompt_name] if req.prompt_name else ""
@@ -207,7 +208,7 @@ def decode() -> Response:
     memory budget like every route that does work."""
     info = _model_info()
     parts = components()
-    req = DecodeRequest.validated(parse_json_object(_body()), parts.limits, info)
+    req = DecodeRequest.validated(_json_body(), parts.limits, info)
     parts.memory.admit()
     reservation = _reservation()
     ids = sum(len(row) for row in req.rows)
@@ -306,6 +307,14 @@ def _body() -> bytes:
         return request.get_data()
     request.environ["wsgi.input"] = io.BytesIO()
     return body
+
+
+def _json_body() -> dict[str, Any]:
+    """The request's JSON object, parsed once the request's reservation holds what parsing it costs (a 429 or
+    413 before it is parsed otherwise: an array of numbers is many times its body once parsed)."""
+    raw = _body()
+    _reservation().resize(parse_bytes(raw))
+    return parse_json_object(raw)
 
 
 def _require_json() -> None:

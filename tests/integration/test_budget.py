@@ -125,15 +125,26 @@ def test_tokenize_is_held_in_the_memory_budget(whole: ServiceProcess) -> None:
     assert set(statuses) <= {200, 429}, statuses
     assert statuses.count(429) >= 1, "16 tokenize requests fit a 120 MB budget: the budget does not bound them"
     assert all(headers["Retry-After"] == "2" for status, _, headers in answers if status == 429)
-    assert peak - before <= BUDGET + SLACK
+    # Many small objects a token: more allocator slack than /embed's (+153 to +212 MB measured; +607 unbounded).
+    assert peak - before <= BUDGET + 2 * SLACK
 
 
-def test_decode_is_held_in_the_memory_budget(whole: ServiceProcess) -> None:
-    """About 2.5 million ids fit the largest body; they cost more than a 120 MB budget holds: a 413 at once."""
+def test_token_ids_are_held_in_the_memory_budget_while_they_are_parsed(whole: ServiceProcess) -> None:
+    """2.1 million token ids (a 12.6 MB body) are about 100 MB of Python objects once parsed, 8 times what the
+    body's estimate reserved: parsed only once that is reserved, and 413 once their answer's cost is known."""
     ids = json.dumps({"ids": [[2023] * 32_768] * 64}).encode()
-    status, seconds, _ = post_json(whole.url, "/decode", ids)
-    assert status == 413
-    assert seconds < 5
+    before = whole.worker_rss()
+    whole.reset_peak_rss()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: post_json(whole.url, "/decode", ids), range(16)))
+    peak = whole.worker_rss("VmHWM")
+    statuses = [status for status, _, _ in answers]
+    print(
+        f"\n16 x /decode of 2.1 million ids ({len(ids) / MB:.1f} MB) at once: {statuses.count(413)} refused as too "
+        f"costly, {statuses.count(429)} for want of room; RSS {before / MB:.0f} -> peak {peak / MB:.0f} MB"
+    )
+    assert set(statuses) <= {413, 429} and statuses.count(413) >= 1
+    assert peak - before <= BUDGET + SLACK
     small = requests.post(f"{whole.url}/decode", json={"ids": [7592, 2088]}, timeout=10)
     assert small.status_code == 200 and small.json() == ["hello world"]
 

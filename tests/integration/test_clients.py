@@ -280,11 +280,11 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def test_prompt_name_puts_the_models_prompt_before_the_text(prompted: ServiceProcess) -> None:
-    client = InferenceClient(model=prompted.url, timeout=60, token=KEY)
-    with_prompt = client.feature_extraction(TEXTS, prompt_name="query")
-    written_out = client.feature_extraction([f"query: {text}" for text in TEXTS])
-    np.testing.assert_allclose(with_prompt, written_out, atol=1e-5)
-    assert np.all(cosine(with_prompt, client.feature_extraction(TEXTS)) < 0.999)
+    with InferenceClient(model=prompted.url, timeout=60, token=KEY) as client:
+        with_prompt = client.feature_extraction(TEXTS, prompt_name="query")
+        written_out = client.feature_extraction([f"query: {text}" for text in TEXTS])
+        np.testing.assert_allclose(with_prompt, written_out, atol=1e-5)
+        assert np.all(cosine(with_prompt, client.feature_extraction(TEXTS)) < 0.999)
     info = requests.get(f"{prompted.url}/info", timeout=10).json()
     assert info["prompts"] == {"query": "query: "}  # an empty prompt is no prompt
     tokens = requests.post(
@@ -321,8 +321,9 @@ def test_with_an_api_key_probes_metrics_and_docs_stay_open_and_the_key_is_never_
     for path in ("/", "/health", "/ping", "/live", "/ready", "/metrics", "/info", "/openapi.json", "/docs"):
         assert requests.get(f"{prompted.url}{path}", timeout=10).status_code == 200, path
     # Refused before its body is read: nothing of it is held in the memory budget, and it is counted.
-    big = requests.post(f"{prompted.url}/embed", json={"inputs": "x" * 500_000}, timeout=30)
-    assert big.status_code == 401
+    with requests.Session() as session:
+        big = session.post(f"{prompted.url}/embed", json={"inputs": "x" * 500_000}, timeout=30)
+        assert big.status_code == 401
     metrics = requests.get(f"{prompted.url}/metrics", timeout=10).text
     assert re.search(r'^embedding_rejected_total\{reason="unauthorized"\} [1-9]', metrics, re.MULTILINE)
     document = requests.get(f"{prompted.url}/openapi.json", timeout=10).json()
@@ -333,16 +334,17 @@ def test_with_an_api_key_probes_metrics_and_docs_stay_open_and_the_key_is_never_
 def test_the_openai_client_with_the_key_and_a_served_name(prompted: ServiceProcess) -> None:
     import openai
 
-    client = OpenAI(base_url=f"{prompted.url}/v1", api_key=KEY, max_retries=0)
-    answer = client.embeddings.create(model="text-embedding-3-small", input=TEXTS)
-    assert answer.model == "all-MiniLM-L6-v2-prompted"  # the model that embedded them, not the name asked for
-    assert len(answer.data) == 2
-    with pytest.raises(openai.NotFoundError, match="under the names"):
-        client.embeddings.create(model="text-embedding-ada-002", input=TEXTS)  # EMBEDDING_MODEL_NAME_POLICY=served
-    with pytest.raises(openai.AuthenticationError):
-        OpenAI(base_url=f"{prompted.url}/v1", api_key="wrong", max_retries=0).embeddings.create(
-            model="minilm", input="x"
-        )
+    with OpenAI(base_url=f"{prompted.url}/v1", api_key=KEY, max_retries=0) as client:
+        answer = client.embeddings.create(model="text-embedding-3-small", input=TEXTS)
+        assert answer.model == "all-MiniLM-L6-v2-prompted"  # the model that embedded them, not the name asked for
+        assert len(answer.data) == 2
+        with pytest.raises(openai.NotFoundError, match="under the names"):
+            client.embeddings.create(model="text-embedding-ada-002", input=TEXTS)  # MODEL_NAME_POLICY=served
+    with (
+        OpenAI(base_url=f"{prompted.url}/v1", api_key="wrong", max_retries=0) as wrong,
+        pytest.raises(openai.AuthenticationError),
+    ):
+        wrong.embeddings.create(model="minilm", input="x")
 
 
 def test_cors_answers_only_the_configured_origin(prompted: ServiceProcess, service: ServiceProcess) -> None:

@@ -22,6 +22,7 @@ from app.budget import (
     TooCostly,
     body_estimate,
     derive,
+    parse_bytes,
 )
 from app.config import Settings
 from app.metrics import Metrics
@@ -197,3 +198,22 @@ def test_a_queued_request_lets_its_texts_go() -> None:
         # Queued, it holds what the model reads (64 short pieces) and the body the test client keeps; its parsed
         # texts (1.28 MB more) are let go.
         assert held < len(body) + 400_000, held
+
+
+def test_a_body_of_numbers_costs_its_parsed_values_not_three_times_its_bytes() -> None:
+    """Measured with tracemalloc: 2.1 million ids of a 12.6 MB body held about 100 MB while parsed and validated."""
+    import json
+    import tracemalloc
+
+    from app.schemas import parse_json_object
+
+    ids = json.dumps({"ids": [[2023] * 4096] * 64}).encode()
+    tracemalloc.start()
+    parse_json_object(ids)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert body_estimate(len(ids)) < peak <= parse_bytes(ids)
+    from loadtest.largest import documents
+
+    texts = json.dumps({"inputs": documents(16, 32_760)}).encode()
+    assert parse_bytes(texts) == body_estimate(len(texts))  # whole documents: the body's estimate holds
