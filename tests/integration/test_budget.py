@@ -24,6 +24,7 @@ MB = 1_000_000
 BUDGET = 120 * MB
 BATCH_RESERVE = 2048 * 23_040  # the largest batch's activations the budget leaves out (all-MiniLM-L6-v2)
 SLACK = 80 * MB  # what no estimate sees: allocator size classes, threads, the event loop's buffers
+Answer = tuple[int, float, Mapping[str, str]]
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +41,18 @@ def largest_body() -> bytes:
     return json.dumps({"inputs": documents(512, 32_760), "truncate": True}).encode()
 
 
-def post(url: str, body: bytes) -> tuple[int, float, Mapping[str, str]]:
+def post(url: str, body: bytes, route: str = "/embed") -> tuple[int, float, Mapping[str, str]]:
     started = time.perf_counter()
-    response = requests.post(f"{url}/embed", data=body, headers={"Content-Type": "application/json"}, timeout=600)
+    response = requests.post(f"{url}{route}", data=body, headers={"Content-Type": "application/json"}, timeout=600)
     return response.status_code, time.perf_counter() - started, response.headers
+
+
+def sixteen_at_once(service: ServiceProcess, body: bytes, route: str) -> tuple[list[int], list[Answer], int]:
+    """16 POSTs of ``body`` at once: their statuses, each (status, seconds, headers), and the worker's RSS peak."""
+    service.reset_peak_rss()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: post(service.url, body, route), range(16)))
+    return [status for status, _, _ in answers], answers, service.worker_rss("VmHWM")
 
 
 def test_a_whole_document_is_embedded_as_the_model_reads_it(whole: ServiceProcess) -> None:
@@ -72,11 +81,7 @@ def test_the_largest_request_costs_what_the_model_reads(whole: ServiceProcess, l
 
 def test_sixteen_largest_requests_complete_or_are_refused_at_once(whole: ServiceProcess, largest_body: bytes) -> None:
     before = whole.worker_rss()
-    whole.reset_peak_rss()
-    with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda _: post(whole.url, largest_body), range(16)))
-    peak = whole.worker_rss("VmHWM")
-    statuses = [status for status, _, _ in answers]
+    statuses, answers, peak = sixteen_at_once(whole, largest_body, "/embed")
     print(
         f"\n16 x 512 x 32,760 characters at once: {statuses.count(200)} answered, {statuses.count(429)} refused; "
         f"RSS {before / MB:.0f} -> peak {peak / MB:.0f} MB (budget {BUDGET / MB:.0f} MB)"
@@ -95,12 +100,6 @@ def test_sixteen_largest_requests_complete_or_are_refused_at_once(whole: Service
     assert len(logged) == len(refused)
 
 
-def post_json(url: str, route: str, body: bytes) -> tuple[int, float, Mapping[str, str]]:
-    started = time.perf_counter()
-    response = requests.post(f"{url}{route}", data=body, headers={"Content-Type": "application/json"}, timeout=600)
-    return response.status_code, time.perf_counter() - started, response.headers
-
-
 def test_tokenize_is_held_in_the_memory_budget(whole: ServiceProcess) -> None:
     """POST /tokenize answers 15 to 35 times its request: 32 texts of 32,768 characters took the worker from 708
     to 1,012 MB outside every bound, and 16 of them at once far past the budget. Held in it, they complete or are
@@ -108,15 +107,11 @@ def test_tokenize_is_held_in_the_memory_budget(whole: ServiceProcess) -> None:
     body = json.dumps({"inputs": documents(32, 32_768)}).encode()
     before = whole.worker_rss()
     whole.reset_peak_rss()
-    status, seconds, _ = post_json(whole.url, "/tokenize", body)
+    status, seconds, _ = post(whole.url, body, "/tokenize")
     alone = whole.worker_rss("VmHWM")
     assert status == 200
     assert requests.get(f"{whole.url}/memory", timeout=10).json()["budget"]["peak_bytes"] >= 17 * MB  # its answer
-    whole.reset_peak_rss()
-    with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda _: post_json(whole.url, "/tokenize", body), range(16)))
-    peak = whole.worker_rss("VmHWM")
-    statuses = [status for status, _, _ in answers]
+    statuses, answers, peak = sixteen_at_once(whole, body, "/tokenize")
     print(
         f"\n/tokenize of 32 x 32,768 characters ({len(body) / MB:.1f} MB): alone {seconds:.1f} s, RSS "
         f"{before / MB:.0f} -> peak {alone / MB:.0f} MB; 16 at once: {statuses.count(200)} answered, "
@@ -134,11 +129,7 @@ def test_token_ids_are_held_in_the_memory_budget_while_they_are_parsed(whole: Se
     body's estimate reserved: parsed only once that is reserved, and 413 once their answer's cost is known."""
     ids = json.dumps({"ids": [[2023] * 32_768] * 64}).encode()
     before = whole.worker_rss()
-    whole.reset_peak_rss()
-    with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda _: post_json(whole.url, "/decode", ids), range(16)))
-    peak = whole.worker_rss("VmHWM")
-    statuses = [status for status, _, _ in answers]
+    statuses, _, peak = sixteen_at_once(whole, ids, "/decode")
     print(
         f"\n16 x /decode of 2.1 million ids ({len(ids) / MB:.1f} MB) at once: {statuses.count(413)} refused as too "
         f"costly, {statuses.count(429)} for want of room; RSS {before / MB:.0f} -> peak {peak / MB:.0f} MB"
