@@ -183,8 +183,7 @@ def tokenize() -> Response:
     info = _model_info()
     parts = components()
     req = TokenizeRequest.validated(_json_body(), parts.limits, info)
-    parts.memory.admit()
-    reservation = _reservation()
+    reservation = _admitted()
     prompt = info.prompts[req.prompt_name] if req.prompt_name else ""
     held, answer = held_text_bytes(request.content_length or 0, req.texts), 0
     pieces = [b"["]
@@ -194,9 +193,10 @@ def tokenize() -> Response:
         (tokens,) = parts.engine.tokenize([text], add_special_tokens=req.add_special_tokens)
         reservation.resize(held + answer + token_rows_bytes(len(tokens)))
         to_bytes = _byte_offsets(text)
-        pieces += [orjson.dumps([_tei_token(token, to_bytes) for token in tokens]), b","]
-        answer += len(pieces[-2])
-        del tokens
+        part = orjson.dumps([_tei_token(token, to_bytes) for token in tokens])
+        del tokens  # before the next text is tokenized
+        pieces += [part, b","]
+        answer += len(part)
     pieces[-1] = b"]"
     reservation.resize(held + ANSWER_COPIES * answer)
     return Response(pieces, mimetype="application/json")
@@ -209,8 +209,7 @@ def decode() -> Response:
     info = _model_info()
     parts = components()
     req = DecodeRequest.validated(_json_body(), parts.limits, info)
-    parts.memory.admit()
-    reservation = _reservation()
+    reservation = _admitted()
     ids = sum(len(row) for row in req.rows)
     reservation.resize(2 * (request.content_length or 0) + ids * DECODE_BYTES_PER_ID)
     return jsonify(parts.engine.decode(req.rows, skip_special_tokens=req.skip_special_tokens))
@@ -345,10 +344,9 @@ def _model_info() -> ModelInfo:
 def _run(req: EmbeddingRequest, info: ModelInfo) -> EmbeddingResult:
     parts = components()
     g.inputs, g.characters = len(req.texts), sum(len(text) for text in req.texts)
-    parts.memory.admit()
+    reservation = _admitted()
     cost = parts.budget.cost
     assert cost is not None  # derived once the model is loaded, which _model_info has checked
-    reservation = _reservation()
     body_bytes = request.content_length or 0
     prefix = info.prompts[req.prompt_name] if req.prompt_name else info.prefix_for(req.input_type)
     # Token vectors (/embed_all) make an answer hundreds of times its request: held by each text's tokens.
@@ -375,6 +373,13 @@ def _run(req: EmbeddingRequest, info: ModelInfo) -> EmbeddingResult:
     if gone is not None:  # served by app.server: a client that disconnects takes its texts off the queue
         gone.subscribe(lambda: job.fail(ClientClosed("the client closed the connection before the answer")))
     return job.wait(parts.settings.request_timeout_s, waited_s=time.perf_counter() - g.started)
+
+
+def _admitted() -> Reservation:
+    """Admit a request that does work (shedding above the memory limit, counting it for the cleanups) and give
+    its place in the memory budget, for the route to size."""
+    components().memory.admit()
+    return _reservation()
 
 
 def _reservation() -> Reservation:

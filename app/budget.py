@@ -62,7 +62,6 @@ body (app/front.py), the socket's send buffer and the slice of it being written.
 DECODE_BYTES_PER_ID = 128
 """One token id of a ``POST /decode`` request at its peak: the id as a Python int in its list, the token's
 string in the tokenizer, and its share of the text and of the answer's JSON."""
-"""The Python objects of one text in flight beside its characters: list slots, its fitted copy, counts."""
 
 BODY_COST_FACTOR = 3
 """A body costs itself, its decoding while it is parsed (``json.loads`` decodes the bytes to one string
@@ -143,12 +142,11 @@ class CostModel:
         it is parsed, its decoded copy), the texts as Python holds them, the pieces the model reads, each
         text's vector (the engine's, the answer's copy) and the answer's JSON (built once, then written)."""
         piece_chars = 2 * self.max_tokens * CHARS_PER_TOKEN  # a fitted text: at most one doubling of its budget
-        held = pieces = 0
+        pieces = 0
         for text in texts:
             size = sys.getsizeof(text)
-            held += size
             pieces += min(size, size * piece_chars // max(1, len(text)) + 80)
-        return 2 * body_bytes + held + pieces + self._answer_bytes(len(texts), dimensions)
+        return held_text_bytes(body_bytes, texts) + pieces + self._answer_bytes(len(texts), dimensions)
 
     def queued_bytes(self, pieces: Sequence[str], dimensions: int | None = None) -> int:
         """What a request holds once its texts are queued and its body and texts let go: the pieces the model

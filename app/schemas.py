@@ -900,15 +900,13 @@ def quote(value: Any) -> str:
     nested deeper than can be written (an array in an array, about 980 deep) is named, not shown: the
     RecursionError it raised was a 500 for a client's bad input."""
     try:
-        text = json.dumps(value, ensure_ascii=False)
+        text = json.dumps(value, ensure_ascii=False, default=repr)
     except RecursionError:
         return f"an {_type_name(value)} nested too deeply to show"
     except ValueError:  # a number of more digits than Python converts
         return "a number of thousands of digits" if _is_int(value) else f"an {_type_name(value)} holding such a number"
-    except TypeError:  # not a JSON value: what the service quotes of its own (a header's value is a string)
-        text = repr(value)
     if not _encodable(text):  # a lone surrogate (\ud800) cannot be written in UTF-8: escaped, as JSON allows
-        text = json.dumps(value)
+        text = json.dumps(value, default=repr)
     return text if len(text) <= MAX_QUOTE_CHARS else f"{text[:MAX_QUOTE_CHARS]}... ({len(text)} characters)"
 
 
