@@ -269,8 +269,9 @@ HELP: dict[str, str] = {
     "device": "where the model runs: auto picks CUDA, then MPS, then the CPU",
     "dtype": "the precision the model computes in; auto: bfloat16 where the hardware computes it natively and a "
     "start-up probe agrees, else float32",
-    "backend": "the runtime of the forward pass: torch, or openvino (the same model converted at start, CPU only); "
-    "auto: openvino where a start-up check finds it faster on this machine and the fidelity probe agrees",
+    "backend": "the runtime of the forward pass: torch (on the CPU its forward recorded as a graph where it gives "
+    "the eager forward's outputs), or openvino (the same model converted at start, CPU only); auto: openvino where "
+    "a start-up check finds it faster on this machine and the fidelity probe agrees",
     "cache_dir": "where a converted model is kept between starts, keyed by the model's files and the runtime's "
     "version; unset: $XDG_CACHE_HOME/embedding-service (~/.cache); not writable: converted at every start",
     "port": "the listening port (all interfaces)",

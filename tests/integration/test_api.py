@@ -125,6 +125,7 @@ def test_info_reports_model_limits_and_version(service: ServiceProcess) -> None:
     assert info["version"] == "0.1.0"
     expected, why = pick_dtype("auto", "cpu")  # what EMBEDDING_DTYPE=auto finds on this machine's CPU
     assert (info["dtype"], info["dtype_reason"].split(";")[0]) == (expected, why)
+    assert info["backend"] == "torch" and "; recorded forward graph (" in info["backend_reason"]
     labels = {"model": "sentence-transformers/all-MiniLM-L6-v2", "device": "cpu", "dtype": expected}
     assert service.metric("embedding_model_info", **labels) == 1
 

@@ -1,18 +1,21 @@
 """EMBEDDING_BACKEND on the real service: OpenVINO runs the same model converted at start and keeps its vectors,
 a restart reads the converted copy instead of converting again, auto decides from what it measured, and the
-default allocator (jemalloc, which OpenVINO cannot run beside) keeps auto on torch and says why."""
+default allocator (jemalloc, which OpenVINO cannot run beside) keeps auto on torch and says why. torch's forward
+runs as a recorded graph only where it gives the eager forward's vectors."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import requests
+from sentence_transformers import SentenceTransformer
 
-from app.backend import cosines, resolve_model
+from app.backend import TRACE_TOLERANCE, Prepared, SentenceTransformerBackend, TracedForward, cosines, resolve_model
 from loadtest.corpus import build_corpus, sample
 from loadtest.fidelity import MIN_COSINE, MIN_KNN_OVERLAP, knn_overlap
 from loadtest.service import BUNDLED_MODEL, ServiceProcess, running_service
@@ -39,8 +42,6 @@ def info(service: ServiceProcess) -> dict[str, str]:
 
 def test_openvino_serves_the_models_vectors(openvino: ServiceProcess) -> None:
     """The whole path through the service on OpenVINO against sentence-transformers' own float32 encode()."""
-    from sentence_transformers import SentenceTransformer
-
     texts = [d.text for d in sample(build_corpus(), 64, seed=2)]
     answer = requests.post(f"{openvino.url}/embed", json={"inputs": texts}, timeout=120)
     assert answer.status_code == 200, answer.text
@@ -98,3 +99,73 @@ def test_auto_picks_by_what_it_measured_and_jemalloc_keeps_torch(tmp_path: Path)
         kept = info(default)
     assert kept["backend"] == "torch"
     assert "cannot run beside jemalloc" in kept["backend_reason"]
+
+
+def torch_backend(dtype: str) -> tuple[SentenceTransformerBackend, str]:
+    backend = SentenceTransformerBackend(BUNDLED_MODEL, "cpu", dtype=dtype, backend="torch")
+    return backend, backend.load().backend_reason
+
+
+def outputs(backend: SentenceTransformerBackend, batches: list[list[str]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each batch's pooled vectors and its token vectors (the /embed_all path), through the engine's calls."""
+    found = []
+    for texts in batches:
+        prepared = backend.prepare(texts)
+        encoded = backend.encode(prepared)
+        found.append((backend.finish(encoded), np.concatenate(backend.finish_tokens(encoded, prepared.token_counts))))
+    return found
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_serves_a_recorded_graph_that_gives_the_eager_forwards_vectors(dtype: str) -> None:
+    """torch's forward pass runs as a recorded graph (no Python between its operations, no GIL): on batches of
+    every shape the engine makes (one text to 32, short to the longest), the same vectors as the eager forward,
+    to the last bit measured, and the graph is what computed them."""
+    backend, reason = torch_backend(dtype)
+    assert "recorded forward graph" in reason
+    graph = backend._traced
+    assert graph is not None
+    texts = [d.text for d in sample(build_corpus(), 48, seed=5)]
+    batches = [texts[:1], texts[1:3], texts[3:16], texts[16:48], [" ".join(["long"] * 400)]]
+    replayed: list[int] = []
+    recorded = graph._graph
+    graph._graph = lambda *tensors: replayed.append(len(tensors)) or recorded(*tensors)
+    traced = outputs(backend, batches)
+    assert len(replayed) == len(batches)
+    backend._traced = None
+    eager = outputs(backend, batches)
+    for (vectors, tokens), (eager_vectors, eager_tokens) in zip(traced, eager, strict=True):
+        assert vectors.shape == eager_vectors.shape and tokens.shape == eager_tokens.shape
+        assert np.abs(vectors - eager_vectors).max() <= TRACE_TOLERANCE
+        assert np.abs(tokens - eager_tokens).max() <= TRACE_TOLERANCE
+
+
+def test_a_graph_that_does_not_hold_for_other_shapes_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tracer's hazard: a shape read as a Python number becomes a constant of the graph. Recorded through a
+    module that cuts every batch to the recorded batch's length, the graph gives other token vectors on longer
+    batches: the start-up comparison finds it and the eager forward serves, with the reason said."""
+    import torch
+
+    record = TracedForward.record
+
+    class CutToRecordedLength:
+        def __init__(self, model: Any, length: int) -> None:
+            self.model, self.length, self.device = model, length, model.device
+
+        def forward(self, features: dict[str, object]) -> dict[str, object]:
+            cut = {k: v[:, : self.length] if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+            return self.model.forward(cut)  # type: ignore[no-any-return]
+
+    def baked(model: Any, example: Prepared, dtype: str) -> TracedForward:
+        return record(CutToRecordedLength(model, int(example.features["input_ids"].shape[1])), example, dtype)
+
+    monkeypatch.setattr(TracedForward, "record", baked)
+    backend, reason = torch_backend("float32")
+    print(f"\n{reason}")
+    assert backend._traced is None
+    assert "eager forward (the recorded graph gave " in reason
+    long_text = [" ".join(["long"] * 400)]
+    ((vectors, _),) = outputs(backend, [long_text])
+    library = SentenceTransformer(resolve_model(BUNDLED_MODEL).location, device="cpu")
+    reference = library.encode(long_text, convert_to_numpy=True, normalize_embeddings=True)
+    assert cosines(reference, vectors).min() >= 0.99999

@@ -48,6 +48,7 @@ def test_auto_takes_openvino_only_when_it_is_at_least_5_percent_faster(torch_s: 
     backend.prepare = lambda texts: Prepared(features={}, token_counts=[])  # type: ignore[method-assign]
     backend._best_time = lambda prepared: 1.0 if backend._openvino is forward else torch_s  # type: ignore[method-assign]
     backend._openvino = forward
+    backend._trace_note = "eager forward"  # no model to record: torch is timed as it is
     runtime, reason = backend._faster(forward, "probed")
     assert runtime == chosen
     assert f"{torch_s:.2f}x torch's speed" in reason
