@@ -60,6 +60,13 @@ CGROUP_LIMIT_SHARE = 0.9
 SHED_CHECK_INTERVAL_S = 0.5
 """While shedding, the monitor re-checks memory this often, so an idle service stops shedding by itself."""
 
+PUBLISH_EVERY_S = 5.0
+"""The monitor refreshes the gauges that cost a full sample (USS, the breakdown: smaps read, the young generations'
+objects counted under the interpreter lock) at most this often, or every ``EMBEDDING_MONITOR_INTERVAL_S`` where that
+is shorter; its other passes read RSS alone. It also passes
+for each cleanup that falls due, which single texts make more than once a second (the request count reached every
+50 requests): a full sample each time cost them 6-14% of their rate (docs/benchmarks.md)."""
+
 TRIM_MAX_SHARE = 0.02
 """Per-batch trims take at most this share of wall time (a trim costs about 7 ms on a 600 MB heap)."""
 
@@ -418,6 +425,7 @@ class MemoryManager:
         self._sampler = sampler or MemorySampler()
         self._python_objects = PythonObjects()
         self._clock = clock
+        self._published_at: float | None = None  # when the monitor last refreshed the full gauges
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -589,15 +597,22 @@ class MemoryManager:
 
     def tick(self) -> CleanupReason | None:
         """One monitor pass: sample, set the gauges, run or ask for a due cleanup."""
-        sample = self._sampler.full()
-        rss = sample.rss_bytes
+        now = self._clock()
+        every = min(PUBLISH_EVERY_S, self._settings.monitor_interval_s)  # a pass the interval set is always full
+        due = self._published_at is None or now - self._published_at >= every
+        sample = self._sampler.full() if due else None
+        rss = self._sampler.rss() if sample is None else sample.rss_bytes
         shedder = self.shedder
         if shedder is not None and shedder.shedding:
             # Idle or not, give back what can be and stop shedding as soon as memory is under the limit.
             rss = self._release_for_limit(shedder) if shedder.short_of(rss) else rss
             shedder.update(rss, idle=self._engine.is_idle() and self.budget.used == 0)
-        self._publish(sample, rss)
-        reason = self.triggers.decide(rss, self._clock())
+        if sample is None:
+            self.status.publish(rss)
+        else:
+            self._publish(sample, rss)
+            self._published_at = now
+        reason = self.triggers.decide(rss, now)
         if reason is None:
             return None
         if self._engine.is_idle():

@@ -4,6 +4,7 @@ import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,36 @@ def wait_for(condition: Callable[[], object], what: str, timeout_s: float = 5.0)
 def test_nothing_is_due_on_a_quiet_service(setup: Setup) -> None:
     assert setup.manager.tick() is None
     assert setup.value("embedding_cleanups_total", reason="periodic") == 0
+
+
+def test_the_monitor_reads_memory_in_full_at_most_every_few_seconds(setup: Setup) -> None:
+    """The monitor also passes for each cleanup that falls due, more than once a second under single texts: those
+    passes read RSS alone (still deciding and classifying on it), and the gauges that cost a full sample (USS,
+    the breakdown) are refreshed at most every PUBLISH_EVERY_S."""
+    full: list[int] = []
+    sample = setup.sampler.full
+    setup.sampler.full = lambda: full.append(1) or sample()  # type: ignore[method-assign]
+    setup.manager.tick()
+    assert len(full) == 1
+    setup.clock.advance(memory.PUBLISH_EVERY_S - 0.1)
+    setup.sampler.set(int(2.6 * GB))
+    assert setup.manager.tick() == "threshold"  # the RSS read alone decides
+    assert setup.value("embedding_memory_status", status="high") == 1
+    assert len(full) == 1
+    setup.clock.advance(0.1)
+    setup.manager.tick()
+    assert len(full) == 2
+
+
+def test_a_monitor_interval_shorter_than_that_gets_a_full_pass_each_time() -> None:
+    setup = Setup(replace(SETTINGS, monitor_interval_s=1.0))
+    full: list[int] = []
+    sample = setup.sampler.full
+    setup.sampler.full = lambda: full.append(1) or sample()  # type: ignore[method-assign]
+    for _ in range(3):
+        setup.manager.tick()
+        setup.clock.advance(1.0)
+    assert len(full) == 3
 
 
 def test_threshold_trigger_respects_a_cooldown(setup: Setup) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import random
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -141,8 +142,12 @@ def test_request_counts_and_asked_cleanups_survive_every_thread(monkeypatch: pyt
 
         return step
 
+    def monitor_pass() -> None:
+        manager.tick()
+        time.sleep(0.001)  # a pass that reads RSS alone takes microseconds: let requests come between passes
+
     # The monitor's passes set the pace; request threads admit and the inference thread takes all along.
-    hammer((1, manager.tick), rounds=300, meanwhile=(*map(admitting, range(4)), manager.run_pending))
+    hammer((1, monitor_pass), rounds=300, meanwhile=(*map(admitting, range(4)), manager.run_pending))
     left = triggers.pending
 
     _, counts, _ = manager.cleaner.history()
