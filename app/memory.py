@@ -63,9 +63,9 @@ SHED_CHECK_INTERVAL_S = 0.5
 PUBLISH_EVERY_S = 5.0
 """The monitor refreshes the gauges that cost a full sample (USS, the breakdown: smaps read, the young generations'
 objects counted under the interpreter lock) at most this often, or every ``EMBEDDING_MONITOR_INTERVAL_S`` where that
-is shorter; its other passes read RSS alone. It also passes
-for each cleanup that falls due, which single texts make more than once a second (the request count reached every
-50 requests): a full sample each time cost them 6-14% of their rate (docs/benchmarks.md)."""
+is shorter; its other passes read RSS alone. It also passes for each cleanup that falls due, which single texts make
+more than once a second (the request count reached every 50 requests): a full sample each time cost them 6-14% of
+their rate (docs/benchmarks.md)."""
 
 TRIM_MAX_SHARE = 0.02
 """Per-batch trims take at most this share of wall time (a trim costs about 7 ms on a 600 MB heap)."""
@@ -612,7 +612,7 @@ class MemoryManager:
         else:
             self._publish(sample, rss)
             self._published_at = now
-        reason = self.triggers.decide(rss, now)
+        reason = self.triggers.decide(rss, self._clock())
         if reason is None:
             return None
         if self._engine.is_idle():
