@@ -737,6 +737,7 @@ class TracedForward:
         """Trace ``model``'s forward on ``example``: its tensors become the graph's inputs (batch and length
         free), its other entries (a modality's name) constants the graph is only used with."""
         import torch
+        from transformers.utils import logging as transformers_logging
 
         features = example.features
         inputs = [name for name, value in features.items() if isinstance(value, torch.Tensor)]
@@ -752,16 +753,23 @@ class TracedForward:
                 return output["sentence_embedding"], output["token_embeddings"]
 
         reduced = dtype != "float32"
-        with (
-            torch.inference_mode(False),
-            torch.no_grad(),
-            torch.autocast(model.device.type, dtype=getattr(torch, dtype), enabled=reduced),
-            warnings.catch_warnings(),
-        ):
-            warnings.simplefilter("ignore")  # the tracer's warnings on shape checks, which the comparison covers
-            graph = torch.jit.trace(  # type: ignore[no-untyped-call]  # torch.jit is untyped
-                Forward(), tuple(features[name] for name in inputs), check_trace=False
-            )
+        # The tracer reads every attribute of the module, and transformers' models warn on some of them (an unset
+        # training loss) through a handler of their own that writes plain text beside the service's JSON lines.
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        try:
+            with (
+                torch.inference_mode(False),
+                torch.no_grad(),
+                torch.autocast(model.device.type, dtype=getattr(torch, dtype), enabled=reduced),
+                warnings.catch_warnings(),
+            ):
+                warnings.simplefilter("ignore")  # the tracer's warnings on shape checks, which the comparison covers
+                graph = torch.jit.trace(  # type: ignore[no-untyped-call]  # torch.jit is untyped
+                    Forward(), tuple(features[name] for name in inputs), check_trace=False
+                )
+        finally:
+            transformers_logging.set_verbosity(verbosity)
         return cls(graph, inputs, constants, dtype)
 
     def accepts(self, prepared: Prepared) -> bool:
