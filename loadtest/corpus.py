@@ -16,6 +16,7 @@ import json
 import random
 import re
 import sysconfig
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,10 +47,16 @@ def stdlib_sources(root: Path | None = None) -> list[Path]:
     return sorted(p for p in base.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(base).parts))
 
 
+_PARSING = threading.Lock()
+"""One parse at a time: CPython 3.11's parser keeps its recursion depth per interpreter, and two threads building
+the corpus at once failed with "AST constructor recursion depth mismatch"."""
+
+
 def docstrings(path: Path) -> Iterator[str]:
     """Module, class and function docstrings of one source file."""
     try:
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        with _PARSING:
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     except (SyntaxError, UnicodeDecodeError, ValueError):
         return
     for node in ast.walk(tree):
