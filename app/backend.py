@@ -532,7 +532,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
 
         self._model.to(getattr(torch, dtype))
         self._dtype = "float32"  # no autocast on top: every op computes in the weights' dtype
-        self._traced = None  # recorded for the float32 weights
+        self._traced = None  # recorded for the other weights, at the other precision
 
     def _probe(self) -> np.ndarray:
         return self.finish(self.encode(self.prepare(list(FIDELITY_PROBE))))
@@ -542,6 +542,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
         computed once."""
         if self._reference is None:
             assert self._openvino is None, "the reference is torch's"
+            assert self._traced is None, "taken before the graph is recorded at the dtype"
             saved, self._dtype = self._dtype, "float32"
             self._reference = self._probe()
             self._dtype = saved
@@ -629,7 +630,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
 
         if self._openvino is not None:
             return self._openvino(prepared)
-        if self._traced is not None and self._traced.dtype == self._dtype and self._traced.accepts(prepared):
+        if self._traced is not None and self._traced.accepts(prepared):
             return self._traced(prepared)
         device_type = self._model.device.type
         reduced = self._dtype != "float32"
@@ -725,10 +726,8 @@ class TracedForward:
     with all-MiniLM-L6-v2 on 2 cores, a 2-text batch: 16.6 -> 12.1 ms alone, 25.9 -> 18.0 ms beside 16 threads
     that each hold the GIL 0.3 ms in 15 (docs/benchmarks.md)."""
 
-    def __init__(self, graph: Any, inputs: list[str], constants: dict[str, Any], dtype: str) -> None:
+    def __init__(self, graph: Any, inputs: list[str], constants: dict[str, Any]) -> None:
         self._graph = graph
-        self.dtype = dtype
-        """The precision the graph computes in: it serves the backend only at that dtype."""
         self._inputs = inputs
         self._constants = constants
 
@@ -742,16 +741,6 @@ class TracedForward:
         features = example.features
         inputs = [name for name, value in features.items() if isinstance(value, torch.Tensor)]
         constants = {name: value for name, value in features.items() if name not in inputs}
-
-        class Forward(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
-
-            def forward(self, *tensors: Any) -> tuple[Any, Any]:
-                output = self.model.forward({**dict(zip(inputs, tensors, strict=True)), **constants})
-                return output["sentence_embedding"], output["token_embeddings"]
-
         reduced = dtype != "float32"
         # The tracer reads every attribute of the module, and transformers' models warn on some of them (an unset
         # training loss) through a handler of their own that writes plain text beside the service's JSON lines.
@@ -766,11 +755,11 @@ class TracedForward:
             ):
                 warnings.simplefilter("ignore")  # the tracer's warnings on shape checks, which the comparison covers
                 graph = torch.jit.trace(  # type: ignore[no-untyped-call]  # torch.jit is untyped
-                    Forward(), tuple(features[name] for name in inputs), check_trace=False
+                    whole_forward(model, inputs, constants), tuple(features[name] for name in inputs), check_trace=False
                 )
         finally:
             transformers_logging.set_verbosity(verbosity)
-        return cls(graph, inputs, constants, dtype)
+        return cls(graph, inputs, constants)
 
     def accepts(self, prepared: Prepared) -> bool:
         """Whether ``prepared`` has the recorded batch's inputs and constants."""
@@ -814,7 +803,7 @@ class OpenVINOForward:
 
     def __call__(self, prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
         features = prepared.features
-        result = self._request.infer({name: features[name].cpu().numpy() for name in self._inputs})
+        result = self._request.infer([features[name].cpu().numpy() for name in self._inputs])  # in their order
         return result[0], result[1]
 
     @classmethod
@@ -854,23 +843,30 @@ def convert(model: Any, example: Prepared, inputs: list[str]) -> Any:
     import openvino
     import torch
 
-    class Forward(torch.nn.Module):
+    tensors = tuple(example.features[name] for name in inputs)
+    shapes = [([-1, -1], openvino.Type.i64)] * len(inputs)
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings on transformers' shape checks
+        return openvino.convert_model(whole_forward(model, inputs), example_input=tensors, input=shapes)
+
+
+def whole_forward(model: Any, inputs: list[str], constants: dict[str, Any] | None = None) -> Any:
+    """The sentence-transformers module's whole forward pass (transformer, pooling, normalisation) as a module
+    of positional tensors, which ``inputs`` name (and ``constants`` the batch's other entries, a modality's
+    name): what torch's tracer and OpenVINO's converter record. It answers the pooled vectors and the token
+    vectors."""
+    import torch
+
+    class WholeForward(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> tuple[Any, Any]:
-            features = {"input_ids": input_ids, "attention_mask": attention_mask}
-            if token_type_ids is not None:  # BERT's; MPNet and XLM-R have none
-                features["token_type_ids"] = token_type_ids
-            output = self.model.forward(features)
+        def forward(self, *tensors: Any) -> tuple[Any, Any]:
+            output = self.model.forward({**dict(zip(inputs, tensors, strict=True)), **(constants or {})})
             return output["sentence_embedding"], output["token_embeddings"]
 
-    tensors = {name: example.features[name] for name in inputs}
-    shapes = [(name, [-1, -1], openvino.Type.i64) for name in inputs]
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's warnings on transformers' shape checks
-        return openvino.convert_model(Forward(), example_input=tensors, input=shapes)
+    return WholeForward()
 
 
 def _save(converted: Any, cached: Path | None) -> str:
