@@ -83,7 +83,8 @@ class ModelInfo:
     device: str
     prompts: dict[str, str] = field(default_factory=dict)
     dtype: str = "float32"
-    """The precision the forward pass computes in (weights stay float32; see :func:`pick_dtype`)."""
+    """The precision the forward pass computes in (see :func:`pick_dtype`; the linear layers' weights are held in
+    it where that gives the same vectors, :meth:`SentenceTransformerBackend._hold_linear_weights`)."""
     dtype_reason: str = ""
     backend: str = "torch"
     """The runtime of the forward pass: torch, or openvino (the same module converted; see :meth:`load`)."""
@@ -347,6 +348,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
         self._dtype = "float32"
         self._openvino: OpenVINOForward | None = None  # set when the forward pass runs in OpenVINO
         self._traced: TracedForward | None = None  # set when torch's forward pass runs as a recorded graph
+        self._held: str | None = None  # what holding the linear layers' weights at the dtype found, once tried
         self._trace_note: str | None = None  # what recording it found, once tried
         self._reference: np.ndarray | None = None  # the fidelity probe in torch at float32, once computed
 
@@ -380,11 +382,12 @@ class SentenceTransformerBackend(EmbeddingBackend):
             raise ModelLoadError(f"model {self._name!r} does not report its maximum sequence length")
         dtype, reason = self._choose_dtype(device)
         backend, backend_reason = self._choose_backend(source, device, dtype)
+        if self._openvino is None:
+            reason += self._hold_linear_weights()
+            backend_reason += f"; {self._trace()}"
         weights = self.weight_bytes()
         if self._openvino is not None:
             self._let_torch_weights_go()
-        else:
-            backend_reason += f"; {self._trace()}"
         return ModelInfo(
             model_id=source.model_id,
             dimensions=dimensions,
@@ -468,13 +471,57 @@ class SentenceTransformerBackend(EmbeddingBackend):
         timing = self.prepare((list(FIDELITY_PROBE) * SPEED_PROBE_TEXTS)[:SPEED_PROBE_TEXTS])
         ours = self._best_time(timing)
         self._openvino = None
-        self._trace()  # torch timed as it would serve
+        self._hold_linear_weights()  # torch timed as it would serve
+        self._trace()
         theirs = self._best_time(timing)
         speed = f"{theirs / ours:.2f}x torch's speed on a start-up batch of {SPEED_PROBE_TEXTS} texts"
         if ours * FASTER_BY >= theirs:
             return "torch", f"auto: openvino ran at {speed}, not faster ({said})"
         self._openvino, self._traced = forward, None
         return "openvino", f"auto: openvino ran at {speed} ({said})"
+
+    def _hold_linear_weights(self) -> str:
+        """Under autocast the linear layers compute in the dtype, and every forward pass casts each one's float32
+        weights to it again: 21 MB for all-MiniLM-L6-v2, about half a small batch's time on a CPU with AMX
+        (a one-text batch 5.4 -> 2.8 ms, bfloat16). The weights are cast once here instead, kept only where
+        the fidelity probe's vectors come out bit for bit the same (autocast casts them to the same values);
+        what was done, in words, for ``dtype_reason`` (once)."""
+        import torch
+
+        if self._held is not None:
+            return self._held
+        self._held = ""
+        if self._dtype == "float32" or self._model.device.type != "cpu":
+            return self._held
+        dtype = getattr(torch, self._dtype)
+        linears = [m for m in self._model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype != dtype]
+        if not linears:
+            return self._held
+        before = self._probe()
+        kept = [(m, m.weight.data, None if m.bias is None else m.bias.data) for m in linears]
+        for module, weight, bias in kept:
+            module.weight.data = weight.to(dtype)
+            if bias is not None:
+                module.bias.data = bias.to(dtype)
+        narrower = torch.finfo(dtype).bits // 8
+        saved = sum(weight.numel() * (weight.element_size() - narrower) for _, weight, _ in kept)
+        differs: str | None
+        try:
+            worst = float(np.abs(self._probe() - before).max())
+            differs = f"the probe moved {worst:.3g}" if worst != 0.0 else None
+        except Exception as exc:  # noqa: BLE001  (a module that reads a weight outside autocast cannot run so)
+            differs = f"the probe failed: {type(exc).__name__}: {exc}"
+        if differs is not None:
+            for module, weight, bias in kept:
+                module.weight.data = weight
+                if bias is not None:
+                    module.bias.data = bias
+            self._held = f"; linear weights cast at every pass (held in {self._dtype}, {differs})"
+            return self._held
+        self._held = (
+            f"; linear weights held in {self._dtype} ({saved / 1e6:.0f} MB less, the probe's vectors unchanged)"
+        )
+        return self._held
 
     def _trace(self) -> str:
         """Record torch's forward pass as a graph (:class:`TracedForward`) where it gives the eager forward's

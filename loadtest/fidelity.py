@@ -7,9 +7,10 @@ For each variant it prints texts/s (length-sorted batches of 32, in-process), th
 process RSS after it (the variants load one after another in one process, so RSS only ever grows),
 the minimum and mean cosine of each text's vector to its float32 vector, and how many of each text's 10
 nearest neighbours among all the texts stay the same. Variants: float32; bfloat16 and float16 under
-autocast (weights stay float32, what the service runs); bfloat16 with the weights cast (half the weight
-memory). ``EMBEDDING_DTYPE=auto`` must only ever pick a dtype that keeps min cosine >= 0.999 and 10-NN
-overlap >= 0.98 here (the service also probes at start-up; ``tests/integration/test_fidelity.py`` checks).
+autocast (what the service runs: the linear layers' weights held in the dtype, the rest float32); bfloat16
+with all the weights cast (half the weight memory). ``EMBEDDING_DTYPE=auto`` must only ever pick a dtype that
+keeps min cosine >= 0.999 and 10-NN overlap >= 0.98 here (the service also probes at start-up;
+``tests/integration/test_fidelity.py`` checks).
 Writes ``reports/fidelity.json``. Numbers only: nothing here passes or fails.
 """
 
