@@ -494,6 +494,7 @@ class MemoryManager:
         if self._policy.freezes_startup_objects:
             self._engine.add_ready_hook(self.freeze_startup_objects)
         self._engine.add_ready_hook(self.derive_budget)
+        self._engine.add_ready_hook(self.sample_when_loaded)
         self._engine.add_between_batches_hook(self.between_batches)
         self._engine.add_idle_hook(self.on_idle)
         self._engine.add_batch_observer(self.observe_batch)
@@ -620,6 +621,13 @@ class MemoryManager:
         else:
             self.triggers.ask(reason)  # the inference thread runs it after its current batch
         return reason
+
+    def sample_when_loaded(self) -> None:
+        """The model is loaded and warm: the monitor's next pass, now, samples in full, so that the gauges show
+        what serving starts from, not the process before its model (the next pass could be a whole
+        ``EMBEDDING_MONITOR_INTERVAL_S`` away)."""
+        self._published_at = None
+        self._wake.set()
 
     def _publish(self, sample: MemorySample, rss: int | None = None) -> None:
         """Set the gauges GET /memory and /metrics read between passes."""

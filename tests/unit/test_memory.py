@@ -140,6 +140,19 @@ def test_the_monitor_reads_memory_in_full_at_most_every_few_seconds(setup: Setup
     assert len(full) == 2
 
 
+def test_a_loaded_model_is_sampled_in_full_at_once(setup: Setup) -> None:
+    """The gauges are first set before the model loads; once it is loaded and warm, the monitor's next pass reads
+    memory in full, not only RSS until the next interval: /metrics shows what serving starts from."""
+    full: list[int] = []
+    sample = setup.sampler.full
+    setup.sampler.full = lambda: full.append(1) or sample()  # type: ignore[method-assign]
+    setup.manager.tick()
+    setup.clock.advance(1.0)
+    setup.manager.sample_when_loaded()
+    setup.manager.tick()
+    assert len(full) == 2  # 1 s after the last full pass: without the model's word, RSS alone
+
+
 def test_a_monitor_interval_shorter_than_that_gets_a_full_pass_each_time() -> None:
     setup = Setup(replace(SETTINGS, monitor_interval_s=1.0))
     full: list[int] = []
