@@ -96,6 +96,12 @@ class ModelInfo:
     special_tokens: int = 2
     """Tokens the tokenizer adds to every text (BERT's [CLS] and [SEP])."""
     shape: ModelShape = DEFAULT_SHAPE
+    batch_overhead_tokens: int = 32
+    """What one more forward pass costs, in padded token slots: the batch planner's rate of exchange between a
+    batch and padding (:func:`app.engine.plan_batches`), measured at start (:meth:`SentenceTransformerBackend.load`).
+    32 is all-MiniLM-L6-v2 in float32 on 2 cores without AMX (5 ms a batch, 0.14 ms a slot)."""
+    batch_cost: str = ""
+    """The measurement behind ``batch_overhead_tokens``, in words."""
     revision: str | None = None
     """The model's commit on the hub where it came from the hub's cache (TEI's ``model_sha``); None otherwise."""
 
@@ -385,6 +391,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
         if self._openvino is None:
             reason += self._hold_linear_weights()
             backend_reason += f"; {self._trace()}"
+        overhead, cost = self._batch_overhead()
         weights = self.weight_bytes()
         if self._openvino is not None:
             self._let_torch_weights_go()
@@ -402,6 +409,8 @@ class SentenceTransformerBackend(EmbeddingBackend):
             weight_bytes=weights,
             special_tokens=int(self._counter.num_special_tokens_to_add(pair=False)),
             shape=self._shape(model),
+            batch_overhead_tokens=overhead,
+            batch_cost=cost,
             revision=model_revision(source),
         )
 
@@ -550,6 +559,23 @@ class SentenceTransformerBackend(EmbeddingBackend):
         self._traced = traced
         self._trace_note = f"recorded forward graph (the eager forward's outputs on {len(checks)} other batches)"
         return self._trace_note
+
+    def _batch_overhead(self) -> tuple[int, str]:
+        """The fixed cost of a forward pass in padded token slots, as it serves here: a one-text batch and a batch
+        of :data:`OVERHEAD_PROBE_TEXTS` texts of 32 tokens, timed, give a cost a batch and a cost a slot. It
+        differs by runtime, dtype and CPU (measured on 2 cores, all-MiniLM-L6-v2: float32 without AMX about 32
+        slots, bfloat16 with AMX about 100): a planner that takes a batch for cheaper than it is cuts a window
+        into many small batches, one that takes it for dearer pads short texts to long ones."""
+        small = self.prepare(["overhead"])
+        large = self.prepare([" ".join(["word"] * 30)] * OVERHEAD_PROBE_TEXTS)
+        slots = [int(p.features["input_ids"].numel()) for p in (small, large)]
+        times = [self._best_time(p) for p in (small, large)]
+        per_slot = (times[1] - times[0]) / (slots[1] - slots[0])
+        if per_slot <= 0:  # noise larger than the work: the default rate
+            return ModelInfo.batch_overhead_tokens, f"not measured (a batch of {slots[1]} slots ran no slower)"
+        fixed = max(times[0] - per_slot * slots[0], 0.0)
+        overhead = min(max(round(fixed / per_slot), OVERHEAD_TOKENS_RANGE[0]), OVERHEAD_TOKENS_RANGE[1])
+        return overhead, f"{fixed * 1e3:.2f} ms a batch + {per_slot * 1e6:.1f} us a padded token"
 
     def _best_time(self, prepared: Prepared) -> float:
         """The fastest of a few forward passes of ``prepared`` (after one to warm up), in seconds."""
@@ -724,6 +750,10 @@ def _as_numpy(values: Any) -> np.ndarray:
 SPEED_PROBE_TEXTS = 16
 """Texts in the start-up batch ``EMBEDDING_BACKEND=auto`` times each runtime on (the fidelity probe's, repeated)."""
 SPEED_PROBE_RUNS = 3
+OVERHEAD_PROBE_TEXTS = 8
+"""Texts of the larger batch :meth:`SentenceTransformerBackend._batch_overhead` times (8 x 32 = 256 slots)."""
+OVERHEAD_TOKENS_RANGE = (8, 512)
+"""The batch planner's overhead is kept within these many slots, whatever a noisy measurement gives."""
 FASTER_BY = 1.05
 """``auto`` takes OpenVINO only when it is at least this much faster: a tie keeps torch (one runtime fewer)."""
 OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}

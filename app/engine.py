@@ -45,14 +45,6 @@ IDLE_TICK_S = 1.0
 
 WARM_UP_TEXTS = ("warm-up", "A short sentence to warm the model up.")
 
-BATCH_OVERHEAD_TOKENS = 32
-"""The fixed cost of one forward pass, in padded token slots.
-
-Measured on CPU with all-MiniLM-L6-v2: a batch costs about 5 ms plus 0.14 ms per
-padded token slot (batch size x longest text), so one extra batch is worth about
-32 slots of padding.
-"""
-
 
 def plan_batches(lengths: list[int], max_size: int, overhead: int, max_tokens: int | None = None) -> list[slice]:
     """Cut texts sorted by length (longest first) into batches that waste the least padding.
@@ -597,6 +589,8 @@ class Engine:
             backend_reason=info.backend_reason,
             dimensions=info.dimensions,
             max_seq_length=info.max_seq_length,
+            batch_overhead_tokens=info.batch_overhead_tokens,
+            batch_cost=info.batch_cost,
             load_s=round(loaded - started, 3),
             warm_up_s=round(time.perf_counter() - loaded, 3),
             rss_bytes=self._rss(),
@@ -668,7 +662,9 @@ class Engine:
         window, lengths = self._within_token_budget(window, [job.lengths[i] for job, i in window], max_tokens)
         items = [(job, i, n) for (job, i), n in zip(window, lengths, strict=True) if not job.finished]
         items.sort(key=lambda item: item[2], reverse=True)
-        spans = plan_batches([n for _, _, n in items], self._batch_size, BATCH_OVERHEAD_TOKENS, max_tokens)
+        assert self.info is not None
+        overhead = self.info.batch_overhead_tokens  # measured at start (ModelInfo)
+        spans = plan_batches([n for _, _, n in items], self._batch_size, overhead, max_tokens)
         for span in reversed(spans):  # shortest first: the requests of short texts are answered soonest
             batch = [(job, i) for job, i, _ in items[span] if not job.finished]
             if batch:

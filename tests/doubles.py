@@ -36,8 +36,10 @@ class FakeBackend(EmbeddingBackend):
         prompts: dict[str, str] | None = None,
         poison: str | None = None,
         load_error: str | None = None,
+        batch_overhead_tokens: int = ModelInfo.batch_overhead_tokens,
     ) -> None:
         self.dimensions = dimensions
+        self.batch_overhead_tokens = batch_overhead_tokens
         self.max_seq_length = max_seq_length
         self.prompts = prompts or {}
         self.poison = poison
@@ -50,7 +52,14 @@ class FakeBackend(EmbeddingBackend):
     def load(self) -> ModelInfo:
         if self.load_error is not None:
             raise ModelLoadError(self.load_error)
-        return ModelInfo("fake/model", self.dimensions, self.max_seq_length, "cpu", dict(self.prompts))
+        return ModelInfo(
+            "fake/model",
+            self.dimensions,
+            self.max_seq_length,
+            "cpu",
+            dict(self.prompts),
+            batch_overhead_tokens=self.batch_overhead_tokens,
+        )
 
     def token_spans(self, texts: list[str]) -> list[list[tuple[int, int]]]:
         return [[m.span() for m in re.finditer(r"\S+", text)] for text in texts]

@@ -192,6 +192,9 @@ def test_linear_weights_are_held_in_bfloat16_where_the_vectors_stay_the_same(mon
     cast.load()
     assert linear_weight_dtypes(held) == {"torch.bfloat16"} and linear_weight_dtypes(cast) == {"torch.float32"}
     assert "linear weights held in bfloat16" in said.dtype_reason
+    # The batch planner's rate of exchange, measured as it serves (bfloat16: AMX makes a slot cheap, a pass not).
+    assert re.fullmatch(r"[\d.]+ ms a batch \+ [\d.]+ us a padded token", said.batch_cost), said.batch_cost
+    assert 8 <= said.batch_overhead_tokens <= 512
     assert said.weight_bytes is not None and said.weight_bytes < cast.weight_bytes() - 20e6
     for (vectors, tokens), (cast_vectors, cast_tokens) in zip(
         outputs(held, batches), outputs(cast, batches), strict=True

@@ -127,6 +127,33 @@ def test_long_texts_are_split_into_smaller_batches_by_the_token_budget() -> None
     assert long_result.embeddings.shape[0] == 6 and short_result.embeddings.shape[0] == 8
 
 
+def submitted_while_busy(engine: Engine, backend: FakeBackend, requests: list[list[str]]) -> list[Job]:
+    """Start ``engine``, hold the model on a first one-text request, submit ``requests`` behind it (one window),
+    and let the model go: the submitted requests' jobs, once the first is answered."""
+    engine.start()
+    wait_for(lambda: engine.ready)
+    backend.gate.clear()
+    blocker = engine.submit(["blocker"])
+    wait_for(lambda: engine.queue_depth == 0)
+    jobs = [engine.submit(texts) for texts in requests]
+    backend.gate.set()
+    blocker.wait(5)
+    return jobs
+
+
+@pytest.mark.parametrize(("overhead", "sizes"), [(1, [6, 2]), (1000, [8])])
+def test_batches_are_cut_at_the_cost_of_a_forward_pass_the_model_measured(overhead: int, sizes: list[int]) -> None:
+    """The planner trades padding for batches at the rate the backend measured at start: where a forward pass
+    costs little, six short texts do not wait padded to two long ones; where it costs much, one batch."""
+    backend = FakeBackend(max_seq_length=64, batch_overhead_tokens=overhead)
+    engine, _ = make_engine(backend, batch_size=8)
+    jobs = submitted_while_busy(engine, backend, [[" ".join(["w"] * 10)] * 2, ["short"] * 6])
+    for job in jobs:
+        job.wait(5)
+    engine.stop(5)
+    assert [len(batch) for batch in backend.batches[2:]] == sizes
+
+
 def test_a_full_queue_is_refused_with_retry_after(backend: FakeBackend) -> None:
     engine, metrics = make_engine(backend, batch_size=2, queue_size=10)
     engine.start()
@@ -155,16 +182,7 @@ def test_a_full_queue_is_refused_with_retry_after(backend: FakeBackend) -> None:
 def test_a_failing_text_fails_only_its_own_request(backend: FakeBackend) -> None:
     backend.poison = "poison"
     engine, _ = make_engine(backend, batch_size=8)
-    engine.start()
-    wait_for(lambda: engine.ready)
-    backend.gate.clear()
-    blocker = engine.submit(["blocker"])
-    wait_for(lambda: engine.queue_depth == 0)
-    good = engine.submit(["fine", "also fine"])
-    bad = engine.submit(["poison"])
-    other = engine.submit(["more"])
-    backend.gate.set()
-    blocker.wait(5)
+    good, bad, other = submitted_while_busy(engine, backend, [["fine", "also fine"], ["poison"], ["more"]])
     assert good.wait(5).embeddings.shape == (2, 8)
     assert other.wait(5).embeddings.shape == (1, 8)
     with pytest.raises(ServiceError) as caught:
