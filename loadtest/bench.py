@@ -2,10 +2,16 @@
 
     make bench                       # 1024 texts of the standard-library corpus
     BENCH_TEXTS=2048 make bench
+    EMBEDDING_DTYPE=float32 make bench   # another dtype than the one auto picks here
+
+On a CPU with AVX-512 or AMX, what an AVX2-only CPU runs (float32, no wider kernels) can be approximated by capping
+the libraries' instruction sets: ``MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+EMBEDDING_DTYPE=float32 make bench`` (OpenVINO's CPU plugin reads the last one too; the caches and clocks stay
+this CPU's).
 
 Over the same mixed-length texts, each run after its own warm-up, on each runtime (torch, and OpenVINO:
 ``EMBEDDING_BACKEND``):
-  1. in-process in float32, and in-process at the dtype ``EMBEDDING_DTYPE=auto`` picks on this machine
+  1. in-process in float32, and in-process at the dtype ``EMBEDDING_DTYPE`` names (``auto``: what it picks here)
      (length-sorted batches of 32, the service's own backend);
   2. the service at the auto dtype: 4 clients x 32-text requests (through OpenAI's /v1/embeddings with
      base64 vectors, then text-embeddings-inference's /embed with JSON numbers), 16 clients x single texts,
@@ -113,12 +119,10 @@ def main() -> None:
     n = int(os.environ.get("BENCH_TEXTS", "1024"))
     texts = [d.text for d in sample(build_corpus(), n, seed=1)]
     words = sum(len(t.split()) for t in texts)
-    auto, why = pick_dtype("auto", "cpu")
+    auto, why = pick_dtype(os.environ.get("EMBEDDING_DTYPE", "auto").lower(), "cpu")
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx_vnni", "avx512_vnni"})
     print(f"benchmark: {n} texts, {words / n:.0f} words on average, model {BUNDLED_MODEL}, {os.cpu_count()} CPUs")
-    print(
-        f"CPU flags: {', '.join(flags) or 'none of avx2, avx512f, avx512_bf16, amx_bf16'}; auto dtype: {auto} ({why})"
-    )
+    print(f"CPU flags: {', '.join(flags) or 'none of avx2, avx512f, avx512_bf16, amx_bf16'}; dtype: {auto} ({why})")
     fp32 = timed("in-process torch, float32", lambda: in_process(texts, "float32"))
     base = fp32 if auto == "float32" else timed(f"in-process torch, {auto}", lambda: in_process(texts, auto))
     ov_fp32 = timed("in-process openvino, float32", lambda: in_process(texts, "float32", "openvino"))
@@ -126,8 +130,8 @@ def main() -> None:
     if auto != "float32":
         ov_base = timed(f"in-process openvino, {auto}", lambda: in_process(texts, auto, "openvino"))
     REPORTS.mkdir(exist_ok=True)
-    torch_rates = service_rates(texts, {"EMBEDDING_DTYPE": "auto", "EMBEDDING_BACKEND": "torch"}, "torch")
-    openvino_rates = service_rates(texts, {"EMBEDDING_DTYPE": "auto", "EMBEDDING_BACKEND": "openvino"}, "openvino")
+    torch_rates = service_rates(texts, {"EMBEDDING_DTYPE": auto, "EMBEDDING_BACKEND": "torch"}, "torch")
+    openvino_rates = service_rates(texts, {"EMBEDDING_DTYPE": auto, "EMBEDDING_BACKEND": "openvino"}, "openvino")
     result: dict[str, object] = {
         "texts": n,
         "cpu_flags": flags,
