@@ -101,6 +101,34 @@ OPENVINO_CONFLICT = (
 )
 
 
+_MADV_DONTNEED = 4  # <sys/mman.h>
+
+
+def drop_file_pages(ranges: list[tuple[int, int]]) -> int:
+    """Take the pages of ``ranges`` (address, bytes) out of the process's RSS where they lie in a file's mapping
+    (a memory-mapped checkpoint), with ``madvise(MADV_DONTNEED)``: they stay in the page cache, and a later read
+    would fault them in again from the file. Ranges anywhere else (the heap) are left alone: there the call would
+    discard memory. Bytes dropped."""
+    files = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith("/"):
+                start, end = (int(bound, 16) for bound in fields[0].split("-"))
+                files.append((start, end))
+    c = libc()
+    if c is None:
+        return 0
+    page, dropped = os.sysconf("SC_PAGE_SIZE"), 0
+    for address, size in ranges:
+        if not any(start <= address and address + size <= end for start, end in files):
+            continue
+        first, last = -(-address // page) * page, (address + size) // page * page  # whole pages inside
+        if last > first and c.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0:
+            dropped += last - first
+    return dropped
+
+
 def allocator_for(requested: str, backend: str) -> str:
     """The allocator to start under: jemalloc as asked, except with ``EMBEDDING_BACKEND=openvino``
     (:data:`OPENVINO_CONFLICT`), which runs on glibc with the same arena cap and trims."""

@@ -192,6 +192,8 @@ def test_linear_weights_are_held_in_bfloat16_where_the_vectors_stay_the_same(mon
     cast.load()
     assert linear_weight_dtypes(held) == {"torch.bfloat16"} and linear_weight_dtypes(cast) == {"torch.float32"}
     assert "linear weights held in bfloat16" in said.dtype_reason
+    dropped = re.search(r"(\d+) MB of their float32 pages out of RSS", said.dtype_reason)
+    assert dropped is not None and int(dropped.group(1)) >= 40  # the checkpoint's pages of 43 MB of linear weights
     # The batch planner's rate of exchange, measured as it serves (bfloat16: AMX makes a slot cheap, a pass not).
     assert re.fullmatch(r"[\d.]+ ms a batch \+ [\d.]+ us a padded token", said.batch_cost), said.batch_cost
     assert 8 <= said.batch_overhead_tokens <= 512

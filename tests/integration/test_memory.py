@@ -126,7 +126,11 @@ def test_the_whole_model_is_in_memory_once_the_service_is_ready(service: Service
     worker = psutil.Process(service.proc.pid).children()[0]
     weights = (model_dir / "model.safetensors").resolve()
     resident = sum(m.rss for m in worker.memory_maps(grouped=True) if Path(m.path) == weights)
-    assert resident >= 0.95 * weights.stat().st_size
+    # At a reduced dtype the linear layers' weights are held in it and their float32 pages (10.8 M parameters of
+    # all-MiniLM-L6-v2) are dropped: every other page, the token embeddings' among them, is in.
+    reduced = requests.get(f"{service.url}/info", timeout=10).json()["model_dtype"] != "float32"
+    read = weights.stat().st_size - (4 * 10_785_408 if reduced else 0)
+    assert resident >= 0.95 * read
 
 
 @pytest.mark.parametrize("allocator", ["jemalloc", "glibc"])
