@@ -109,6 +109,9 @@ def drop_file_pages(ranges: list[tuple[int, int]]) -> int:
     (a memory-mapped checkpoint), with ``madvise(MADV_DONTNEED)``: they stay in the page cache, and a later read
     would fault them in again from the file. Ranges anywhere else (the heap) are left alone: there the call would
     discard memory. Bytes dropped."""
+    c = libc()
+    if c is None:
+        return 0
     files = []
     with open("/proc/self/maps") as maps:
         for line in maps:
@@ -116,9 +119,6 @@ def drop_file_pages(ranges: list[tuple[int, int]]) -> int:
             if len(fields) >= 6 and fields[5].startswith("/"):
                 start, end = (int(bound, 16) for bound in fields[0].split("-"))
                 files.append((start, end))
-    c = libc()
-    if c is None:
-        return 0
     page, dropped = os.sysconf("SC_PAGE_SIZE"), 0
     for address, size in ranges:
         if not any(start <= address and address + size <= end for start, end in files):

@@ -75,6 +75,11 @@ DEFAULT_SHAPE = ModelShape(hidden=768, intermediate=3072, layers=12, heads=12)
 """Assumed for a model whose configuration does not say (BERT-base's shape)."""
 
 
+BATCH_OVERHEAD_TOKENS = 32
+"""The batch planner's cost of a forward pass where it is not measured: all-MiniLM-L6-v2 in float32 on 2 cores
+without AMX (5 ms a batch, 0.14 ms a padded token slot)."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a loaded model is: reported by ``/info`` and used to validate requests."""
@@ -98,10 +103,9 @@ class ModelInfo:
     special_tokens: int = 2
     """Tokens the tokenizer adds to every text (BERT's [CLS] and [SEP])."""
     shape: ModelShape = DEFAULT_SHAPE
-    batch_overhead_tokens: int = 32
+    batch_overhead_tokens: int = BATCH_OVERHEAD_TOKENS
     """What one more forward pass costs, in padded token slots: the batch planner's rate of exchange between a
-    batch and padding (:func:`app.engine.plan_batches`), measured at start (:meth:`SentenceTransformerBackend.load`).
-    32 is all-MiniLM-L6-v2 in float32 on 2 cores without AMX (5 ms a batch, 0.14 ms a slot)."""
+    batch and padding (:func:`app.engine.plan_batches`), measured at start (:meth:`SentenceTransformerBackend.load`)."""
     batch_cost: str = ""
     """The measurement behind ``batch_overhead_tokens``, in words."""
     revision: str | None = None
@@ -359,6 +363,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
         self._held: str | None = None  # what holding the linear layers' weights at the dtype found, once tried
         self._trace_note: str | None = None  # what recording it found, once tried
         self._reference: np.ndarray | None = None  # the fidelity probe in torch at float32, once computed
+        self._reduced: np.ndarray | None = None  # the fidelity probe in torch at the reduced dtype it keeps
 
     def load(self) -> ModelInfo:
         import torch
@@ -423,11 +428,12 @@ class SentenceTransformerBackend(EmbeddingBackend):
             return dtype, reason
         reference = self._float32_probe()
         self._dtype = dtype
-        worst = float(cosines(reference, self._probe()).min())
+        self._reduced = self._probe()
+        worst = float(cosines(reference, self._reduced).min())
         if worst >= FIDELITY_MIN_COSINE:
             return dtype, f"{reason}; start-up probe min cosine to float32 {worst:.5f}"
         if self._requested_dtype == "auto":
-            self._dtype = "float32"
+            self._dtype, self._reduced = "float32", None
             return (
                 "float32",
                 f"auto: {dtype} failed the start-up probe (min cosine {worst:.5f} < {FIDELITY_MIN_COSINE})",
@@ -502,36 +508,35 @@ class SentenceTransformerBackend(EmbeddingBackend):
         if self._held is not None:
             return self._held
         self._held = ""
-        if self._dtype == "float32" or self._model.device.type != "cpu":
+        if self._reduced is None or self._model.device.type != "cpu":  # float32, or not on the CPU
             return self._held
         dtype = getattr(torch, self._dtype)
         linears = [m for m in self._model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype != dtype]
         if not linears:
             return self._held
-        before = self._probe()
-        kept = [(m, m.weight.data, None if m.bias is None else m.bias.data) for m in linears]
-        for module, weight, bias in kept:
-            module.weight.data = weight.to(dtype)
-            if bias is not None:
-                module.bias.data = bias.to(dtype)
-        narrower = torch.finfo(dtype).bits // 8
-        saved = sum(weight.numel() * (weight.element_size() - narrower) for _, weight, _ in kept)
+        originals = [(m.weight.data, None if m.bias is None else m.bias.data) for m in linears]
+
+        def assign(tensors: list[tuple[Any, Any]]) -> None:
+            for module, (weight, bias) in zip(linears, tensors, strict=True):
+                module.weight.data = weight
+                if bias is not None:
+                    module.bias.data = bias
+
+        assign([(w.to(dtype), None if b is None else b.to(dtype)) for w, b in originals])
         differs: str | None
         try:
-            worst = float(np.abs(self._probe() - before).max())
+            worst = float(np.abs(self._probe() - self._reduced).max())
             differs = f"the probe moved {worst:.3g}" if worst != 0.0 else None
         except Exception as exc:  # noqa: BLE001  (a module that reads a weight outside autocast cannot run so)
             differs = f"the probe failed: {type(exc).__name__}: {exc}"
         if differs is not None:
-            for module, weight, bias in kept:
-                module.weight.data = weight
-                if bias is not None:
-                    module.bias.data = bias
+            assign(originals)
             self._held = f"; linear weights cast at every pass (held in {self._dtype}, {differs})"
             return self._held
+        narrower = torch.finfo(dtype).bits // 8
+        saved = sum(w.numel() * (w.element_size() - narrower) for w, _ in originals)
         # The float32 weights were pages of the memory-mapped checkpoint, read in at load: out of RSS with them.
-        dropped = drop_file_pages([(weight.data_ptr(), weight.nbytes) for _, weight, _ in kept])
-        kept.clear()
+        dropped = drop_file_pages([(w.data_ptr(), w.nbytes) for w, _ in originals])
         self._held = (
             f"; linear weights held in {self._dtype} ({saved / 1e6:.0f} MB less, the probe's vectors unchanged;"
             f" {dropped / 1e6:.0f} MB of their float32 pages out of RSS)"
@@ -578,7 +583,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
         times = [self._best_time(p) for p in (small, large)]
         per_slot = (times[1] - times[0]) / (slots[1] - slots[0])
         if per_slot <= 0:  # noise larger than the work: the default rate
-            return ModelInfo.batch_overhead_tokens, f"not measured (a batch of {slots[1]} slots ran no slower)"
+            return BATCH_OVERHEAD_TOKENS, f"not measured (a batch of {slots[1]} slots ran no slower)"
         fixed = max(times[0] - per_slot * slots[0], 0.0)
         overhead = min(max(round(fixed / per_slot), OVERHEAD_TOKENS_RANGE[0]), OVERHEAD_TOKENS_RANGE[1])
         return overhead, f"{fixed * 1e3:.2f} ms a batch + {per_slot * 1e6:.1f} us a padded token"

@@ -426,6 +426,7 @@ class MemoryManager:
         self._python_objects = PythonObjects()
         self._clock = clock
         self._published_at: float | None = None  # when the monitor last refreshed the full gauges
+        self._full_asked = threading.Event()  # the next pass samples in full (the model just loaded)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -601,6 +602,9 @@ class MemoryManager:
         now = self._clock()
         every = min(PUBLISH_EVERY_S, self._settings.monitor_interval_s)  # a pass the interval set is always full
         due = self._published_at is None or now - self._published_at >= every
+        if self._full_asked.is_set():  # cleared before the sample: a later ask is kept for the next pass
+            self._full_asked.clear()
+            due = True
         sample = self._sampler.full() if due else None
         rss = self._sampler.rss() if sample is None else sample.rss_bytes
         shedder = self.shedder
@@ -626,7 +630,7 @@ class MemoryManager:
         """The model is loaded and warm: the monitor's next pass, now, samples in full, so that the gauges show
         what serving starts from, not the process before its model (the next pass could be a whole
         ``EMBEDDING_MONITOR_INTERVAL_S`` away)."""
-        self._published_at = None
+        self._full_asked.set()
         self._wake.set()
 
     def _publish(self, sample: MemorySample, rss: int | None = None) -> None:

@@ -119,28 +119,28 @@ def main() -> None:
     n = int(os.environ.get("BENCH_TEXTS", "1024"))
     texts = [d.text for d in sample(build_corpus(), n, seed=1)]
     words = sum(len(t.split()) for t in texts)
-    auto, why = pick_dtype(os.environ.get("EMBEDDING_DTYPE", "auto").lower(), "cpu")
+    dtype, why = pick_dtype(os.environ.get("EMBEDDING_DTYPE", "auto").lower(), "cpu")
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx_vnni", "avx512_vnni"})
     print(f"benchmark: {n} texts, {words / n:.0f} words on average, model {BUNDLED_MODEL}, {os.cpu_count()} CPUs")
-    print(f"CPU flags: {', '.join(flags) or 'none of avx2, avx512f, avx512_bf16, amx_bf16'}; dtype: {auto} ({why})")
+    print(f"CPU flags: {', '.join(flags) or 'none of avx2, avx512f, avx512_bf16, amx_bf16'}; dtype: {dtype} ({why})")
     fp32 = timed("in-process torch, float32", lambda: in_process(texts, "float32"))
-    base = fp32 if auto == "float32" else timed(f"in-process torch, {auto}", lambda: in_process(texts, auto))
+    base = fp32 if dtype == "float32" else timed(f"in-process torch, {dtype}", lambda: in_process(texts, dtype))
     ov_fp32 = timed("in-process openvino, float32", lambda: in_process(texts, "float32", "openvino"))
     ov_base = ov_fp32
-    if auto != "float32":
-        ov_base = timed(f"in-process openvino, {auto}", lambda: in_process(texts, auto, "openvino"))
+    if dtype != "float32":
+        ov_base = timed(f"in-process openvino, {dtype}", lambda: in_process(texts, dtype, "openvino"))
     REPORTS.mkdir(exist_ok=True)
-    torch_rates = service_rates(texts, {"EMBEDDING_DTYPE": auto, "EMBEDDING_BACKEND": "torch"}, "torch")
-    openvino_rates = service_rates(texts, {"EMBEDDING_DTYPE": auto, "EMBEDDING_BACKEND": "openvino"}, "openvino")
+    torch_rates = service_rates(texts, {"EMBEDDING_DTYPE": dtype, "EMBEDDING_BACKEND": "torch"}, "torch")
+    openvino_rates = service_rates(texts, {"EMBEDDING_DTYPE": dtype, "EMBEDDING_BACKEND": "openvino"}, "openvino")
     result: dict[str, object] = {
         "texts": n,
         "cpu_flags": flags,
-        "auto_dtype": auto,
-        "auto_reason": why,
+        "dtype": dtype,
+        "dtype_reason": why,
         "in_process_float32_texts_per_s": round(fp32, 1),
-        "in_process_auto_texts_per_s": round(base, 1),
+        "in_process_dtype_texts_per_s": round(base, 1),
         "in_process_openvino_float32_texts_per_s": round(ov_fp32, 1),
-        "in_process_openvino_auto_texts_per_s": round(ov_base, 1),
+        "in_process_openvino_dtype_texts_per_s": round(ov_base, 1),
         "targets": TARGETS,
     }
     for name, rates, reference in (("torch", torch_rates, base), ("openvino", openvino_rates, ov_base)):
@@ -148,7 +148,7 @@ def main() -> None:
             result[f"service_{name}_{load}_per_s"] = round(rate, 1)
             result[f"ratio_{name}_{load}"] = round(rate / reference, 3)
         print(
-            f"{name}: ratio to in-process {name} at {auto}: 32-text requests {rates['32_texts'] / reference:.2f}"
+            f"{name}: ratio to in-process {name} at {dtype}: 32-text requests {rates['32_texts'] / reference:.2f}"
             f" (target {TARGETS['service_32_texts']}), single texts {rates['single_texts'] / reference:.2f}"
             f" (target {TARGETS['service_single_texts']}), 1-64 random {rates['random_1_64_texts'] / reference:.2f}"
         )

@@ -14,7 +14,7 @@ import numpy as np
 from flask import Flask
 
 from app import components
-from app.backend import EmbeddingBackend, ModelInfo, ModelLoadError, Prepared, Token
+from app.backend import BATCH_OVERHEAD_TOKENS, EmbeddingBackend, ModelInfo, ModelLoadError, Prepared, Token
 from app.config import Settings
 from app.memory import HeapActions, MemorySample, MemorySampler
 from app.service import Service
@@ -36,7 +36,7 @@ class FakeBackend(EmbeddingBackend):
         prompts: dict[str, str] | None = None,
         poison: str | None = None,
         load_error: str | None = None,
-        batch_overhead_tokens: int = ModelInfo.batch_overhead_tokens,
+        batch_overhead_tokens: int = BATCH_OVERHEAD_TOKENS,
     ) -> None:
         self.dimensions = dimensions
         self.batch_overhead_tokens = batch_overhead_tokens
