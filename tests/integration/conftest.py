@@ -6,8 +6,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from loadtest.service import ServiceProcess, running_service
+
+BUNDLED_WEIGHT_BYTES = 90_861_056
+"""all-MiniLM-L6-v2's 22.7 M parameters and buffers in float32."""
+BUNDLED_LINEAR_PARAMETERS = 10_785_408
+"""Of which its linear layers' weights and biases: held at a reduced dtype, 2 bytes each."""
+
+
+def held_linear_parameters(service: ServiceProcess) -> int:
+    """The linear layers' parameters ``service`` holds at a reduced dtype: all of them unless it computes in
+    float32 (the dtype auto picks depends on the CPU)."""
+    dtype = requests.get(f"{service.url}/info", timeout=10).json()["model_dtype"]
+    return 0 if dtype == "float32" else BUNDLED_LINEAR_PARAMETERS
+
 
 # Small limits so that the limit tests send small bodies; everything else is the default.
 SERVICE_ENV = {

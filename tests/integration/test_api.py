@@ -12,6 +12,7 @@ import requests
 
 from app.backend import pick_dtype
 from loadtest.service import ServiceProcess
+from tests.integration.conftest import BUNDLED_WEIGHT_BYTES, held_linear_parameters
 
 DIMS = 384
 
@@ -184,10 +185,7 @@ def test_memory_breakdown_adds_up_and_orders_the_allocator_accounts(service: Ser
     kinds = breakdown["rss_by_kind"]
     assert kinds["anon"] + kinds["file"] + kinds["shmem"] == pytest.approx(kinds["rss"], rel=0.01)
     assert kinds["file"] > 50e6  # the memory-mapped weights (90.9 MB) stay file-backed
-    # all-MiniLM-L6-v2: 22.7 M float32 parameters and buffers, of which the linear layers' 10.8 M are held at a
-    # reduced dtype in 2 bytes each (the dtype auto picks depends on the CPU).
-    reduced = requests.get(f"{service.url}/info", timeout=10).json()["model_dtype"] != "float32"
-    assert breakdown["weight_bytes"] == 90_861_056 - (2 * 10_785_408 if reduced else 0)
+    assert breakdown["weight_bytes"] == BUNDLED_WEIGHT_BYTES - 2 * held_linear_parameters(service)
     allocator = breakdown["allocator"]
     assert allocator["name"] == "jemalloc"  # make test installs it; the service re-executes under it
     accounts = allocator["accounts"]

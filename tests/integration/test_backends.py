@@ -19,6 +19,7 @@ from app.backend import TRACE_TOLERANCE, Prepared, SentenceTransformerBackend, T
 from loadtest.corpus import build_corpus, sample
 from loadtest.fidelity import MIN_COSINE, MIN_KNN_OVERLAP, knn_overlap
 from loadtest.service import BUNDLED_MODEL, ServiceProcess, running_service
+from tests.integration.conftest import BUNDLED_WEIGHT_BYTES, held_linear_parameters
 
 pytestmark = pytest.mark.slow
 
@@ -72,9 +73,8 @@ def test_torchs_weights_are_let_go_when_openvino_runs(openvino: ServiceProcess, 
     assert mapped[service] >= 1
     assert mapped[openvino] == 0
     weights = [requests.get(f"{each.url}/memory", timeout=10).json()["breakdown"]["weight_bytes"] for each in mapped]
-    # OpenVINO's copy holds the float32 weights; torch holds its linear layers' at a reduced dtype in 2 bytes each.
-    reduced = info(service)["model_dtype"] != "float32"
-    assert weights == [90_861_056, 90_861_056 - (2 * 10_785_408 if reduced else 0)]
+    # OpenVINO's copy holds the float32 weights; torch holds its linear layers' at a reduced dtype.
+    assert weights == [BUNDLED_WEIGHT_BYTES, BUNDLED_WEIGHT_BYTES - 2 * held_linear_parameters(service)]
 
 
 def test_a_restart_reads_the_converted_model_instead_of_converting_again(

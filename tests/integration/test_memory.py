@@ -13,6 +13,7 @@ import requests
 
 from loadtest.corpus import build_corpus, sample
 from loadtest.service import ServiceProcess, running_service
+from tests.integration.conftest import held_linear_parameters
 
 MB = 1_000_000
 
@@ -126,11 +127,9 @@ def test_the_whole_model_is_in_memory_once_the_service_is_ready(service: Service
     worker = psutil.Process(service.proc.pid).children()[0]
     weights = (model_dir / "model.safetensors").resolve()
     resident = sum(m.rss for m in worker.memory_maps(grouped=True) if Path(m.path) == weights)
-    # At a reduced dtype the linear layers' weights are held in it and their float32 pages (10.8 M parameters of
-    # all-MiniLM-L6-v2) are dropped: every other page, the token embeddings' among them, is in.
-    reduced = requests.get(f"{service.url}/info", timeout=10).json()["model_dtype"] != "float32"
-    read = weights.stat().st_size - (4 * 10_785_408 if reduced else 0)
-    assert resident >= 0.95 * read
+    # At a reduced dtype the linear layers' weights are held in it and their float32 pages are dropped: every other
+    # page, the token embeddings' among them, is in.
+    assert resident >= 0.95 * (weights.stat().st_size - 4 * held_linear_parameters(service))
 
 
 @pytest.mark.parametrize("allocator", ["jemalloc", "glibc"])

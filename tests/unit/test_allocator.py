@@ -6,6 +6,7 @@ Each check runs in a subprocess, because the allocator of a process is fixed whe
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,11 +154,9 @@ def resident_bytes(address: int) -> int:
     """RSS of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
     rows = Path("/proc/self/smaps").read_text().splitlines()
     for i, row in enumerate(rows):
-        bounds = row.split(" ", 1)[0].split("-")
-        if len(bounds) == 2 and all(len(b) >= 8 for b in bounds):
-            start, end = (int(b, 16) for b in bounds)
-            if start <= address < end:
-                return next(int(r.split()[1]) * 1024 for r in rows[i + 1 :] if r.startswith("Rss:"))
+        mapping = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", row)  # a mapping's first line; its fields follow
+        if mapping and int(mapping[1], 16) <= address < int(mapping[2], 16):
+            return next(int(r.split()[1]) * 1024 for r in rows[i + 1 :] if r.startswith("Rss:"))
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
