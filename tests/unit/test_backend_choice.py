@@ -53,3 +53,41 @@ def test_auto_takes_openvino_only_when_it_is_at_least_5_percent_faster(torch_s: 
     assert runtime == chosen
     assert f"{torch_s:.2f}x torch's speed" in reason
     assert (backend._openvino is forward) == (chosen == "openvino")
+
+
+@pytest.mark.parametrize(
+    ("fixed_s", "per_slot_s", "overhead", "said"),
+    [
+        (0.003, 30e-6, 100, "3.00 ms a batch + 30.0 us a padded token"),  # bfloat16 with AMX
+        (0.002, 85e-6, 24, "2.00 ms a batch + 85.0 us a padded token"),  # float32
+        (0.050, 10e-6, 512, "50.00 ms a batch + 10.0 us"),  # a pass far dearer: held to the range
+        (0.0001, 100e-6, 8, "0.10 ms a batch + 100.0 us"),  # far cheaper: held to the range
+        (0.005, -1e-6, 32, "not measured (a batch of 256 slots ran no slower)"),  # noise: the default
+    ],
+)
+def test_the_planners_cost_of_a_pass_is_measured_and_kept_within_its_range(
+    monkeypatch: pytest.MonkeyPatch, fixed_s: float, per_slot_s: float, overhead: int, said: str
+) -> None:
+    """A one-text batch of 3 token slots and one of 8 x 32 slots, timed: the cost of a pass in slots, within
+    OVERHEAD_TOKENS_RANGE, or the default where the larger batch ran no slower."""
+    backend = SentenceTransformerBackend("model")
+    width = {1: 3, 8: 32}  # tokens of the one-text batch's text and of the larger batch's texts
+
+    def prepare(texts: list[str]) -> Prepared:
+        return Prepared(features={"input_ids": _Ids(len(texts) * width[len(texts)])}, token_counts=[])
+
+    monkeypatch.setattr(backend, "prepare", prepare)
+    monkeypatch.setattr(backend, "_best_time", lambda batch: fixed_s + per_slot_s * batch.features["input_ids"].n)
+    measured, cost = backend._batch_overhead()
+    assert measured == overhead
+    assert said in cost
+
+
+class _Ids:
+    """What _batch_overhead reads of a batch's input ids: how many slots it has."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def numel(self) -> int:
+        return self.n
