@@ -572,15 +572,20 @@ class SentenceTransformerBackend(EmbeddingBackend):
         return self._trace_note
 
     def _batch_overhead(self) -> tuple[int, str]:
-        """The fixed cost of a forward pass in padded token slots, as it serves here: a one-text batch and a batch
-        of :data:`OVERHEAD_PROBE_TEXTS` texts of 32 tokens, timed, give a cost a batch and a cost a slot. It
-        differs by runtime, dtype and CPU (measured on 2 cores, all-MiniLM-L6-v2: float32 without AMX about 32
-        slots, bfloat16 with AMX about 100): a planner that takes a batch for cheaper than it is cuts a window
-        into many small batches, one that takes it for dearer pads short texts to long ones."""
-        small = self.prepare(["overhead"])
-        large = self.prepare([" ".join(["word"] * 30)] * OVERHEAD_PROBE_TEXTS)
-        slots = [int(p.features["input_ids"].numel()) for p in (small, large)]
-        times = [self._best_time(p) for p in (small, large)]
+        """The fixed cost of a forward pass in padded token slots, as it serves here: batches of
+        :data:`OVERHEAD_PROBE_TEXTS` texts of about :data:`OVERHEAD_PROBE_TOKENS` tokens, timed, give a cost a
+        slot (the slope between them) and a cost a batch (what is left of the smaller one's time). Those are the
+        sizes the planner chooses between (a few texts or a dozen of a window's texts together, or apart); a pass
+        is not linear in its slots (with AMX below about a thousand rows the matrix units are underfed, so the
+        next texts of a small batch cost less than its first), and a one-text batch's time understated what
+        merging saves: 100 slots where batches ran fastest at about 300. It differs by runtime, dtype and CPU
+        (measured on 2 cores, all-MiniLM-L6-v2: float32 about 25-55 slots, bfloat16 with AMX about 300): a
+        planner that takes a batch for cheaper than it is cuts a window into many small batches, one that takes
+        it for dearer pads short texts to long ones."""
+        text = " ".join(["word"] * (OVERHEAD_PROBE_TOKENS - 2))
+        batches = [self.prepare([text] * size) for size in OVERHEAD_PROBE_TEXTS]
+        slots = [int(p.features["input_ids"].numel()) for p in batches]
+        times = [self._best_time(p) for p in batches]
         per_slot = (times[1] - times[0]) / (slots[1] - slots[0])
         if per_slot <= 0:  # noise larger than the work: the default rate
             return BATCH_OVERHEAD_TOKENS, f"not measured (a batch of {slots[1]} slots ran no slower)"
@@ -761,8 +766,10 @@ def _as_numpy(values: Any) -> np.ndarray:
 SPEED_PROBE_TEXTS = 16
 """Texts in the start-up batch ``EMBEDDING_BACKEND=auto`` times each runtime on (the fidelity probe's, repeated)."""
 SPEED_PROBE_RUNS = 3
-OVERHEAD_PROBE_TEXTS = 8
-"""Texts of the larger batch :meth:`SentenceTransformerBackend._batch_overhead` times (8 x 32 = 256 slots)."""
+OVERHEAD_PROBE_TEXTS = (4, 16)
+"""Texts of the two batches :meth:`SentenceTransformerBackend._batch_overhead` times."""
+OVERHEAD_PROBE_TOKENS = 64
+"""Tokens of each text of those batches (special tokens included): 256 and 1,024 slots."""
 OVERHEAD_TOKENS_RANGE = (8, 512)
 """The batch planner's overhead is kept within these many slots, whatever a noisy measurement gives."""
 FASTER_BY = 1.05
