@@ -12,12 +12,15 @@ this CPU's).
 Over the same mixed-length texts, each run after its own warm-up, on each runtime (torch, and OpenVINO:
 ``EMBEDDING_BACKEND``):
   1. in-process in float32, and in-process at the dtype ``EMBEDDING_DTYPE`` names (``auto``: what it picks here)
-     (length-sorted batches of 32, the service's own backend);
+     (length-sorted batches of 32, the service's own backend), and the same texts 16 at a time in random order,
+     each 16 cut into batches as the service's planner cuts a window: the most 16 single-text clients can give
+     the model, since they never have more texts waiting;
   2. the service at the auto dtype: 4 clients x 32-text requests (through OpenAI's /v1/embeddings with
      base64 vectors, then text-embeddings-inference's /embed with JSON numbers), 16 clients x single texts,
      and 8 clients x 1-64 random texts.
 It prints the CPU's flags, texts/s and each service run's ratio to in-process on the same runtime at the same
-dtype, and writes ``reports/bench.json``. Numbers only: nothing here passes or fails.
+dtype (single texts also to the 16-at-a-time rate), and writes ``reports/bench.json``. Numbers only: nothing here
+passes or fails.
 """
 
 from __future__ import annotations
@@ -29,26 +32,51 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import requests
 
 from loadtest.corpus import build_corpus, sample
 from loadtest.service import BUNDLED_MODEL, ServiceProcess
 
+if TYPE_CHECKING:
+    from app.backend import SentenceTransformerBackend
+
 REPORTS = Path("reports")
 TARGETS = {"service_32_texts": 1.0, "service_single_texts": 0.9}
+SINGLE_TEXT_CLIENTS = 16
+BATCH_SIZE = 32
+"""EMBEDDING_BATCH_SIZE's default: what the service's planner cuts a window into at most."""
 
 
-def in_process(texts: list[str], dtype: str, backend: str = "torch") -> float:
-    """Texts per second of the service's backend alone at ``dtype`` on ``backend`` (torch or openvino),
-    length-sorted batches of 32."""
+def in_process(texts: list[str], dtype: str, backend: str = "torch") -> tuple[float, float]:
+    """Texts per second of the service's backend alone at ``dtype`` on ``backend`` (torch or openvino): in
+    length-sorted batches of 32, and :data:`SINGLE_TEXT_CLIENTS` random texts at a time (:func:`planned_windows`)."""
     from app.backend import SentenceTransformerBackend
     from loadtest.fidelity import encode_all
 
     model = SentenceTransformerBackend(BUNDLED_MODEL, "cpu", dtype=dtype, backend=backend)
-    model.load()
+    info = model.load()
     _, rate = encode_all(model, texts)
-    return rate
+    return rate, planned_windows(model, texts, SINGLE_TEXT_CLIENTS, info.batch_overhead_tokens)
+
+
+def planned_windows(model: SentenceTransformerBackend, texts: list[str], window: int, overhead: int) -> float:
+    """Texts per second when the texts come ``window`` at a time in random order, each window cut into batches
+    as the service's planner cuts it: the most that many single-text clients can give the model (they never have
+    more texts waiting than there are clients, so the padding of a length-sorted corpus is out of reach)."""
+    from app.engine import plan_batches
+
+    tokens = model.prepare(texts).token_counts
+    order = list(range(len(texts)))
+    random.Random(3).shuffle(order)
+    model.finish(model.encode(model.prepare(texts[:8])))  # warm-up
+    started = time.perf_counter()
+    for start in range(0, len(order), window):
+        ranked = sorted(order[start : start + window], key=lambda i: tokens[i], reverse=True)
+        for span in plan_batches([tokens[i] for i in ranked], BATCH_SIZE, overhead):
+            model.finish(model.encode(model.prepare([texts[i] for i in ranked[span]])))
+    return len(texts) / (time.perf_counter() - started)
 
 
 def through_service(url: str, requests_: Sequence[list[str]], clients: int, protocol: str = "openai") -> float:
@@ -77,6 +105,14 @@ def chunks(texts: list[str], size: int) -> list[list[str]]:
     return [texts[i : i + size] for i in range(0, len(texts), size)]
 
 
+def in_process_timed(texts: list[str], dtype: str, backend: str) -> tuple[float, float]:
+    """:func:`in_process`, printed."""
+    rate, windows = in_process(texts, dtype, backend)
+    print(f"  {f'in-process {backend}, {dtype}':<34} {rate:8.1f} texts/s", flush=True)
+    print(f"    {SINGLE_TEXT_CLIENTS} random texts at a time{'':<10} {windows:8.1f} texts/s", flush=True)
+    return rate, windows
+
+
 def timed(label: str, run: Callable[[], float]) -> float:
     rate = run()
     print(f"  {label:<34} {rate:8.1f} texts/s", flush=True)
@@ -102,7 +138,12 @@ def service_rates(texts: list[str], env: dict[str, str], name: str) -> dict[str,
         loads: dict[str, tuple[str, list[list[str]], int, str]] = {
             "32_texts": (f"{name} service, 4 clients x 32 texts", chunks(texts, 32), 4, "openai"),
             "32_texts_tei": ("  the same through TEI's /embed", chunks(texts, 32), 4, "tei"),
-            "single_texts": (f"{name} service, 16 clients x 1 text", chunks(texts, 1), 16, "openai"),
+            "single_texts": (
+                f"{name} service, {SINGLE_TEXT_CLIENTS} clients x 1 text",
+                chunks(texts, 1),
+                SINGLE_TEXT_CLIENTS,
+                "openai",
+            ),
             "random_1_64_texts": (f"{name} service, 8 clients x 1-64 texts", random_requests(texts), 8, "openai"),
         }
         return {
@@ -123,12 +164,13 @@ def main() -> None:
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx_vnni", "avx512_vnni"})
     print(f"benchmark: {n} texts, {words / n:.0f} words on average, model {BUNDLED_MODEL}, {os.cpu_count()} CPUs")
     print(f"CPU flags: {', '.join(flags) or 'none of avx2, avx512f, avx512_bf16, amx_bf16'}; dtype: {dtype} ({why})")
-    fp32 = timed("in-process torch, float32", lambda: in_process(texts, "float32"))
-    base = fp32 if dtype == "float32" else timed(f"in-process torch, {dtype}", lambda: in_process(texts, dtype))
-    ov_fp32 = timed("in-process openvino, float32", lambda: in_process(texts, "float32", "openvino"))
-    ov_base = ov_fp32
-    if dtype != "float32":
-        ov_base = timed(f"in-process openvino, {dtype}", lambda: in_process(texts, dtype, "openvino"))
+    rates = {
+        (runtime, precision): in_process_timed(texts, precision, runtime)
+        for runtime in ("torch", "openvino")
+        for precision in dict.fromkeys(("float32", dtype))
+    }
+    fp32, base, windows = rates["torch", "float32"][0], *rates["torch", dtype]
+    ov_fp32, ov_base, ov_windows = rates["openvino", "float32"][0], *rates["openvino", dtype]
     REPORTS.mkdir(exist_ok=True)
     torch_rates = service_rates(texts, {"EMBEDDING_DTYPE": dtype, "EMBEDDING_BACKEND": "torch"}, "torch")
     openvino_rates = service_rates(texts, {"EMBEDDING_DTYPE": dtype, "EMBEDDING_BACKEND": "openvino"}, "openvino")
@@ -141,16 +183,22 @@ def main() -> None:
         "in_process_dtype_texts_per_s": round(base, 1),
         "in_process_openvino_float32_texts_per_s": round(ov_fp32, 1),
         "in_process_openvino_dtype_texts_per_s": round(ov_base, 1),
+        "in_process_dtype_windows_texts_per_s": round(windows, 1),
+        "in_process_openvino_dtype_windows_texts_per_s": round(ov_windows, 1),
         "targets": TARGETS,
     }
-    for name, rates, reference in (("torch", torch_rates, base), ("openvino", openvino_rates, ov_base)):
-        for load, rate in rates.items():
+    served = (("torch", torch_rates, base, windows), ("openvino", openvino_rates, ov_base, ov_windows))
+    for name, loads, reference, at_a_time in served:
+        for load, rate in loads.items():
             result[f"service_{name}_{load}_per_s"] = round(rate, 1)
             result[f"ratio_{name}_{load}"] = round(rate / reference, 3)
+        result[f"ratio_{name}_single_texts_to_windows"] = round(loads["single_texts"] / at_a_time, 3)
         print(
-            f"{name}: ratio to in-process {name} at {dtype}: 32-text requests {rates['32_texts'] / reference:.2f}"
-            f" (target {TARGETS['service_32_texts']}), single texts {rates['single_texts'] / reference:.2f}"
-            f" (target {TARGETS['service_single_texts']}), 1-64 random {rates['random_1_64_texts'] / reference:.2f}"
+            f"{name}: ratio to in-process {name} at {dtype}: 32-text requests {loads['32_texts'] / reference:.2f}"
+            f" (target {TARGETS['service_32_texts']}), single texts {loads['single_texts'] / reference:.2f}"
+            f" (target {TARGETS['service_single_texts']}; {loads['single_texts'] / at_a_time:.2f} of the model's"
+            f" rate on {SINGLE_TEXT_CLIENTS} random texts at a time),"
+            f" 1-64 random {loads['random_1_64_texts'] / reference:.2f}"
         )
     (REPORTS / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
 
