@@ -240,6 +240,20 @@ def values(stack: Stack, expr: str, instances: list[str], at: float) -> dict[fro
     return {frozenset(s["metric"].items()): float(s["value"][1]) for s in stack.query(concrete(expr, instances), at)}
 
 
+def settled(stack: Stack, instances: list[str]) -> float:
+    """A whole second just past that every query of a test can be asked at and see the same samples.
+
+    A scrape's samples carry its start time but land when it ends: one still in flight at the first of several
+    queries at the same time, and landed by the next, is missing from one and not the other (CI once saw the p95
+    over both instances, 6.67 s, outside their own, 6.27 and 5.70). So the time is taken only once both targets
+    have a sample from after it. Whole seconds: fractional times are truncated to milliseconds, and two
+    computed from one can land a millisecond apart."""
+    at = float(math.floor(time.time() - 2))
+    scraped = concrete('min(timestamp(up{instance=~"$instance"}))', instances)
+    wait_until(lambda: float(stack.query(scraped)[0]["value"][1]) > at + 1, 30, "scrapes after the query time")
+    return at
+
+
 def is_sum(expr: str) -> bool:
     """A plain sum of rates, or a per-interval count: what two instances add up to."""
     return "offset $__interval" in expr or re.fullmatch(r"sum( by \([^)]*\))? \(rate\([^()]*\)\)", expr) is not None
@@ -256,7 +270,7 @@ def test_every_dashboard_query_returns_data(stack: Stack) -> None:
 @pytest.mark.parametrize(("title", "expr"), dashboard_targets(), ids=[t for t, _ in dashboard_targets()])
 def test_every_query_answers_per_instance_or_as_a_correct_aggregate(stack: Stack, title: str, expr: str) -> None:
     a, b = stack.instance(stack.high), stack.instance(stack.elevated)
-    at = time.time() - 2
+    at = settled(stack, [a, b])
     both, only_a, only_b = (values(stack, expr, chosen, at) for chosen in ([a, b], [a], [b]))
     assert both, f"{title}: no data"
     if all("instance" in dict(labels) for labels in both):
@@ -296,13 +310,9 @@ def bars_and_cleanups(
     The window's ends are whole seconds, so the range query's steps and the instant queries at its ends fall on
     the same milliseconds: fractional times are truncated to milliseconds separately (``end`` and ``end - 40``
     can land a millisecond apart), and a sample in that millisecond is seen by one query and not the other."""
-    end = float(math.floor(time.time() - 2))
+    end = settled(stack, instances)
     start_ = end - 40
     step = float(INTERVAL.rstrip("s"))
-    # A scrape's samples carry its start time but land when it ends: read the window only once both targets
-    # have a sample from after it, or a scrape still in flight is missing from one query and not the next.
-    scraped = concrete('min(timestamp(up{instance=~"$instance"}))', instances)
-    wait_until(lambda: float(stack.query(scraped)[0]["value"][1]) > end + 1, 30, "scrapes after the window")
     window = f"{end - start_ + step:g}s"
     # The first bar looks up the counter a step before the window, at the latest sample before that: a scrape that
     # failed up to a step earlier still hides it (a stale series drops the bar, while the instant query before the
