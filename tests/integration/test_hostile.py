@@ -239,16 +239,20 @@ def test_the_texts_of_a_client_that_left_are_not_computed(service: ServiceProces
             + f"Content-Length: {len(body)}\r\nX-Request-ID: leaver\r\n\r\n".encode()
             + body
         )
-        time.sleep(0.5)  # in the queue, perhaps in its first batch
+        time.sleep(0.5)  # in the queue, perhaps in its first batches
+        computed_by_then = (service.metric("embedding_inputs_total") or 0) - before
     deadline = time.monotonic() + 60
     while not [e for e in service.events("request.completed") if e.get("request_id") == "leaver"]:
         assert time.monotonic() < deadline, "the abandoned request never completed"
         time.sleep(0.2)
     (completed,) = [e for e in service.events("request.completed") if e.get("request_id") == "leaver"]
     computed = (service.metric("embedding_inputs_total") or 0) - before
-    print(f"\nclient left after 0.5 s: {computed:.0f} of 256 texts computed")
+    print(f"\nclient left after 0.5 s: {computed:.0f} of 256 texts computed, {computed_by_then:.0f} by then")
     assert completed["status"] == 499
-    assert computed <= 64  # at most the batches already under way
+    # After it left, at most the batch under way and one begun before the close was seen: the texts computed by
+    # then depend on the machine's speed (72 on a fast one), those after on the service.
+    assert computed - computed_by_then <= 2 * 32
+    assert computed < 256
 
 
 def test_a_client_that_half_closes_after_its_request_gets_its_answer(service: ServiceProcess) -> None:
