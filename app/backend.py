@@ -573,15 +573,13 @@ class SentenceTransformerBackend(EmbeddingBackend):
 
     def _batch_overhead(self) -> tuple[int, str]:
         """The fixed cost of a forward pass in padded token slots, as it serves here: batches of
-        :data:`OVERHEAD_PROBE_TEXTS` texts of about :data:`OVERHEAD_PROBE_TOKENS` tokens, timed, give a cost a
-        slot (the slope between them) and a cost a batch (what is left of the smaller one's time). Those are the
-        sizes the planner chooses between (a few texts or a dozen of a window's texts together, or apart); a pass
-        is not linear in its slots (with AMX below about a thousand rows the matrix units are underfed, so the
-        next texts of a small batch cost less than its first), and a one-text batch's time understated what
-        merging saves: 100 slots where batches ran fastest at about 300. It differs by runtime, dtype and CPU
-        (measured on 2 cores, all-MiniLM-L6-v2: float32 about 25-55 slots, bfloat16 with AMX about 300): a
-        planner that takes a batch for cheaper than it is cuts a window into many small batches, one that takes
-        it for dearer pads short texts to long ones."""
+        :data:`OVERHEAD_PROBE_TEXTS` texts of :data:`OVERHEAD_PROBE_TOKENS` tokens, timed, give a cost a slot (the
+        slope between them) and a cost a batch (what is left of the smaller one's time). Those are the sizes the
+        planner chooses between, and a pass is not linear in its slots: with AMX a small batch's next texts cost
+        less than its first, so a one-text batch (the small one before) gave 80-100 slots where windows ran 14-20%
+        faster planned at about 300. It differs by runtime, dtype and CPU (2 cores, all-MiniLM-L6-v2: float32
+        about 25-55 slots, bfloat16 with AMX about 300): a planner that takes a batch for cheaper than it is cuts a
+        window into many small batches, one that takes it for dearer pads short texts to long ones."""
         text = " ".join(["word"] * (OVERHEAD_PROBE_TOKENS - 2))
         batches = [self.prepare([text] * size) for size in OVERHEAD_PROBE_TEXTS]
         slots = [int(p.features["input_ids"].numel()) for p in batches]
