@@ -45,19 +45,20 @@ if TYPE_CHECKING:
 REPORTS = Path("reports")
 TARGETS = {"service_32_texts": 1.0, "service_single_texts": 0.9}
 SINGLE_TEXT_CLIENTS = 16
-BATCH_SIZE = 32
-"""EMBEDDING_BATCH_SIZE's default: what the service's planner cuts a window into at most."""
 
 
-def in_process(texts: list[str], dtype: str, backend: str = "torch") -> tuple[float, float]:
+def in_process(texts: list[str], dtype: str, backend: str = "torch", *, windows: bool) -> tuple[float, float | None]:
     """Texts per second of the service's backend alone at ``dtype`` on ``backend`` (torch or openvino): in
-    length-sorted batches of 32, and :data:`SINGLE_TEXT_CLIENTS` random texts at a time (:func:`planned_windows`)."""
+    length-sorted batches of 32, and with ``windows`` :data:`SINGLE_TEXT_CLIENTS` random texts at a time
+    (:func:`planned_windows`; else None)."""
     from app.backend import SentenceTransformerBackend
     from loadtest.fidelity import encode_all
 
     model = SentenceTransformerBackend(BUNDLED_MODEL, "cpu", dtype=dtype, backend=backend)
     info = model.load()
     _, rate = encode_all(model, texts)
+    if not windows:
+        return rate, None
     return rate, planned_windows(model, texts, SINGLE_TEXT_CLIENTS, info.batch_overhead_tokens)
 
 
@@ -65,6 +66,7 @@ def planned_windows(model: SentenceTransformerBackend, texts: list[str], window:
     """Texts per second when the texts come ``window`` at a time in random order, each window cut into batches
     as the service's planner cuts it: the most that many single-text clients can give the model (they never have
     more texts waiting than there are clients, so the padding of a length-sorted corpus is out of reach)."""
+    from app.config import Settings
     from app.engine import plan_batches
 
     tokens = model.prepare(texts).token_counts
@@ -74,7 +76,7 @@ def planned_windows(model: SentenceTransformerBackend, texts: list[str], window:
     started = time.perf_counter()
     for start in range(0, len(order), window):
         ranked = sorted(order[start : start + window], key=lambda i: tokens[i], reverse=True)
-        for span in plan_batches([tokens[i] for i in ranked], BATCH_SIZE, overhead):
+        for span in plan_batches([tokens[i] for i in ranked], Settings.batch_size, overhead):
             model.finish(model.encode(model.prepare([texts[i] for i in ranked[span]])))
     return len(texts) / (time.perf_counter() - started)
 
@@ -105,12 +107,13 @@ def chunks(texts: list[str], size: int) -> list[list[str]]:
     return [texts[i : i + size] for i in range(0, len(texts), size)]
 
 
-def in_process_timed(texts: list[str], dtype: str, backend: str) -> tuple[float, float]:
+def in_process_timed(texts: list[str], dtype: str, backend: str, *, windows: bool) -> tuple[float, float | None]:
     """:func:`in_process`, printed."""
-    rate, windows = in_process(texts, dtype, backend)
+    rate, at_a_time = in_process(texts, dtype, backend, windows=windows)
     print(f"  {f'in-process {backend}, {dtype}':<34} {rate:8.1f} texts/s", flush=True)
-    print(f"    {SINGLE_TEXT_CLIENTS} random texts at a time{'':<10} {windows:8.1f} texts/s", flush=True)
-    return rate, windows
+    if at_a_time is not None:
+        print(f"    {SINGLE_TEXT_CLIENTS} random texts at a time{'':<10} {at_a_time:8.1f} texts/s", flush=True)
+    return rate, at_a_time
 
 
 def timed(label: str, run: Callable[[], float]) -> float:
@@ -165,12 +168,13 @@ def main() -> None:
     print(f"benchmark: {n} texts, {words / n:.0f} words on average, model {BUNDLED_MODEL}, {os.cpu_count()} CPUs")
     print(f"CPU flags: {', '.join(flags) or 'none of avx2, avx512f, avx512_bf16, amx_bf16'}; dtype: {dtype} ({why})")
     rates = {
-        (runtime, precision): in_process_timed(texts, precision, runtime)
+        (runtime, precision): in_process_timed(texts, precision, runtime, windows=precision == dtype)
         for runtime in ("torch", "openvino")
         for precision in dict.fromkeys(("float32", dtype))
     }
-    fp32, base, windows = rates["torch", "float32"][0], *rates["torch", dtype]
-    ov_fp32, ov_base, ov_windows = rates["openvino", "float32"][0], *rates["openvino", dtype]
+    (fp32, _), (base, windows) = rates["torch", "float32"], rates["torch", dtype]
+    (ov_fp32, _), (ov_base, ov_windows) = rates["openvino", "float32"], rates["openvino", dtype]
+    assert windows is not None and ov_windows is not None  # measured at the dtype
     REPORTS.mkdir(exist_ok=True)
     torch_rates = service_rates(texts, {"EMBEDDING_DTYPE": dtype, "EMBEDDING_BACKEND": "torch"}, "torch")
     openvino_rates = service_rates(texts, {"EMBEDDING_DTYPE": dtype, "EMBEDDING_BACKEND": "openvino"}, "openvino")
