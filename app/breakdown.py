@@ -10,8 +10,10 @@ kept (what a cleanup can give back), from a leak. These accounts can:
 - Python: the objects the cyclic garbage collector tracks, by generation, and the interpreter's allocated
   blocks; a leak of Python objects grows these, a leak of tensors or buffers does not.
 - The allocator: jemalloc's ``stats.allocated`` (live), ``active``, ``resident``, ``retained`` and
-  ``mapped`` (``epoch`` refreshed first); glibc's ``mallinfo2`` (in use, free in its arenas, mmapped).
-  ``resident - allocated`` (jemalloc) or ``free`` (glibc) is memory freed but kept: a cleanup's target.
+  ``mapped`` (``epoch`` refreshed first); glibc's ``mallinfo2`` (in use, free in its arenas, mmapped) and the
+  resident pages of its arenas (:func:`glibc_arena_resident`). ``resident - allocated`` (jemalloc) or
+  ``resident - in_use`` (glibc) is memory freed but kept: a cleanup's target. glibc's ``free`` is not: it
+  counts free chunks whose pages ``malloc_trim`` already gave back.
 
 Sampled by the memory manager's monitor thread, never on the request path (docs/architecture.md §5).
 """
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +37,9 @@ from app import allocator
 
 PROC_SELF = Path("/proc/self")
 JEMALLOC_ACCOUNTS = ("allocated", "active", "resident", "retained", "mapped")
+GLIBC_HEAP_BYTES = 64 << 20
+"""glibc's ``HEAP_MAX_SIZE`` on 64-bit: each heap of an arena other than the main one is a mapping of this size,
+aligned to it, that starts with a ``heap_info`` header (arena, previous heap, size, mprotect_size)."""
 
 
 # The breakdown's records are also the schema of GET /memory's answer (app/schemas.py): no undeclared field.
@@ -110,13 +117,78 @@ def _jemalloc_stats() -> dict[str, int] | None:
     return stats
 
 
+def _maps(proc: Path) -> list[tuple[int, int, str, str]]:
+    """The process's mappings: start, end, permissions, name ("" for anonymous memory)."""
+    found = []
+    for line in (proc / "maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, _, end = fields[0].partition("-")
+        found.append((int(start, 16), int(end, 16), fields[1], fields[5] if len(fields) > 5 else ""))
+    return found
+
+
+def _arena_heaps(maps: list[tuple[int, int, str, str]]) -> list[tuple[int, int]]:
+    """The ranges of glibc's arenas in this process: the main arena's ``[heap]`` (brk) and every heap of the other
+    arenas, found at the 64 MiB boundaries of anonymous writable memory by its header: a heap's ``size`` (what it
+    uses) and ``mprotect_size`` (what is writable) are page multiples, 0 < size <= mprotect_size <= 64 MiB, and
+    the previous heap of its arena is another boundary or none. Other threads allocate while this reads (and so
+    does this thread): a heap may have grown since the mappings were read, so its range stops at theirs."""
+    ranges = [(start, end) for start, end, _, name in maps if name == "[heap]"]
+    page = os.sysconf("SC_PAGE_SIZE")
+    writable: list[tuple[int, int]] = []  # anonymous read-write memory, neighbouring mappings joined
+    for start, end, perms, name in maps:
+        if name or not perms.startswith("rw"):
+            continue
+        if writable and writable[-1][1] == start:
+            writable[-1] = (writable[-1][0], end)
+        else:
+            writable.append((start, end))
+    for start, end in writable:
+        boundary = -(-start // GLIBC_HEAP_BYTES) * GLIBC_HEAP_BYTES
+        for heap in range(boundary, end, GLIBC_HEAP_BYTES):
+            _, prev, size, protected = struct.unpack("4Q", ctypes.string_at(heap, 32))
+            if (
+                0 < size <= protected <= GLIBC_HEAP_BYTES
+                and size % page == 0 == protected % page
+                and prev % GLIBC_HEAP_BYTES == 0
+            ):
+                ranges.append((heap, min(heap + size, end)))
+    return ranges
+
+
+def _resident_bytes(ranges: list[tuple[int, int]], proc: Path) -> int:
+    """How many bytes of ``ranges`` (of this process) are in RAM: the present bit of each page in ``pagemap``."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    present = 0
+    with (proc / "pagemap").open("rb", buffering=0) as pagemap:
+        for start, end in ranges:
+            pagemap.seek(start // page * 8)
+            entries = pagemap.read((end - start) // page * 8)
+            present += sum(entry >> 63 for entry in struct.unpack(f"{len(entries) // 8}Q", entries))
+    return present * page
+
+
+def glibc_arena_resident(proc: Path = PROC_SELF) -> int | None:
+    """Bytes of glibc's arenas in RAM, or None where they cannot be read. ``malloc_trim`` gives the pages of free
+    chunks back and leaves the chunks in the free lists, so ``mallinfo2``'s free memory overstates what is held
+    (after the service's trims, most of it is gone from RSS); the pages themselves do not."""
+    try:
+        return _resident_bytes(_arena_heaps(_maps(proc)), proc)
+    except (OSError, ValueError, struct.error):
+        return None
+
+
 def _glibc_stats() -> dict[str, int] | None:
     libc = allocator.libc()
     if libc is None or not hasattr(libc, "mallinfo2"):  # glibc before 2.33
         return None
     libc.mallinfo2.restype = _MallInfo2
     info = libc.mallinfo2()
-    return {"in_use": int(info.uordblks) + int(info.hblkhd), "free": int(info.fordblks), "mmapped": int(info.hblkhd)}
+    stats = {"in_use": int(info.uordblks) + int(info.hblkhd), "free": int(info.fordblks), "mmapped": int(info.hblkhd)}
+    arenas = glibc_arena_resident()
+    if arenas is not None:  # mmapped chunks are each one allocation, in use and resident
+        stats["resident"] = arenas + int(info.hblkhd)
+    return stats
 
 
 def allocator_accounts() -> tuple[str, dict[str, int]]:
@@ -130,8 +202,8 @@ def free_but_kept(name: str, accounts: dict[str, int]) -> int | None:
     """Memory the allocator holds resident but no object uses: what a cleanup can give back."""
     if name == "jemalloc" and {"resident", "allocated"} <= accounts.keys():
         return max(accounts["resident"] - accounts["allocated"], 0)
-    if name == "glibc" and "free" in accounts:
-        return accounts["free"]
+    if name == "glibc" and {"resident", "in_use"} <= accounts.keys():
+        return max(accounts["resident"] - accounts["in_use"], 0)
     return None
 
 

@@ -135,7 +135,7 @@ class Metrics:
         self.allocator_bytes = Gauge(
             "embedding_allocator_bytes",
             "The allocator's own accounts: jemalloc allocated, active, resident, retained, mapped; glibc in_use, "
-            "free, mmapped. Sampled by the monitor thread.",
+            "free, mmapped, resident. Sampled by the monitor thread.",
             ["allocator", "account"],
             registry=r,
         )

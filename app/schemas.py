@@ -789,8 +789,8 @@ class InfoResponse(_Answer):
 class AllocatorBreakdown(_Answer):
     name: str = Field(description="The allocator in use: jemalloc, glibc or other.")
     accounts: dict[str, int] = Field(
-        description="jemalloc allocated/active/resident/retained/mapped or glibc in_use/free/mmapped, in bytes; "
-        "empty where the allocator reports none."
+        description="jemalloc allocated/active/resident/retained/mapped or glibc in_use/free/mmapped/resident, in "
+        "bytes; empty where the allocator reports none."
     )
     free_but_kept_bytes: int | None = Field(description="Freed but kept by the allocator: what a cleanup gives back.")
 

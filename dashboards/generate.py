@@ -402,9 +402,10 @@ def memory(lay: Layout) -> None:
         timeseries(
             "Allocator accounts",
             "The allocator's view of the heap. jemalloc: allocated (live objects), active, resident, retained, "
-            "mapped; glibc: in_use, free (freed but kept in its arenas), mmapped. Resident minus allocated "
-            "(jemalloc) or free (glibc) is what a cleanup can give back; allocated growing under steady load "
-            "is a leak (ops/runbooks.md).",
+            "mapped; glibc: in_use, free (free chunks in its arenas, whether still in RAM or already trimmed), "
+            "mmapped, resident (its arenas' pages in RAM, and mmapped). Resident minus allocated (jemalloc) or "
+            "in_use (glibc) is what a cleanup can give back; allocated growing under steady load is a leak "
+            "(ops/runbooks.md).",
             "decbytes",
             (selector("embedding_allocator_bytes"), "{{account}} {{instance}}"),
         ),

@@ -143,6 +143,16 @@ def test_the_service_runs_on_the_allocator_asked_for(tmp_path: Path, documents: 
         assert memory["triggers"]["trim_after_batch"] is True
         assert (service.metric("embedding_memory_trims_total") or 0) >= 1  # the trim asks this allocator
         assert service.events("memory.allocator")[0]["allocator"] == allocator
+        # Its accounts add up: what it holds in RAM lies within the anonymous RSS. On glibc, with a trim after every
+        # batch, little of it is free, though mallinfo2 still counts the trimmed chunks free (52 MB here).
+        breakdown = memory["breakdown"]
+        accounts, kept = breakdown["allocator"]["accounts"], breakdown["allocator"]["free_but_kept_bytes"]
+        live = accounts["allocated"] if allocator == "jemalloc" else accounts["in_use"]
+        print(f"\n{allocator}: {accounts}, free but kept {kept}")
+        assert 100e6 < accounts["resident"] <= breakdown["rss_by_kind"]["anon"]
+        assert kept == max(accounts["resident"] - live, 0)
+        if allocator == "glibc":
+            assert kept < 16e6
         assert service.proc is not None
         worker = psutil.Process(service.proc.pid).children()[0]
         preloaded = any("libjemalloc" in m.path for m in worker.memory_maps(grouped=True))

@@ -179,3 +179,50 @@ def test_pages_of_a_mapped_file_leave_rss_and_the_heap_is_left_alone(tmp_path: P
     assert (16 << 20) - 8192 <= dropped <= 16 << 20
     assert float(heap.sum()) == 4 << 20  # the heap range kept its values
     assert float(weights[-1]) == (4 << 20) - 1  # and the file's pages read back as they were
+
+
+# 64 MB of small blocks, freed (a block kept after them, so they are not at the top of the heap), then trimmed:
+# each step prints glibc's accounts in MB (mallinfo2's free, the arenas' resident pages, free but kept). In the main
+# thread's arena, or in a thread's own (heaps at 64 MiB boundaries), with "thread".
+_GLIBC_ACCOUNTS_SCRIPT = """
+import ctypes, sys, threading
+from app.breakdown import allocator_accounts, free_but_kept
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def show():
+    name, accounts = allocator_accounts()
+    assert name == "glibc"
+    print(accounts["free"] >> 20, accounts["resident"] >> 20, free_but_kept(name, accounts) >> 20)
+def work():
+    blocks = [libc.malloc(4000) for _ in range(16000)]
+    for block in blocks:
+        ctypes.memset(block, 1, 4000)
+    fence = libc.malloc(4000)
+    show()
+    for block in blocks:
+        libc.free(block)
+    show()
+if sys.argv[1] == "thread":
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+else:
+    work()
+libc.malloc_trim(0)
+show()
+"""
+
+
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_glibc_free_but_kept_counts_the_free_memory_still_in_ram(where: str) -> None:
+    out = [int(mb) for mb in run_python(_GLIBC_ACCOUNTS_SCRIPT, where)]
+    (_, filled, kept_filled), (free, freed, kept_freed), (free_trimmed, trimmed, kept_trimmed) = (
+        out[0:3], out[3:6], out[6:9]
+    )  # fmt: skip
+    assert kept_filled < 8  # all in use
+    assert free >= 60 and kept_freed >= 60  # freed, still resident: what a cleanup can give back
+    assert freed - trimmed >= 55  # the trim gave the pages back ...
+    assert kept_trimmed < 8  # ... and the account says so,
+    assert free_trimmed >= 60  # where mallinfo2 still counts the chunks free
+    assert filled >= 60  # a thread's arena is counted too
