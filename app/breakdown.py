@@ -127,7 +127,21 @@ def _maps(proc: Path) -> list[tuple[int, int, str, str]]:
     return found
 
 
-def _arena_heaps(maps: list[tuple[int, int, str, str]]) -> list[tuple[int, int]]:
+def _heap_header(mem: int, address: int) -> tuple[int, int, int] | None:
+    """A glibc heap header's previous heap, size and mprotect_size at ``address``, read through the process's
+    ``mem`` file: memory another thread unmapped since the mappings were read answers an error there, where
+    reading it directly would crash the process."""
+    try:
+        header = os.pread(mem, 32, address)
+    except OSError:
+        return None
+    if len(header) < 32:
+        return None
+    _, prev, size, protected = struct.unpack("4Q", header)
+    return prev, size, protected
+
+
+def _arena_heaps(maps: list[tuple[int, int, str, str]], mem: int) -> list[tuple[int, int]]:
     """The ranges of glibc's arenas in this process: the main arena's ``[heap]`` (brk) and every heap of the other
     arenas, found at the 64 MiB boundaries of anonymous writable memory by its header: a heap's ``size`` (what it
     uses) and ``mprotect_size`` (what is writable) are page multiples, 0 < size <= mprotect_size <= 64 MiB, and
@@ -146,7 +160,10 @@ def _arena_heaps(maps: list[tuple[int, int, str, str]]) -> list[tuple[int, int]]
     for start, end in writable:
         boundary = -(-start // GLIBC_HEAP_BYTES) * GLIBC_HEAP_BYTES
         for heap in range(boundary, end, GLIBC_HEAP_BYTES):
-            _, prev, size, protected = struct.unpack("4Q", ctypes.string_at(heap, 32))
+            header = _heap_header(mem, heap)
+            if header is None:
+                continue
+            prev, size, protected = header
             if (
                 0 < size <= protected <= GLIBC_HEAP_BYTES
                 and size % page == 0 == protected % page
@@ -173,9 +190,15 @@ def glibc_arena_resident(proc: Path = PROC_SELF) -> int | None:
     chunks back and leaves the chunks in the free lists, so ``mallinfo2``'s free memory overstates what is held
     (after the service's trims, most of it is gone from RSS); the pages themselves do not."""
     try:
-        return _resident_bytes(_arena_heaps(_maps(proc)), proc)
+        mem = os.open(proc / "mem", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return _resident_bytes(_arena_heaps(_maps(proc), mem), proc)
     except (OSError, ValueError, struct.error):
         return None
+    finally:
+        os.close(mem)
 
 
 def _glibc_stats() -> dict[str, int] | None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import mmap
+import os
+import struct
 from pathlib import Path
 
-from app.breakdown import PythonObjects, free_but_kept, rss_by_kind
+from app.breakdown import PythonObjects, _heap_header, free_but_kept, rss_by_kind
 
 STATUS = """Name:\tpython
 VmRSS:\t  648000 kB
@@ -73,3 +77,18 @@ def test_the_oldest_generation_is_counted_at_most_once_per_interval() -> None:
     assert objects.sample().gc_tracked_objects["2"] >= first.gc_tracked_objects["2"] + 49_000
     assert objects.sample().allocated_blocks > 0
     del held
+
+
+def test_a_heap_header_is_read_safely_from_memory_unmapped_meanwhile() -> None:
+    # The monitor reads heap headers at addresses from a snapshot of the mappings while other threads unmap memory
+    # (glibc's large blocks): an address gone since answers nothing, and the process goes on.
+    region = mmap.mmap(-1, 1 << 20)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    struct.pack_into("4Q", region, 0, 0, 64 << 20, 4096, 8192)
+    mem = os.open("/proc/self/mem", os.O_RDONLY)
+    try:
+        assert _heap_header(mem, address) == (64 << 20, 4096, 8192)
+        region.close()
+        assert _heap_header(mem, address) is None
+    finally:
+        os.close(mem)
