@@ -58,6 +58,13 @@ def test_openvino_serves_the_models_vectors(openvino: ServiceProcess) -> None:
     assert openvino.metric("embedding_model_info", backend="openvino") == 1
     (allocator,) = openvino.events("memory.allocator")
     assert allocator["allocator"] == "glibc" and "jemalloc" in allocator["hint"]
+    # GET /memory adds up with the runtime's own allocations, which are glibc's: the pages its arenas hold in RAM
+    # cover what is in use (a few MB allocated and not yet written aside) and lie within the anonymous RSS.
+    breakdown = requests.get(f"{openvino.url}/memory", timeout=10).json()["breakdown"]
+    accounts, kept = breakdown["allocator"]["accounts"], breakdown["allocator"]["free_but_kept_bytes"]
+    print(f"glibc accounts on openvino: {accounts}, anon {breakdown['rss_by_kind']['anon']}")
+    assert accounts["in_use"] - 16e6 <= accounts["resident"] <= breakdown["rss_by_kind"]["anon"]
+    assert kept == max(accounts["resident"] - accounts["in_use"], 0)
 
 
 def test_torchs_weights_are_let_go_when_openvino_runs(openvino: ServiceProcess, service: ServiceProcess) -> None:
