@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 from pydantic import ConfigDict
 
 from app import allocator
@@ -117,14 +118,26 @@ def _jemalloc_stats() -> dict[str, int] | None:
     return stats
 
 
-def _maps(proc: Path) -> list[tuple[int, int, str, str]]:
-    """The process's mappings: start, end, permissions, name ("" for anonymous memory)."""
-    found = []
-    for line in (proc / "maps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        start, _, end = fields[0].partition("-")
-        found.append((int(start, 16), int(end, 16), fields[1], fields[5] if len(fields) > 5 else ""))
-    return found
+def _arena_candidates(proc: Path) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """From the process's mappings: the main arena's ``[heap]`` ranges, and anonymous read-write memory (where the
+    other arenas' heaps are), neighbouring mappings joined. Read a line at a time, keeping only those: the monitor
+    samples this beside the requests' work."""
+    heap: list[tuple[int, int]] = []
+    writable: list[tuple[int, int]] = []
+    with (proc / "maps").open() as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            name = fields[5].strip() if len(fields) > 5 else ""
+            if name != "[heap]" and (name or not fields[1].startswith("rw")):
+                continue
+            low, high = (int(address, 16) for address in fields[0].split("-"))
+            if name:
+                heap.append((low, high))
+            elif writable and writable[-1][1] == low:
+                writable[-1] = (writable[-1][0], high)
+            else:
+                writable.append((low, high))
+    return heap, writable
 
 
 def _heap_header(mem: int, address: int) -> tuple[int, int, int] | None:
@@ -141,22 +154,14 @@ def _heap_header(mem: int, address: int) -> tuple[int, int, int] | None:
     return prev, size, protected
 
 
-def _arena_heaps(maps: list[tuple[int, int, str, str]], mem: int) -> list[tuple[int, int]]:
-    """The ranges of glibc's arenas in this process: the main arena's ``[heap]`` (brk) and every heap of the other
-    arenas, found at the 64 MiB boundaries of anonymous writable memory by its header: a heap's ``size`` (what it
-    uses) and ``mprotect_size`` (what is writable) are page multiples, 0 < size <= mprotect_size <= 64 MiB, and
-    the previous heap of its arena is another boundary or none. Other threads allocate while this reads (and so
-    does this thread): a heap may have grown since the mappings were read, so its range stops at theirs."""
-    ranges = [(start, end) for start, end, _, name in maps if name == "[heap]"]
+def _arena_heaps(writable: list[tuple[int, int]], mem: int) -> list[tuple[int, int]]:
+    """The heaps of glibc's arenas other than the main one, found at the 64 MiB boundaries of anonymous writable
+    memory by their header: a heap's ``size`` (what it uses) and ``mprotect_size`` (what is writable) are page
+    multiples, 0 < size <= mprotect_size <= 64 MiB, and the previous heap of its arena is another boundary or none.
+    Other threads allocate while this reads (and so does this thread): a heap may have grown since the mappings
+    were read, so its range stops at theirs."""
     page = os.sysconf("SC_PAGE_SIZE")
-    writable: list[tuple[int, int]] = []  # anonymous read-write memory, neighbouring mappings joined
-    for start, end, perms, name in maps:
-        if name or not perms.startswith("rw"):
-            continue
-        if writable and writable[-1][1] == start:
-            writable[-1] = (writable[-1][0], end)
-        else:
-            writable.append((start, end))
+    heaps = []
     for start, end in writable:
         boundary = -(-start // GLIBC_HEAP_BYTES) * GLIBC_HEAP_BYTES
         for heap in range(boundary, end, GLIBC_HEAP_BYTES):
@@ -169,8 +174,13 @@ def _arena_heaps(maps: list[tuple[int, int, str, str]], mem: int) -> list[tuple[
                 and size % page == 0 == protected % page
                 and prev % GLIBC_HEAP_BYTES == 0
             ):
-                ranges.append((heap, min(heap + size, end)))
-    return ranges
+                heaps.append((heap, min(heap + size, end)))
+    return heaps
+
+
+PAGEMAP_CHUNK_PAGES = 1 << 12
+"""Pages whose ``pagemap`` entries are read at once (32 KiB of them, for 16 MiB of memory): the monitor counts a heap
+of gigabytes in pieces, holding little while requests work beside it."""
 
 
 def _resident_bytes(ranges: list[tuple[int, int]], proc: Path) -> int:
@@ -179,9 +189,10 @@ def _resident_bytes(ranges: list[tuple[int, int]], proc: Path) -> int:
     present = 0
     with (proc / "pagemap").open("rb", buffering=0) as pagemap:
         for start, end in ranges:
-            pagemap.seek(start // page * 8)
-            entries = pagemap.read((end - start) // page * 8)
-            present += sum(entry >> 63 for entry in struct.unpack(f"{len(entries) // 8}Q", entries))
+            for first in range(start // page, end // page, PAGEMAP_CHUNK_PAGES):
+                pagemap.seek(first * 8)
+                entries = pagemap.read(min(PAGEMAP_CHUNK_PAGES, end // page - first) * 8)
+                present += int(np.count_nonzero(np.frombuffer(entries, dtype=np.uint64) >> np.uint64(63)))
     return present * page
 
 
@@ -194,7 +205,8 @@ def glibc_arena_resident(proc: Path = PROC_SELF) -> int | None:
     except OSError:
         return None
     try:
-        return _resident_bytes(_arena_heaps(_maps(proc), mem), proc)
+        heap, writable = _arena_candidates(proc)
+        return _resident_bytes(heap + _arena_heaps(writable, mem), proc)
     except (OSError, ValueError, struct.error):
         return None
     finally:
