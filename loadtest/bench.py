@@ -51,46 +51,18 @@ IN_PROCESS_PASSES = 3
 
 
 def in_process(texts: list[str], dtype: str, backend: str = "torch", *, windows: bool) -> tuple[float, float | None]:
-    """Texts per second of the service's backend alone at ``dtype`` on ``backend`` (torch or openvino): in
-    batches sorted by tokens (:func:`sorted_batches`), and with ``windows`` :data:`SINGLE_TEXT_CLIENTS` random
-    texts at a time (:func:`planned_windows`; else None)."""
+    """Texts per second of the service's backend alone at ``dtype`` on ``backend`` (torch or openvino): in batches
+    sorted by tokens (:func:`loadtest.fidelity.encode_all`, the best of :data:`IN_PROCESS_PASSES`), and with
+    ``windows`` :data:`SINGLE_TEXT_CLIENTS` random texts at a time (:func:`planned_windows`; else None)."""
     from app.backend import SentenceTransformerBackend
+    from loadtest.fidelity import encode_all
 
     model = SentenceTransformerBackend(BUNDLED_MODEL, "cpu", dtype=dtype, backend=backend)
     info = model.load()
-    rate = sorted_batches(model, texts)
+    rate = max(encode_all(model, texts)[1] for _ in range(IN_PROCESS_PASSES))
     if not windows:
         return rate, None
     return rate, planned_windows(model, texts, SINGLE_TEXT_CLIENTS, info.batch_overhead_tokens)
-
-
-def best_rate(texts: int, run: Callable[[], None], passes: int = IN_PROCESS_PASSES) -> float:
-    """Texts per second of the fastest of ``passes`` runs of ``run`` over ``texts`` texts."""
-    times = []
-    for _ in range(passes):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return texts / min(times)
-
-
-def sorted_batches(model: SentenceTransformerBackend, texts: list[str]) -> float:
-    """Texts per second in batches of the service's default batch size sorted by their tokens: the least padding
-    any batching of these texts can have, so the model's own speed on them."""
-    from app.config import Settings
-
-    tokens = model.prepare(texts).token_counts
-    order = sorted(range(len(texts)), key=lambda i: tokens[i])
-    batches = [
-        [texts[i] for i in order[start : start + Settings.batch_size]]
-        for start in range(0, len(order), Settings.batch_size)
-    ]
-
-    def run() -> None:
-        for batch in batches:
-            model.finish(model.encode(model.prepare(batch)))
-
-    return best_rate(len(texts), run)
 
 
 def planned_windows(model: SentenceTransformerBackend, texts: list[str], window: int, overhead: int) -> float:
@@ -109,11 +81,13 @@ def planned_windows(model: SentenceTransformerBackend, texts: list[str], window:
         for span in plan_batches([tokens[i] for i in ranked], Settings.batch_size, overhead):
             batches.append([texts[i] for i in ranked[span]])
 
-    def run() -> None:
+    times = []
+    for _ in range(IN_PROCESS_PASSES):
+        started = time.perf_counter()
         for batch in batches:
             model.finish(model.encode(model.prepare(batch)))
-
-    return best_rate(len(texts), run)
+        times.append(time.perf_counter() - started)
+    return len(texts) / min(times)
 
 
 def through_service(url: str, requests_: Sequence[list[str]], clients: int, protocol: str = "openai") -> float:
