@@ -168,6 +168,25 @@ def bound_kernel_caches(environ: dict[str, str] | None = None) -> None:
         env.setdefault(name, value)
 
 
+OPENMP_SPIN_COUNT = "10000"
+"""How long a thread of the forward pass's OpenMP team that waits for the others spins before it sleeps
+(``GOMP_SPINCOUNT``; libgomp's default, 300,000, is a few hundred microseconds). The team has one thread per
+core, so while anything else runs (the next version loading beside this one during a handover, its interpreter
+importing), a thread that spins at every operation's barrier holds the core its preempted teammate needs, and
+the forward pass nearly stops: 8 clients of a 768-wide model got 2-4 answers a second instead of 24-30, with
+gaps of 4-8 s, for the whole of a handover. Sleeping after 10,000 spins, the gaps were under 1 s and twice as
+many answers came, at the same speed when nothing else runs (docs/operations.md, docs/benchmarks.md)."""
+
+
+def yield_waiting_openmp_threads(environ: dict[str, str] | None = None) -> None:
+    """Let the forward pass's waiting OpenMP threads sleep soon (:data:`OPENMP_SPIN_COUNT`) unless the environment
+    says how they wait (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``): before torch is imported, as
+    :func:`bound_kernel_caches`."""
+    env = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+        env["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
+
+
 def exec_under_jemalloc(requested: str, arenas: int) -> None:
     """Run this program again with jemalloc preloaded; return only where that is not wanted or not possible.
 

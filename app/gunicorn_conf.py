@@ -3,7 +3,8 @@
 Used as ``gunicorn -c python:app.gunicorn_conf app.asgi:app`` by ``make run``,
 the Dockerfile and the tests. The settings are validated here, in the master,
 so a bad ``EMBEDDING_*`` value stops the start with one clear line. The CPU kernels' caches are bounded
-(:data:`app.allocator.KERNEL_CACHES`). Then, with
+(:data:`app.allocator.KERNEL_CACHES`), and the forward pass's waiting threads sleep soon
+(:data:`app.allocator.OPENMP_SPIN_COUNT`). Then, with
 ``EMBEDDING_ALLOCATOR=jemalloc`` (the default) and jemalloc installed, the master
 runs itself again with jemalloc preloaded, before it binds or forks
 (:mod:`app.allocator`).
@@ -16,7 +17,7 @@ import socket
 import sys
 from typing import Any
 
-from app.allocator import allocator_for, bound_kernel_caches, exec_under_jemalloc
+from app.allocator import allocator_for, bound_kernel_caches, exec_under_jemalloc, yield_waiting_openmp_threads
 from app.config import ConfigError, Settings
 from app.handover import HANDOVER_DIR_VARIABLE, Offer, inherited_listeners
 from app.logs import gunicorn_logconfig
@@ -28,6 +29,7 @@ except ConfigError as _error:
     raise SystemExit(2) from None
 
 bound_kernel_caches()  # before the worker imports torch: oneDNN reads it once
+yield_waiting_openmp_threads()  # and libgomp: a neighbour (the next version, loading) must not stall the forward
 exec_under_jemalloc(allocator_for(_settings.allocator, _settings.backend), _settings.malloc_arenas)
 
 # Sockets inherited from a running version (app.handover) or from systemd replace the bind below.
