@@ -57,8 +57,10 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001
 WORKDIR /tmp
 EXPOSE 5000
-# Healthy only once the model is loaded and warmed up (GET /ready answers 200).
-HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
+# Healthy once the model is loaded and warmed up (GET /ready answers 200). How long loading may take is the
+# service's own EMBEDDING_STARTUP_TIMEOUT_S (past it the service exits, and the container with it), so Docker's
+# start period, in which failures do not count until the first success, is no limit of its own: longer than any.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=24h --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('EMBEDDING_PORT', '5000'), timeout=4)"]
 # `embedding-service serve` runs gunicorn as `make run` does; `docker run IMAGE check` checks the image's model.
 ENTRYPOINT ["embedding-service"]

@@ -336,8 +336,9 @@ def _require_json() -> None:
 def _model_info() -> ModelInfo:
     engine = components().engine
     if engine.info is None or not engine.ready:
-        # Same answer the engine gives; checked first so validation can use the model's limits.
-        raise Unavailable("model is not ready", retry_after_s=5)
+        # The engine's own reason (loading, failed, shutting down); checked first so validation can use the model's
+        # limits.
+        raise Unavailable(engine.unavailable_reason(), retry_after_s=5)
     return engine.info
 
 

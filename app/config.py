@@ -100,6 +100,7 @@ class Settings:
     max_body_bytes: int = 16 * 1024**2
     queue_size: int = 4096
     request_timeout_s: float = 120.0
+    startup_timeout_s: float = 600.0
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     connection_max_age_s: float = 60.0
@@ -147,6 +148,7 @@ class Settings:
             f"a whole number of at least EMBEDDING_MAX_INPUTS ({self.max_inputs})",
         )
         _check(self.request_timeout_s > 0, "REQUEST_TIMEOUT_S", "a number of seconds above 0")
+        _check(self.startup_timeout_s > 0, "STARTUP_TIMEOUT_S", "a number of seconds above 0")
         _check(self.header_timeout_s > 0, "HEADER_TIMEOUT_S", "a number of seconds above 0")
         _check(self.connection_max_age_s >= 0, "CONNECTION_MAX_AGE_S", "a number of seconds, 0 for no limit")
         _check(self.connection_max_requests >= 0, "CONNECTION_MAX_REQUESTS", "a whole number, 0 for no limit")
@@ -231,6 +233,7 @@ def _read(reader: _EnvReader) -> dict[str, Any]:
         "max_body_bytes": reader.get("MAX_BODY_BYTES", parse_bytes, "a byte size such as 16MiB"),
         "queue_size": reader.get("QUEUE_SIZE", _parse_int, "a whole number"),
         "request_timeout_s": reader.get("REQUEST_TIMEOUT_S", _parse_float, "a number of seconds"),
+        "startup_timeout_s": reader.get("STARTUP_TIMEOUT_S", _parse_float, "a number of seconds"),
         "header_timeout_s": reader.get("HEADER_TIMEOUT_S", _parse_float, "a number of seconds"),
         "connection_max_age_s": reader.get("CONNECTION_MAX_AGE_S", _parse_float, "a number of seconds"),
         "connection_max_requests": reader.get("CONNECTION_MAX_REQUESTS", _parse_int, "a whole number"),
@@ -282,6 +285,9 @@ HELP: dict[str, str] = {
     "max_body_bytes": "largest request body",
     "queue_size": "most texts waiting for the model; beyond it, 429",
     "request_timeout_s": "longest time from a request's arrival to its answer",
+    "startup_timeout_s": "longest time a worker may take from its start to its model loaded, calibrated and warmed; "
+    "past it the worker exits with code 3 and the server stops. The ops scripts' readiness wait and the Kubernetes "
+    "startup probe take their budget from it",
     "header_timeout_s": "a new connection's request headers must arrive within this, else 408",
     "connection_max_age_s": "a kept-alive connection is closed after the first answer past this age (give or take "
     "10%), so that long-lived clients spread over new replicas; 0: no limit",

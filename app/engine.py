@@ -86,6 +86,11 @@ SPEED_WINDOW = 9
 CRASH_MESSAGE = "the inference thread crashed; the service restarts"
 
 
+class StartupTimedOut(RuntimeError):
+    """The model was not loaded, calibrated and warmed within ``EMBEDDING_STARTUP_TIMEOUT_S``: the worker stops
+    the server (exit code 3) rather than hold its socket, or answer 503, for ever."""
+
+
 class EngineCrashed(RuntimeError):
     """The inference thread died while serving (a bug): the process must be replaced, not kept half alive."""
 
@@ -236,9 +241,12 @@ class Engine:
         rss_sampler: Callable[[], int],
         on_fatal: Callable[[BaseException], None] | None = None,
         request_timeout_s: float | None = None,
+        startup_timeout_s: float | None = None,
     ) -> None:
         self._backend = backend
         self._request_timeout_s = request_timeout_s
+        self._startup_timeout_s = startup_timeout_s
+        self._deadline: threading.Timer | None = None
         self._batch_size = batch_size
         self._max_batch_tokens = max_batch_tokens
         self._queue_size = queue_size
@@ -275,6 +283,20 @@ class Engine:
             self._state = "loading"
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._thread.start()
+        if self._startup_timeout_s is not None:
+            self._deadline = threading.Timer(self._startup_timeout_s, self._startup_overdue)
+            self._deadline.name, self._deadline.daemon = "startup-deadline", True
+            self._deadline.start()
+
+    def _startup_overdue(self) -> None:
+        """At the start-up deadline: a model still loading fails the start (however far it got)."""
+        if self._state == "loading":
+            self._fail(
+                StartupTimedOut(
+                    f"the model was not ready within {self._startup_timeout_s:g} s of the worker's start "
+                    "(EMBEDDING_STARTUP_TIMEOUT_S): raise it for a model this large on this machine"
+                )
+            )
 
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Refuse new work, finish what is queued, stop the thread; True when it stopped in time."""
@@ -286,6 +308,10 @@ class Engine:
                 self._state = "stopping"
             self._metrics.ready.set(0)
             self._cond.notify_all()
+        if self._deadline is not None:
+            self._deadline.cancel()
+            if self._deadline is not threading.current_thread():
+                self._deadline.join(timeout_s)
         if self._thread is not None:
             self._thread.join(timeout_s)
             return not self._thread.is_alive()
@@ -469,7 +495,7 @@ class Engine:
 
     def _require_serving(self) -> None:
         if self._state != "ready" or self.info is None:
-            raise Unavailable(self._unavailable_reason(), retry_after_s=5)
+            raise Unavailable(self.unavailable_reason(), retry_after_s=5)
 
     def _refuse_unless_room(self, texts: int) -> None:
         """503 unless serving, 429 when ``texts`` more would overflow the queue; called holding ``_cond``."""
@@ -507,7 +533,8 @@ class Engine:
                 retry_after_s=max(1, min(60, math.ceil(ahead_s + own_s - room_s))),
             )
 
-    def _unavailable_reason(self) -> str:
+    def unavailable_reason(self) -> str:
+        """Why the engine takes no work now: its model loading, failed, or the engine stopping."""
         if self._state in ("created", "loading"):
             return "model is loading"
         if self._state == "failed":
@@ -521,6 +548,8 @@ class Engine:
             self._load()
         except BaseException as exc:  # noqa: BLE001  (the thread must report every start failure)
             self._fail(exc)
+            return
+        if self._state == "failed":
             return
         try:
             self._serve()
@@ -575,10 +604,14 @@ class Engine:
             backend=info.backend,
         ).set(1)
         with self._cond:
+            if self._state == "failed":
+                return  # past the start-up deadline: it never serves
             if self._state == "loading":
                 self._state = "ready"
-            self._metrics.ready.set(1)
+                self._metrics.ready.set(1)
             self._cond.notify_all()
+        if self._deadline is not None:
+            self._deadline.cancel()
         log.info(
             "model.loaded",
             model=info.model_id,
@@ -598,6 +631,8 @@ class Engine:
 
     def _fail(self, exc: BaseException) -> None:
         with self._cond:
+            if self._state != "loading":
+                return  # the deadline and a failing load both fail a start: the first one says why
             self._state = "failed"
             self.failure = str(exc)
             self._cond.notify_all()

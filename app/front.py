@@ -114,7 +114,6 @@ class WSGIFront:
         on_startup: Callable[[], None] | None = None,
         on_shutdown: Callable[[], None] | None = None,
         authorize: Authorize | None = None,
-        until_ready: Callable[[], object] | None = None,
     ) -> None:
         self.wsgi_app = wsgi_app
         self._authorize = authorize
@@ -125,8 +124,6 @@ class WSGIFront:
         """Told of every refusal decided before Flask: here, and by the protocol (app/server.py)."""
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
-        self._until_ready = until_ready
-        self._hold = False
         self._requests = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="http")
         self._ops = ThreadPoolExecutor(max_workers=OPS_THREADS, thread_name_prefix="http-ops")
 
@@ -282,24 +279,19 @@ class WSGIFront:
         encoded = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
         return int(status.split(" ", 1)[0]), encoded, content
 
-    def accept_when_ready(self) -> None:
-        """Accept no connection before ``until_ready`` returns: the socket was inherited from a running
-        version, which answers meanwhile (:mod:`app.handover`). Call before the server starts."""
-        self._hold = True
-
     # --- lifespan -----------------------------------------------------------------------------------
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                # The server accepts connections once startup completes (ASGI lifespan).
+                # Completes within milliseconds, however long the model takes to load (the server waits at most
+                # 30 s for it): the service starts its threads and returns. A worker that must not accept before
+                # the model is ready holds its listeners instead (app.server.AcceptOnceReady).
                 if self._on_startup is not None:
                     # On the loop's own thread, before any other exists (it starts threads, within milliseconds):
                     # the glibc arena cap must come first.
                     self._on_startup()
-                if self._hold and self._until_ready is not None:
-                    await asyncio.get_running_loop().run_in_executor(None, self._until_ready)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # After gunicorn has let the connections finish: stop the engine (it drains its queue).

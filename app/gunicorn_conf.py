@@ -19,7 +19,7 @@ from typing import Any
 
 from app.allocator import allocator_for, bound_kernel_caches, exec_under_jemalloc, yield_waiting_openmp_threads
 from app.config import ConfigError, Settings
-from app.handover import HANDOVER_DIR_VARIABLE, Offer, inherited_listeners
+from app.handover import HANDOVER_DIR_VARIABLE, Offer, Served, inherited_listeners
 from app.logs import gunicorn_logconfig
 
 try:
@@ -34,6 +34,7 @@ exec_under_jemalloc(allocator_for(_settings.allocator, _settings.backend), _sett
 
 # Sockets inherited from a running version (app.handover) or from systemd replace the bind below.
 _inherited = inherited_listeners() > 0
+_served = Served()  # set once a worker of this master accepts connections
 _offer: Offer | None = None
 
 bind = f"0.0.0.0:{_settings.port}"  # override with --bind HOST:PORT
@@ -74,10 +75,11 @@ def when_ready(server: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """A worker on an inherited socket accepts only once its model is ready: the running version (or
-    systemd's queue) holds the connections until then (app.handover)."""
-    if _inherited:
-        worker.app.wsgi().accept_when_ready()
+    """The first worker on an inherited socket accepts only once its model is ready: the running version (or
+    systemd's queue) answers the connections until then (app.handover). A worker started again after one served
+    accepts at once, and answers 503 while it loads."""
+    if _inherited and not _served.is_set():
+        worker.accept_once_ready(then=_served.set)
 
 
 def on_exit(server: Any) -> None:

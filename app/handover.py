@@ -9,14 +9,17 @@ gunicorn reads). Both processes then hold *one* socket with one accept queue: a 
 until one of them accepts it, and none is lost when the old one stops accepting (two sockets bound with
 ``SO_REUSEPORT`` would each have a queue, and the connections waiting in the closed one's are reset).
 
-A worker whose socket was inherited accepts only once its model is loaded and warmed
-(:meth:`app.front.WSGIFront.accept_when_ready`): until then the running version answers every connection,
-so no client meets a version that is not ready. The same holds under systemd's socket activation.
+The first worker of a master whose socket was inherited accepts only once its model is loaded and warmed
+(:class:`app.server.AcceptOnceReady`): until then the running version answers every connection, so no client
+meets a version that is not ready. The same holds under systemd's socket activation. A worker gunicorn starts
+again after that one served (a crash, an OOM kill) accepts at once and answers 503 with ``Retry-After`` while its
+model loads, as a fresh start does: no other process answers for it any more (:class:`Served`).
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -35,6 +38,23 @@ def inherited_listeners() -> int:
         return max(0, int(os.environ.get("LISTEN_FDS", "0")))
     except ValueError:
         return 0
+
+
+class Served:
+    """Whether a worker of this master has accepted connections: one byte of memory shared with the workers it
+    forks (created in the master before any). On an inherited socket the first worker holds its listeners until
+    its model is ready, while the version it replaces answers; once one has served, that version is gone, and a
+    worker started again after a crash answers at once (503 while loading) rather than leave every client
+    waiting in the queue with no answer."""
+
+    def __init__(self) -> None:
+        self._byte = mmap.mmap(-1, 1)  # anonymous and shared: a forked worker writes what the master reads
+
+    def set(self) -> None:
+        self._byte[0] = 1
+
+    def is_set(self) -> bool:
+        return self._byte[0] == 1
 
 
 def offer_path(directory: str | os.PathLike[str], pid: int | None = None) -> Path:

@@ -27,7 +27,8 @@ import functools
 import random
 import socket
 import struct
-from collections.abc import Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
@@ -215,12 +216,66 @@ class Protocol(gunicorn_protocol.ASGIProtocol):  # type: ignore[misc]  # gunicor
         self._safe_write(head.encode("latin-1") + body)
 
 
+HOLD_POLL_S = 0.05
+"""How often a worker holding its listeners looks whether the model is ready."""
+
+CreateServer = Callable[..., Awaitable[asyncio.AbstractServer]]
+
+
+class AcceptOnceReady:
+    """Listeners that accept nothing until the model is ready, for a worker on a socket another process may be
+    answering: a running version during a handover, or systemd's queue under socket activation (app.handover).
+    Connections wait in the kernel's one accept queue meanwhile, answered by whoever accepts.
+
+    The hold is here, on the listeners, and not in the ASGI lifespan's startup: gunicorn waits at most 30 s for
+    that, then stops the whole server, and a model can take longer to load on a busy machine. Meanwhile the
+    worker's main loop runs and tells the master it is alive, however long the load takes; the start-up deadline
+    is the service's own (``EMBEDDING_STARTUP_TIMEOUT_S``, :class:`app.engine.Engine`)."""
+
+    def __init__(self, create_server: CreateServer, state: Callable[[], str], then: Callable[[], None]) -> None:
+        self._create = create_server
+        self._state = state
+        self._then = then
+        self._held: list[asyncio.AbstractServer] = []
+        self._accepting = False
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.AbstractServer:
+        """``loop.create_server``, accepting at once only once the model is ready."""
+        server = await self._create(*args, **{**kwargs, "start_serving": self._accepting})
+        if not self._accepting:
+            self._held.append(server)
+        return server
+
+    async def accept_when_ready(self) -> bool:
+        """Start every listener once the model is ready, then call ``then``; False when it never is (its load
+        failed, and the worker exits; or the worker is stopping)."""
+        started = time.monotonic()
+        while self._state() in ("created", "loading"):
+            await asyncio.sleep(HOLD_POLL_S)
+        if self._state() != "ready":
+            return False
+        self._accepting = True
+        for server in self._held:
+            await server.start_serving()
+        log.info("worker.accepting", listeners=len(self._held), held_s=round(time.monotonic() - started, 3))
+        self._held.clear()
+        self._then()
+        return True
+
+
 class Worker(gasgi.ASGIWorker):  # type: ignore[misc]  # gunicorn is untyped
     """gunicorn's asyncio worker, serving connections with :class:`Protocol`."""
+
+    _accepted: Callable[[], None] | None = None  # set by accept_once_ready: the worker holds its listeners
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         internals.check()  # before anything relies on them: a clear stop, naming what a gunicorn release changed
         super().__init__(*args, **kwargs)
+
+    def accept_once_ready(self, then: Callable[[], None]) -> None:
+        """Hold the listeners until the model is ready (:class:`AcceptOnceReady`), then call ``then``. Called from
+        app.gunicorn_conf's ``post_worker_init``, before the worker runs."""
+        self._accepted = then
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
@@ -237,7 +292,13 @@ class Worker(gasgi.ASGIWorker):  # type: ignore[misc]  # gunicorn is untyped
         # asyncio's create_server listens again on the inherited socket with its own backlog (100), replacing
         # gunicorn's (--backlog, 2048): of 1,000 clients connecting at once, the kernel dropped the handshakes of
         # hundreds, which then waited without an answer. The worker's servers listen with gunicorn's.
-        self.loop.create_server = functools.partial(self.loop.create_server, backlog=self.cfg.backlog)
+        create_server: CreateServer = functools.partial(self.loop.create_server, backlog=self.cfg.backlog)
+        if self._accepted is not None:
+            engine = components(self.asgi.wsgi_app).engine
+            gate = AcceptOnceReady(create_server, lambda: engine.state, self._accepted)
+            create_server = gate.create_server
+            self._gate = self.loop.create_task(gate.accept_when_ready())  # runs once the loop does
+        self.loop.create_server = create_server
         super().run()
 
 
@@ -293,7 +354,6 @@ def serve(service: Service) -> WSGIFront:
         on_refusal=refused,
         on_startup=start,
         on_shutdown=service.stop,
-        until_ready=service.engine.wait_until_settled,
     )
 
 

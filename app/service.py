@@ -62,6 +62,7 @@ class Service:
             rss_sampler=rss_bytes,
             on_fatal=on_fatal,
             request_timeout_s=settings.request_timeout_s,
+            startup_timeout_s=settings.startup_timeout_s,
         )
         # Until the model is loaded only bodies arrive: the memory manager derives the real budget once it is.
         budget = MemoryBudget(

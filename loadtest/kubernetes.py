@@ -185,7 +185,10 @@ def render(components: tuple[str, ...] | list[str], settings: dict[str, str] | N
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
             "kind": "Kustomization",
             "resources": [os.path.relpath(KUSTOMIZE / "base", here)],
-            "components": [os.path.relpath(KUSTOMIZE / "components" / name, here) for name in components],
+            # The startup probe's budget last, from the settings as merged here (as overlays/example lists it).
+            "components": [
+                os.path.relpath(KUSTOMIZE / "components" / name, here) for name in (*components, "startup-budget")
+            ],
         }
         if settings:
             literals = [f"{k}={v}" for k, v in settings.items()]

@@ -38,7 +38,8 @@ LOG_DIR="$EMBEDDING_HOME/logs"
 LEGACY_VENV="$EMBEDDING_HOME/venv"
 LEGACY_BACKUPS="$EMBEDDING_HOME/backups"
 STOP_TIMEOUT_S="${STOP_TIMEOUT_S:-150}"   # above the service's graceful timeout (120 s by default)
-READY_TIMEOUT_S="${READY_TIMEOUT_S:-300}"
+READY_TIMEOUT_S="${READY_TIMEOUT_S:-}"    # empty: the version's EMBEDDING_STARTUP_TIMEOUT_S + READY_MARGIN_S
+READY_MARGIN_S="${READY_MARGIN_S:-60}"    # the interpreter's imports before the service's own start-up clock runs
 NEXT_PID_FILE="$RUN_DIR/next.pid"
 DRAINING_PID_FILE="$RUN_DIR/draining.pid"
 CHECK_SOCKET="$RUN_DIR/next.sock"
@@ -332,10 +333,25 @@ stop_pid() {
     log "stopped pid $pid"
 }
 
-# wait_ready [PID]: 0 once /ready answers 200 (from PID alone with VIA=its check socket), 1 if the process
-# dies or READY_TIMEOUT_S runs out.
+# ready_timeout [DIR]: how long to wait for the version in DIR (default: the live one) to become ready:
+# READY_TIMEOUT_S where set, else its EMBEDDING_STARTUP_TIMEOUT_S (default 600, the service's own deadline:
+# past it the service exits) plus READY_MARGIN_S. Whole seconds.
+ready_timeout() {
+    if [ -n "$READY_TIMEOUT_S" ]; then
+        printf '%s' "$READY_TIMEOUT_S"
+        return
+    fi
+    local startup
+    startup=$(setting_of "${1:-$(live_dir 2>/dev/null)}" EMBEDDING_STARTUP_TIMEOUT_S 600)
+    python3 -c 'import math, sys; print(math.ceil(float(sys.argv[1])) + int(sys.argv[2]))' "$startup" "$READY_MARGIN_S" \
+        2>/dev/null || printf '%s' $((600 + READY_MARGIN_S))
+}
+
+# wait_ready [PID [DIR]]: 0 once /ready answers 200 (from PID alone with VIA=its check socket), 1 if the process
+# dies or the version in DIR (default: the live one) does not become ready within ready_timeout.
 wait_ready() {
-    local pid="${1:-$(cat "$PID_FILE" 2>/dev/null)}" start=$SECONDS timeout="$READY_TIMEOUT_S"
+    local pid="${1:-$(cat "$PID_FILE" 2>/dev/null)}" start=$SECONDS timeout
+    timeout=$(ready_timeout "${2:-}")
     while [ $((SECONDS - start)) -lt "$timeout" ]; do
         if ! kill -0 "$pid" 2>/dev/null; then
             log "the service exited while starting; last log lines:"
@@ -441,7 +457,7 @@ hand_over() {
     echo "$new" >"$NEXT_PID_FILE" || return 1
     wait_exec "$new" app.handover  # in a session of its own from then on: killing this one leaves it running
     log "started version $(installed_version "$dir") from $dir (pid $new) beside pid $old, on its socket: it accepts once its model is ready"
-    if ! VIA="$CHECK_SOCKET" wait_ready "$new"; then
+    if ! VIA="$CHECK_SOCKET" wait_ready "$new" "$dir"; then
         why="did not become ready"
     elif ! VIA="$CHECK_SOCKET" smoke_test; then
         why="did not embed"

@@ -12,8 +12,8 @@
 # Other exit codes: 1 start failed, 2 usage, 3 refused (--no-gap), 5 another ops command is running.
 # Environment: EMBEDDING_HOME (the install, default /opt/embedding-service); LOCK_WAIT_S (seconds to wait
 # for another ops command's lock, default 0: refuse); STOP_TIMEOUT_S (SIGKILL after, default 150);
-# READY_TIMEOUT_S (wait for /ready, default 300); HANDOVER_RESERVE_BYTES (memory a restart leaves free for the
-# rest of the host, default 0).
+# READY_TIMEOUT_S (wait for /ready; default: the version's EMBEDDING_STARTUP_TIMEOUT_S, 600 unless set, plus
+# READY_MARGIN_S, 60); HANDOVER_RESERVE_BYTES (memory a restart leaves free for the rest of the host, default 0).
 set -euo pipefail
 OPS_NAME=service
 # shellcheck source=ops/lib.sh  # OPS_NAME above names this script in its log lines

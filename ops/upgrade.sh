@@ -30,9 +30,10 @@
 # command is running.
 # Environment: EMBEDDING_HOME (the install, default /opt/embedding-service); LOCK_WAIT_S (seconds to wait
 # for another ops command's lock, default 0: refuse); STOP_TIMEOUT_S (SIGKILL after, default 150);
-# READY_TIMEOUT_S (wait for /ready, default 300); KEEP_VERSIONS (versions kept,
-# the current one included, default 5); EMBEDDING_PIP_ARGS (pip options, e.g. --no-deps for code only);
-# HANDOVER_RESERVE_BYTES (memory a handover leaves free for the rest of the host, default 0); NO_GAP=1 (as --no-gap).
+# READY_TIMEOUT_S (wait for /ready; default: the version's EMBEDDING_STARTUP_TIMEOUT_S, 600 unless set, plus
+# READY_MARGIN_S, 60); KEEP_VERSIONS (versions kept, the current one included, default 5); EMBEDDING_PIP_ARGS
+# (pip options, e.g. --no-deps for code only); HANDOVER_RESERVE_BYTES (memory a handover leaves free for the
+# rest of the host, default 0); NO_GAP=1 (as --no-gap).
 set -euo pipefail
 OPS_NAME=upgrade
 # shellcheck source=ops/lib.sh  # OPS_NAME above names this script in its log lines

@@ -232,10 +232,13 @@ def template(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Path])
     return inst.home
 
 
-@pytest.fixture
-def install(tmp_path: Path, template: Path, sources: dict[str, Path]) -> Iterator[Install]:
-    """Version 1.0.0 as versions/NAME and current (hard links to the template), started."""
-    home = tmp_path / "embedding-service"
+SLOW_START = {"PYTHONPATH": str(ROOT / "tests" / "slow_start"), "SLOW_START_S": "31"}
+"""Settings of a version whose model takes 31 s more to load (tests/slow_start/sitecustomize.py): longer than the
+30 s gunicorn's ASGI lifespan waits, beside whatever loading takes."""
+
+
+def started_install(home: Path, template: Path, sources: dict[str, Path], **settings: str) -> Install:
+    """Version 1.0.0 as versions/NAME and current (hard links to the template), with ``settings``, started."""
     subprocess.run(["cp", "-al", str(template), str(home)], check=True)
     (home / "logs" / "ops.log").unlink()  # hard links: unlinked, never written through
     shutil.rmtree(home / "run")
@@ -243,11 +246,27 @@ def install(tmp_path: Path, template: Path, sources: dict[str, Path]) -> Iterato
     own_shebangs(version / "venv", str(template / "versions" / version.name / "venv"))
     inst = Install(home, free_port(), sources)
     (version / "service.env").unlink()
-    shutil.copy(inst.config(), version / "service.env")
+    shutil.copy(inst.config(**settings), version / "service.env")
     started = inst.ops("service.sh", "start")
     assert started.returncode == 0, started.stderr
+    return inst
+
+
+@pytest.fixture
+def install(tmp_path: Path, template: Path, sources: dict[str, Path]) -> Iterator[Install]:
+    """Version 1.0.0, started."""
+    inst = started_install(tmp_path / "embedding-service", template, sources)
     yield inst
     wait_until(inst.unlocked, 300, "the ops lock")  # a detached switch may still be finishing
+    inst.ops("service.sh", "stop")
+
+
+@pytest.fixture
+def slow_install(tmp_path: Path, template: Path, sources: dict[str, Path]) -> Iterator[Install]:
+    """Version 1.0.0, started, whose model (and every version's it is upgraded to) takes longer than 30 s to load."""
+    inst = started_install(tmp_path / "embedding-service", template, sources, **SLOW_START)
+    yield inst
+    wait_until(inst.unlocked, 300, "the ops lock")
     inst.ops("service.sh", "stop")
 
 
@@ -368,11 +387,19 @@ def handover_seconds(log: str) -> float:
     return at("stopped pid") - at("beside pid")
 
 
-def test_an_upgrade_a_rollback_and_a_restart_under_load_refuse_no_client(install: Install) -> None:
-    """16 clients send through an upgrade, a rollback and a restart: the new version takes the running one's
-    socket once its model is ready, so no connection is refused and every answer is a 200 with its vectors.
-    Then, without memory for a second process, a restart has a gap (with a warning) or, with --no-gap, is
-    refused and nothing stops."""
+def worker_of(master: int) -> int:
+    (worker,) = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return int(worker)
+
+
+def test_an_upgrade_a_rollback_and_a_restart_under_load_refuse_no_client(slow_install: Install) -> None:
+    """16 clients send through an upgrade, a rollback and a restart of versions whose model takes longer to load
+    than the 30 s gunicorn's lifespan allows: the new version takes the running one's socket once its model is
+    ready, so no connection is refused and every answer is a 200 with its vectors. A worker killed after a
+    handover (as the OOM killer would) is started again by the same master and serves: while it loads, clients
+    get 503 with Retry-After. Then, without memory for a second process, a restart has a gap (with a warning)
+    or, with --no-gap, is refused and nothing stops."""
+    install = slow_install
     with Clients(install.url) as clients:
         clients.wait_answers(20)
         asked = install.ops("upgrade.sh", "--active-minutes", "5", "--source", str(install.sources[NEW]))
@@ -401,6 +428,25 @@ def test_an_upgrade_a_rollback_and_a_restart_under_load_refuse_no_client(install
             )
             assert answers and not failed, failed[:5]
         assert install.version() == OLD and install.current() == old
+        service_log = (install.home / "logs" / "service.log").read_text()
+        assert "Lifespan startup timed out" not in service_log and service_log.count('"worker.accepting"') == 3
+
+        (master,) = gunicorn_masters(install.home)
+        killed = worker_of(master)
+        first = len(clients.answers)
+        os.kill(killed, signal.SIGKILL)
+        wait_until(lambda: worker_of(master) != killed, 30, "gunicorn to start another worker")
+        wait_until(install.serving, 300, "the new worker to serve")
+        clients.wait_answers(len(clients.answers) + 40)
+        answers = clients.answers[first:]
+        assert gunicorn_masters(install.home) == [master] and install.embeds()
+        loading = [a for a in errors(answers) if a.startswith("503 ") and "model is loading" in a]
+        print(f"\nworker killed: {len(answers)} answers, {len(loading)} 503 while its successor loaded")
+        assert loading  # it answered at once, and said why
+        # What the killed worker had accepted is lost (its connections reset); everything else is a 200 or a 503.
+        lost = [a for a in errors(answers) if a not in loading]
+        assert all("Connection" in a for a in lost) and len(lost) <= 16, lost[:5]
+        assert answers[-20:] == [200] * 20
     assert len([line for line in install.log().splitlines() if "handed over" in line]) == 3
 
     masters = gunicorn_masters(install.home)

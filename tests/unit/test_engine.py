@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from app.engine import Engine, EngineCrashed, Job, plan_batches
+from app.backend import ModelInfo
+from app.engine import Engine, EngineCrashed, Job, StartupTimedOut, plan_batches
 from app.errors import ClientClosed, QueueFull, ServiceError, TooSlow, Unavailable, Unprocessable
 from app.metrics import Metrics
 from tests.doubles import FakeBackend
@@ -300,6 +301,47 @@ def test_a_model_that_does_not_load_fails_the_engine_and_reports_it() -> None:
     assert [str(e) for e in reported] == ["no such model"]
     with pytest.raises(Unavailable, match="model failed to load: no such model"):
         engine.submit(["x"])
+
+
+class SlowToLoad(FakeBackend):
+    """A model whose load takes ``load_s``."""
+
+    def __init__(self, load_s: float) -> None:
+        super().__init__()
+        self.load_s = load_s
+
+    def load(self) -> ModelInfo:
+        time.sleep(self.load_s)
+        return super().load()
+
+
+@pytest.mark.parametrize(("load_s", "fails"), [(0.1, False), (0.6, True)])
+def test_a_model_not_ready_within_the_start_up_timeout_fails_the_start(load_s: float, fails: bool) -> None:
+    """EMBEDDING_STARTUP_TIMEOUT_S (here 0.3 s): a load within it serves and leaves no deadline behind; one past it
+    fails the start with the setting named (the worker then exits with code 3), and its late end never makes it
+    ready."""
+    reported: list[BaseException] = []
+    engine = Engine(
+        SlowToLoad(load_s),
+        batch_size=4,
+        queue_size=8,
+        metrics=Metrics(),
+        rss_sampler=lambda: 0,
+        on_fatal=reported.append,
+        startup_timeout_s=0.3,
+    )
+    engine.start()
+    time.sleep(load_s + 0.4)
+    assert engine.state == ("failed" if fails else "ready")
+    assert [type(e) for e in reported] == ([StartupTimedOut] if fails else [])
+    if fails:
+        assert "not ready within 0.3 s" in str(reported[0]) and "EMBEDDING_STARTUP_TIMEOUT_S" in str(reported[0])
+        with pytest.raises(Unavailable, match=r"model failed to load: the model was not ready within 0\.3 s"):
+            engine.submit(["x"])
+    else:
+        assert engine.submit(["x"]).wait(5).embeddings.shape == (1, 8)
+    assert not [t for t in threading.enumerate() if t.name == "startup-deadline"]
+    engine.stop(5)
 
 
 def test_a_timed_out_request_is_skipped_by_the_engine_and_its_wait_counted(backend: FakeBackend) -> None:

@@ -5,6 +5,8 @@ The whole handover (two gunicorn versions, 16 clients, no refused connection) is
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from app.handover import Offer, inherited_listeners, offer_path, take
+from app.handover import Offer, Served, inherited_listeners, offer_path, take
+from app.server import AcceptOnceReady
 
 LOG = logging.getLogger("test.handover")
 
@@ -59,3 +62,63 @@ def test_sockets_are_inherited_only_when_meant_for_this_process(monkeypatch: pyt
     assert inherited_listeners() == 0
     monkeypatch.delenv("LISTEN_PID")
     assert inherited_listeners() == 0
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("then", ["ready", "failed"])
+def test_a_held_worker_accepts_nothing_until_its_model_is_ready(listener: socket.socket, then: str) -> None:
+    """The listeners of a worker on an inherited socket: a client's connection waits in the shared accept queue,
+    unanswered, while the model loads (past gunicorn's 30 s lifespan limit, on a slow start: nothing here is timed
+    by gunicorn), is accepted and answered once it is ready, and is never accepted by a worker whose load failed
+    (it exits, and the version it was to replace answers)."""
+    state = ["loading"]
+    accepting: list[bool] = []
+    answers: list[bytes] = []
+
+    async def run() -> bool:
+        loop = asyncio.get_running_loop()
+        gate = AcceptOnceReady(loop.create_server, lambda: state[0], lambda: accepting.append(True))
+        server = await gate.create_server(Echo, sock=listener)
+        held = asyncio.create_task(gate.accept_when_ready())
+        client = socket.create_connection(listener.getsockname())  # the kernel completes the handshake
+        client.settimeout(0.5)
+        client.sendall(b"ping")
+        await asyncio.sleep(0.5)
+        with pytest.raises(TimeoutError):
+            await loop.run_in_executor(None, client.recv, 4)  # nobody accepted it
+        assert not held.done() and not accepting
+        state[0] = then
+        accepted = await asyncio.wait_for(held, 2)
+        client.settimeout(2 if accepted else 0.5)
+        with contextlib.suppress(TimeoutError):
+            answers.append(await loop.run_in_executor(None, client.recv, 4))
+        client.close()
+        server.close()
+        return accepted
+
+    accepted = asyncio.run(run())
+    assert accepted == (then == "ready")
+    assert answers == ([b"ping"] if then == "ready" else [])
+    assert accepting == ([True] if then == "ready" else [])
+
+
+def test_once_a_worker_served_the_next_one_gunicorn_starts_is_not_held() -> None:
+    """The flag the master's workers share: set by the first worker that accepts, seen by every worker forked after
+    it (a crash's replacement answers at once, 503 while it loads, instead of leaving clients unanswered)."""
+    served = Served()
+    assert not served.is_set()
+    pid = os.fork()
+    if pid == 0:  # the first worker: it served
+        served.set()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert served.is_set()
+    seen = Served()
+    assert not seen.is_set()  # another master's flag

@@ -261,6 +261,14 @@ def pod_problems(objects: Objects) -> list[str]:
         get = main.get(name, {}).get("httpGet", {})
         if get.get("path") != path or path not in routes or get.get("port") not in ports:
             found.append(f"{name} is not GET {path} on a container port: {get}")
+    startup = main.get("startupProbe", {})
+    budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+    if startup.get("failureThreshold") != settings.startup_timeout_s or budget < 2 * settings.startup_timeout_s:
+        found.append(
+            f"the startup probe's budget ({startup.get('failureThreshold')} x {startup.get('periodSeconds')} s) is not "
+            f"from EMBEDDING_STARTUP_TIMEOUT_S={settings.startup_timeout_s:g} (components/startup-budget): the kubelet "
+            "would restart a pod the service still lets load, or wait for one it has given up on"
+        )
     pre_stop = main.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
     pause = int(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0
     drain = max(30, int(settings.request_timeout_s))  # gunicorn's graceful_timeout (app/gunicorn_conf.py)
@@ -477,6 +485,8 @@ def pods_metric(o: Objects) -> dict[str, Any]:
 
 BROKEN: list[tuple[str, Callable[[Objects], None]]] = [
     ("GET /live", lambda o: probe(o, "livenessProbe").update(path="/health")),
+    ("startup probe's budget", lambda o: container(o)["startupProbe"].update(failureThreshold=60)),
+    ("startup probe's budget", lambda o: container(o)["startupProbe"].update(periodSeconds=1)),
     ("GET /health", lambda o: probe(o, "readinessProbe").update(path="/ready")),
     ("grace period", lambda o: pod_spec(o).update(terminationGracePeriodSeconds=60)),
     ("no room above", lambda o: container(o)["resources"]["limits"].update(memory="2Gi")),
@@ -537,6 +547,34 @@ def test_each_invariant_rejects_a_broken_copy(expected: str, break_it: Callable[
     broken = copy.deepcopy(render(EXAMPLE))
     break_it(broken)
     assert any(expected in problem for problem in problems(broken)), problems(broken)
+
+
+def start_period_s(healthcheck: str) -> float:
+    """The ``--start-period`` of a Dockerfile's HEALTHCHECK, in seconds."""
+    match = re.search(r"--start-period=(\d+)(h|m|s)\b", healthcheck)
+    assert match is not None, healthcheck
+    return int(match.group(1)) * {"h": 3600, "m": 60, "s": 1}[match.group(2)]
+
+
+def test_the_images_health_check_leaves_the_start_up_limit_to_the_service() -> None:
+    """Docker counts no failure in the start period until the first success: a start period shorter than what
+    EMBEDDING_STARTUP_TIMEOUT_S allows would call a model still loading unhealthy. The limit is the service's own
+    (it exits past it), so the start period is longer than any the settings here allow."""
+    (healthcheck,) = re.findall(r"^HEALTHCHECK ((?:.*\\\n)*.*)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert "/ready" in healthcheck
+    allowed = max(Settings().startup_timeout_s, settings_of(render(EXAMPLE))[0].startup_timeout_s)
+    assert start_period_s(healthcheck) >= 10 * allowed
+    assert start_period_s("--interval=15s --start-period=180s --retries=3") < 10 * allowed  # the image before
+
+
+@pytest.mark.parametrize("overlay", [(), ("model-download",)])
+def test_the_startup_probes_budget_follows_the_setting_an_overlay_gives(overlay: tuple[str, ...]) -> None:
+    """EMBEDDING_STARTUP_TIMEOUT_S is written once, in the settings: an overlay that merges another value gets the
+    probe's budget from it."""
+    objects = compose(overlay, {"EMBEDDING_STARTUP_TIMEOUT_S": "1800"})
+    assert container(objects)["startupProbe"]["failureThreshold"] == 1800
+    assert settings_of(objects)[0].startup_timeout_s == 1800
+    assert pod_problems(objects) == []
 
 
 @functools.cache
