@@ -236,6 +236,8 @@ def info() -> Response:
         dtype_reason=model.dtype_reason,
         backend=model.backend,  # type: ignore[arg-type]  # ModelInfo names one of the two
         backend_reason=model.backend_reason,
+        calibration=model.calibration,  # type: ignore[arg-type]  # ModelInfo names one of the two
+        calibrated_at=model.calibrated_at,
         input_types=[kind for kind in get_args(InputType) if kind in model.prompts],
         prompts=dict(model.prompts),
         batch_size=settings.batch_size,

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import numpy as np
 
 from app.allocator import drop_file_pages
+from app.calibration import PROBE_AGREEMENT, Calibration, CalibrationStore, calibration_key
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -110,6 +111,14 @@ class ModelInfo:
     """The measurement behind ``batch_overhead_tokens``, in words."""
     revision: str | None = None
     """The model's commit on the hub where it came from the hub's cache (TEI's ``model_sha``); None otherwise."""
+    calibration: str = "measured"
+    """``measured`` at this start, or ``cached``: what an earlier start measured, read back (:mod:`app.calibration`)
+    and checked with one probe batch."""
+    calibrated_at: str = ""
+    """When the dtype, runtime and batch cost were measured (UTC, ISO 8601)."""
+    calibration_note: str = ""
+    """What became of the calibration at this start, in words (read, kept, not kept and why, measured again and
+    why)."""
 
     def prefix_for(self, input_type: str | None) -> str:
         """The text prefix the model expects for an input type ("" when none)."""
@@ -355,19 +364,26 @@ class SentenceTransformerBackend(EmbeddingBackend):
         self._requested_backend = backend
         self._cache_dir = cache_dir
         self._torch_threads = torch_threads
+        self._reset()
+
+    def _reset(self) -> None:
+        """Nothing loaded, nothing measured."""
         self._model: Any = None
         self._counter: Any = None
         self._dtype = "float32"
         self._openvino: OpenVINOForward | None = None  # set when the forward pass runs in OpenVINO
         self._traced: TracedForward | None = None  # set when torch's forward pass runs as a recorded graph
         self._held: str | None = None  # what holding the linear layers' weights at the dtype found, once tried
+        self._holding = False  # the linear layers' weights are held at the dtype
         self._trace_note: str | None = None  # what recording it found, once tried
         self._reference: np.ndarray | None = None  # the fidelity probe in torch at float32, once computed
         self._reduced: np.ndarray | None = None  # the fidelity probe in torch at the reduced dtype it keeps
+        self._converted = ""  # how a kept calibration's OpenVINO model was had at this start (read, or converted)
 
     def load(self) -> ModelInfo:
+        """Load the model, then decide how to run it: as an earlier start on this machine measured
+        (:mod:`app.calibration`, checked with one probe batch), or by measuring it now (and keeping that)."""
         import torch
-        from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # progress bars are noise in JSON logs
@@ -375,6 +391,54 @@ class SentenceTransformerBackend(EmbeddingBackend):
         device = pick_device(self._requested_device)
         if device == "cpu":
             torch.set_num_threads(self._torch_threads or usable_cpus())
+        model = self._read_model(source, device)
+        dimensions: int | None = model.get_embedding_dimension()
+        if dimensions is None or dimensions < 1:
+            raise ModelLoadError(f"model {self._name!r} does not report its embedding dimension")
+        max_seq_length: int | None = model.max_seq_length
+        if max_seq_length is None or max_seq_length < 1:
+            raise ModelLoadError(f"model {self._name!r} does not report its maximum sequence length")
+        store = self._calibration_store(source, device)
+        kept, said = store.read() if store else (None, "not kept: the model has no files or hub commit to key it by")
+        if kept is not None:
+            moved = self._apply(kept, source)
+            if moved is not None:  # as if nothing had been kept: the model as loaded, measured from nothing
+                kept, said = None, f"measured again: {moved}"
+                self._reset()
+                model = self._read_model(source, device)
+        calibration = kept or self._measure(source, device)
+        if kept is None and store is not None:
+            said = f"{said}; {store.write(calibration)}"
+        weights = self.weight_bytes()
+        if self._openvino is not None:
+            self._let_torch_weights_go()
+        return ModelInfo(
+            model_id=source.model_id,
+            dimensions=dimensions,
+            max_seq_length=max_seq_length,
+            device=device,
+            prompts=self._prompts(model, source.model_id),
+            dtype=calibration.dtype,
+            dtype_reason=calibration.dtype_reason,
+            backend=calibration.backend,
+            backend_reason=calibration.backend_reason
+            + (f"; at this start: {self._converted}" if kept is not None and self._converted else ""),
+            pooling=self._pooling(model),
+            weight_bytes=weights,
+            special_tokens=int(self._counter.num_special_tokens_to_add(pair=False)),
+            shape=self._shape(model),
+            batch_overhead_tokens=calibration.batch_overhead_tokens,
+            batch_cost=calibration.batch_cost,
+            revision=model_revision(source),
+            calibration="measured" if kept is None else "cached",
+            calibrated_at=calibration.measured_at_text(),
+            calibration_note=said,
+        )
+
+    def _read_model(self, source: ModelSource, device: str) -> Any:
+        """The model from its files, every weight read once, with the tokenizer copy request threads use."""
+        from sentence_transformers import SentenceTransformer
+
         try:
             model = SentenceTransformer(source.location, device=device)
         except Exception as exc:  # sentence-transformers raises many types; all mean "not loadable"
@@ -387,39 +451,78 @@ class SentenceTransformerBackend(EmbeddingBackend):
         self._model = model
         self._counter = copy.deepcopy(model.tokenizer)
         self.token_spans(["settles the copy's configuration before request threads share it"])
-        dimensions: int | None = model.get_embedding_dimension()
-        if dimensions is None or dimensions < 1:
-            raise ModelLoadError(f"model {self._name!r} does not report its embedding dimension")
-        max_seq_length: int | None = model.max_seq_length
-        if max_seq_length is None or max_seq_length < 1:
-            raise ModelLoadError(f"model {self._name!r} does not report its maximum sequence length")
+        return model
+
+    def _calibration_store(self, source: ModelSource, device: str) -> CalibrationStore | None:
+        """Where this model's calibration on this machine, with these settings, is kept; None where the model has
+        nothing to key it by (a hub id whose commit is not known)."""
+        import torch
+
+        from app.allocator import active
+
+        identity = model_identity(source, self._name)
+        if identity is None:
+            return None
+        choices = {
+            "device": device,
+            "accelerator": torch.cuda.get_device_name() if device == "cuda" else "",
+            "dtype": self._requested_dtype,
+            "backend": self._requested_backend,
+            "threads": torch.get_num_threads(),
+            "allocator": active(),
+        }
+        key, inputs = calibration_key(identity, choices)
+        return CalibrationStore(cache_root(self._cache_dir) / "calibration", key, inputs)
+
+    def _measure(self, source: ModelSource, device: str) -> Calibration:
+        """Measure how to run the model here: its dtype, its runtime, the weights held in the dtype, the recorded
+        graph, the batch planner's cost; the probe's vectors as that configuration computes them."""
         dtype, reason = self._choose_dtype(device)
         backend, backend_reason = self._choose_backend(source, device, dtype)
         if self._openvino is None:
             reason += self._hold_linear_weights()
             backend_reason += f"; {self._trace()}"
         overhead, cost = self._batch_overhead()
-        weights = self.weight_bytes()
-        if self._openvino is not None:
-            self._let_torch_weights_go()
-        return ModelInfo(
-            model_id=source.model_id,
-            dimensions=dimensions,
-            max_seq_length=max_seq_length,
-            device=device,
-            prompts=self._prompts(model, source.model_id),
+        return Calibration(
             dtype=dtype,
             dtype_reason=reason,
+            hold_linear=self._holding and self._openvino is None,
             backend=backend,
             backend_reason=backend_reason,
-            pooling=self._pooling(model),
-            weight_bytes=weights,
-            special_tokens=int(self._counter.num_special_tokens_to_add(pair=False)),
-            shape=self._shape(model),
+            traced=self._traced is not None,
             batch_overhead_tokens=overhead,
             batch_cost=cost,
-            revision=model_revision(source),
+            probe=self._probe(),
+            measured_at=time.time(),
         )
+
+    def _apply(self, kept: Calibration, source: ModelSource) -> str | None:
+        """Run the model as ``kept`` says, without measuring; then the probe once: None when its vectors are
+        those kept, else why not (and the caller measures again)."""
+        self._dtype = kept.dtype
+        try:
+            if kept.backend == "openvino":
+                example = self.prepare(list(FIDELITY_PROBE))
+                key = cache_key(source, self._name)
+                self._openvino, self._converted = OpenVINOForward.build(
+                    self._model, example, kept.dtype, key=key, cache_dir=self._cache_dir
+                )
+            else:
+                if kept.hold_linear:
+                    self._hold_linear_weights(check=False)
+                if kept.traced:
+                    self._trace(verify=False)
+                    if self._traced is None:
+                        return f"the forward graph cannot be recorded now: {self._trace_note}"
+            probe = self._probe()
+        except Exception as exc:  # noqa: BLE001  (whatever fails here, measuring from nothing decides)
+            return f"the kept configuration cannot run now ({type(exc).__name__}: {exc})"
+        if probe.shape != kept.probe.shape:
+            return f"the start-up probe's vectors have shape {probe.shape}, not the {kept.probe.shape} kept"
+        worst = float(cosines(kept.probe, probe).min())
+        if worst < PROBE_AGREEMENT:
+            return f"the start-up probe's vectors are not those kept (min cosine {worst:.6f} < {PROBE_AGREEMENT})"
+        return None
 
     def _choose_dtype(self, device: str, flags: set[str] | None = None) -> tuple[str, str]:
         """:func:`pick_dtype`, then the fidelity probe: ``auto`` never keeps a dtype that fails it."""
@@ -497,18 +600,19 @@ class SentenceTransformerBackend(EmbeddingBackend):
         self._openvino, self._traced = forward, None
         return "openvino", f"auto: openvino ran at {speed} ({said})"
 
-    def _hold_linear_weights(self) -> str:
+    def _hold_linear_weights(self, *, check: bool = True) -> str:
         """Under autocast the linear layers compute in the dtype, and every forward pass casts each one's float32
         weights to it again: 21 MB for all-MiniLM-L6-v2, about half a small batch's time on a CPU with AMX
         (a one-text batch 5.4 -> 2.8 ms, bfloat16). The weights are cast once here instead, kept only where
         the fidelity probe's vectors come out bit for bit the same (autocast casts them to the same values);
-        what was done, in words, for ``dtype_reason`` (once)."""
+        what was done, in words, for ``dtype_reason`` (once). Without ``check`` (a calibration kept says they
+        gave the same vectors here) they are held without the probe."""
         import torch
 
         if self._held is not None:
             return self._held
         self._held = ""
-        if self._reduced is None or self._model.device.type != "cpu":  # float32, or not on the CPU
+        if self._dtype == "float32" or self._model.device.type != "cpu":
             return self._held
         dtype = getattr(torch, self._dtype)
         linears = [m for m in self._model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype != dtype]
@@ -523,10 +627,12 @@ class SentenceTransformerBackend(EmbeddingBackend):
                     module.bias.data = bias
 
         assign([(w.to(dtype), None if b is None else b.to(dtype)) for w, b in originals])
-        differs: str | None
+        differs: str | None = None
         try:
-            worst = float(np.abs(self._probe() - self._reduced).max())
-            differs = f"the probe moved {worst:.3g}" if worst != 0.0 else None
+            if check:
+                assert self._reduced is not None, "the probe at the reduced dtype comes first (_choose_dtype)"
+                worst = float(np.abs(self._probe() - self._reduced).max())
+                differs = f"the probe moved {worst:.3g}" if worst != 0.0 else None
         except Exception as exc:  # noqa: BLE001  (a module that reads a weight outside autocast cannot run so)
             differs = f"the probe failed: {type(exc).__name__}: {exc}"
         if differs is not None:
@@ -541,11 +647,13 @@ class SentenceTransformerBackend(EmbeddingBackend):
             f"; linear weights held in {self._dtype} ({saved / 1e6:.0f} MB less, the probe's vectors unchanged;"
             f" {dropped / 1e6:.0f} MB of their float32 pages out of RSS)"
         )
+        self._holding = True
         return self._held
 
-    def _trace(self) -> str:
+    def _trace(self, *, verify: bool = True) -> str:
         """Record torch's forward pass as a graph (:class:`TracedForward`) where it gives the eager forward's
-        outputs on batches of other shapes than the one recorded; what was found, in words (once)."""
+        outputs on batches of other shapes than the one recorded; what was found, in words (once). Without
+        ``verify`` (a calibration kept says it did here) the recorded graph is used without that check."""
         if self._trace_note is not None:
             return self._trace_note
         device = self._model.device.type
@@ -559,7 +667,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
             self._trace_note = f"eager forward (recording its graph failed: {type(exc).__name__}: {exc})"
             return self._trace_note
         long_text = " ".join(["check"] * self._model.max_seq_length)
-        checks = [[text] for text in (*FIDELITY_PROBE, long_text)] + [list(FIDELITY_PROBE)]
+        checks = [[text] for text in (*FIDELITY_PROBE, long_text)] + [list(FIDELITY_PROBE)] if verify else []
         for texts in checks:
             prepared = self.prepare(texts)
             eager = self.encode(prepared)
@@ -568,7 +676,8 @@ class SentenceTransformerBackend(EmbeddingBackend):
                 self._trace_note = f"eager forward (the recorded graph {differs} on a batch of {len(texts)} texts)"
                 return self._trace_note
         self._traced = traced
-        self._trace_note = f"recorded forward graph (the eager forward's outputs on {len(checks)} other batches)"
+        checked = f"the eager forward's outputs on {len(checks)} other batches" if verify else "checked when calibrated"
+        self._trace_note = f"recorded forward graph ({checked})"
         return self._trace_note
 
     def _batch_overhead(self) -> tuple[int, str]:
@@ -779,23 +888,28 @@ OPENVINO_RUNTIME_CACHE = 300
 failed. 0 kept it flat at 139 texts/s; 300 kept it within the verdict's bounds (peak 937 MB from 830) at 148."""
 
 
+def model_identity(source: ModelSource, name: str) -> Any:
+    """What identifies a model's files: their names, sizes and times in its directory, or its hub commit; None
+    where neither is known."""
+    location = Path(source.location)
+    if location.is_dir():
+        files = [(f, f.stat()) for f in location.rglob("*") if f.is_file()]
+        return sorted((str(f.relative_to(location)), st.st_size, st.st_mtime_ns) for f, st in files)
+    revision = model_revision(source)
+    return None if revision is None else [name, revision]
+
+
 def cache_key(source: ModelSource, name: str) -> str | None:
-    """What identifies a model's converted copy: its files (names, sizes, times) or its hub commit, and the
+    """What identifies a model's converted copy: its files or its hub commit (:func:`model_identity`), and the
     versions of the runtimes that converted it; None where neither is known."""
     import openvino
     import sentence_transformers
     import torch
     import transformers
 
-    location = Path(source.location)
-    if location.is_dir():
-        files = [(f, f.stat()) for f in location.rglob("*") if f.is_file()]
-        identity: Any = sorted((str(f.relative_to(location)), st.st_size, st.st_mtime_ns) for f, st in files)
-    else:
-        revision = model_revision(source)
-        if revision is None:
-            return None
-        identity = [name, revision]
+    identity = model_identity(source, name)
+    if identity is None:
+        return None
     versions = [openvino.__version__, torch.__version__, transformers.__version__, sentence_transformers.__version__]
     digest = hashlib.sha256(json.dumps([identity, versions]).encode()).hexdigest()
     return f"{source.model_id.replace('/', '--')}-{digest[:16]}"
@@ -803,6 +917,11 @@ def cache_key(source: ModelSource, name: str) -> str | None:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embedding-service"
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    """``EMBEDDING_CACHE_DIR``, else :func:`default_cache_dir`: converted models and calibrations."""
+    return Path(cache_dir) if cache_dir else default_cache_dir()
 
 
 TRACE_TOLERANCE = 1e-5
@@ -909,8 +1028,7 @@ class OpenVINOForward:
         import torch
 
         inputs = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in example.features]
-        where = Path(cache_dir) if cache_dir else default_cache_dir()
-        cached = where / "openvino" / key / "model.xml" if key else None
+        cached = cache_root(cache_dir) / "openvino" / key / "model.xml" if key else None
         core = openvino.Core()
         started = time.perf_counter()
         if cached is not None and cached.exists():

@@ -190,6 +190,7 @@ def _load_and_embed(settings: Settings) -> dict[str, Any]:
         "dtype_reason": info.dtype_reason,
         "backend": info.backend,
         "backend_reason": info.backend_reason,
+        "calibration": f"{info.calibration} (measured {info.calibrated_at}; {info.calibration_note})",
         "load_s": round(loaded - started, 2),
         "embed_s": round(time.perf_counter() - loaded, 3),
     }

@@ -760,6 +760,12 @@ class InfoResponse(_Answer):
     dtype_reason: str = Field(description="Why that dtype: the setting, or what auto found on this hardware.")
     backend: Literal["torch", "openvino"] = Field(description="The runtime the forward pass runs in.")
     backend_reason: str = Field(description="Why that runtime: the setting, or what auto measured at start.")
+    calibration: Literal["measured", "cached"] = Field(
+        description="measured: the dtype, runtime and batch cost were measured at this start; cached: read from what "
+        "an earlier start of the same model measured on this machine, with the same libraries and settings, and "
+        "checked with one probe batch."
+    )
+    calibrated_at: str = Field(description="When they were measured (UTC, ISO 8601).")
     input_types: list[InputType]
     prompts: dict[str, str] = Field(description="The model's prompts: the prompt_name values /embed takes.")
     batch_size: int

@@ -127,6 +127,10 @@ def test_info_reports_model_limits_and_version(service: ServiceProcess) -> None:
     expected, why = pick_dtype("auto", "cpu")  # what EMBEDDING_DTYPE=auto finds on this machine's CPU
     assert (info["dtype"], info["dtype_reason"].split(";")[0]) == (expected, why)
     assert info["backend"] == "torch" and "; recorded forward graph (" in info["backend_reason"]
+    # What was measured, and when: at this start, or read from what an earlier start of the session measured.
+    (loaded,) = service.events("model.loaded")
+    assert (info["calibration"], info["calibrated_at"]) == (loaded["calibration"], loaded["calibrated_at"])
+    assert info["calibration"] in ("measured", "cached") and info["calibrated_at"].endswith("Z")
     labels = {"model": "sentence-transformers/all-MiniLM-L6-v2", "device": "cpu", "dtype": expected}
     assert service.metric("embedding_model_info", **labels) == 1
 

@@ -110,8 +110,9 @@ def test_auto_picks_by_what_it_measured_and_jemalloc_keeps_torch(tmp_path: Path)
     assert "cannot run beside jemalloc" in kept["backend_reason"]
 
 
-def torch_backend(dtype: str) -> tuple[SentenceTransformerBackend, str]:
-    backend = SentenceTransformerBackend(BUNDLED_MODEL, "cpu", dtype=dtype, backend="torch")
+def torch_backend(dtype: str, cache: Path) -> tuple[SentenceTransformerBackend, str]:
+    """The bundled model on torch at ``dtype``, measured at its start (``cache``: an empty directory)."""
+    backend = SentenceTransformerBackend(BUNDLED_MODEL, "cpu", dtype=dtype, backend="torch", cache_dir=str(cache))
     return backend, backend.load().backend_reason
 
 
@@ -126,11 +127,11 @@ def outputs(backend: SentenceTransformerBackend, batches: list[list[str]]) -> li
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_torch_serves_a_recorded_graph_that_gives_the_eager_forwards_vectors(dtype: str) -> None:
+def test_torch_serves_a_recorded_graph_that_gives_the_eager_forwards_vectors(dtype: str, tmp_path: Path) -> None:
     """torch's forward pass runs as a recorded graph (no Python between its operations, no GIL): on batches of
     every shape the engine makes (one text to 32, short to the longest), the same vectors as the eager forward,
     to the last bit measured, and the graph is what computed them."""
-    backend, reason = torch_backend(dtype)
+    backend, reason = torch_backend(dtype, tmp_path)
     assert "recorded forward graph" in reason
     graph = backend._traced
     assert graph is not None
@@ -149,7 +150,9 @@ def test_torch_serves_a_recorded_graph_that_gives_the_eager_forwards_vectors(dty
         assert np.abs(tokens - eager_tokens).max() <= TRACE_TOLERANCE
 
 
-def test_a_graph_that_does_not_hold_for_other_shapes_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_graph_that_does_not_hold_for_other_shapes_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """The tracer's hazard: a shape read as a Python number becomes a constant of the graph. Recorded through a
     module that cuts every batch to the recorded batch's length, the graph gives other token vectors on longer
     batches: the start-up comparison finds it and the eager forward serves, with the reason said."""
@@ -169,7 +172,7 @@ def test_a_graph_that_does_not_hold_for_other_shapes_is_not_used(monkeypatch: py
         return record(CutToRecordedLength(model, int(example.features["input_ids"].shape[1])), example, dtype)
 
     monkeypatch.setattr(TracedForward, "record", baked)
-    backend, reason = torch_backend("float32")
+    backend, reason = torch_backend("float32", tmp_path)
     print(f"\n{reason}")
     assert backend._traced is None
     assert "eager forward (the recorded graph gave " in reason
@@ -186,16 +189,20 @@ def linear_weight_dtypes(backend: SentenceTransformerBackend) -> set[str]:
     return {str(m.weight.dtype) for m in backend._model.modules() if isinstance(m, torch.nn.Linear)}
 
 
-def test_linear_weights_are_held_in_bfloat16_where_the_vectors_stay_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_linear_weights_are_held_in_bfloat16_where_the_vectors_stay_the_same(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """At bfloat16 the linear layers' weights are cast once at start instead of at every forward pass: the same
     vectors to the bit, on batches of every shape, with less memory for the weights."""
     texts = [d.text for d in sample(build_corpus(), 40, seed=8)]
     batches = [texts[:1], texts[1:8], texts[8:40], [" ".join(["long"] * 400)]]
-    held = SentenceTransformerBackend(BUNDLED_MODEL, "cpu", dtype="bfloat16", backend="torch")
+    held = SentenceTransformerBackend(BUNDLED_MODEL, "cpu", dtype="bfloat16", backend="torch", cache_dir=str(tmp_path))
     said = held.load()
     print(f"\n{said.dtype_reason}")
-    monkeypatch.setattr(SentenceTransformerBackend, "_hold_linear_weights", lambda self: "")
-    cast = SentenceTransformerBackend(BUNDLED_MODEL, "cpu", dtype="bfloat16", backend="torch")
+    monkeypatch.setattr(SentenceTransformerBackend, "_hold_linear_weights", lambda self, check=True: "")
+    cast = SentenceTransformerBackend(
+        BUNDLED_MODEL, "cpu", dtype="bfloat16", backend="torch", cache_dir=str(tmp_path / "cast")
+    )
     cast.load()
     assert linear_weight_dtypes(held) == {"torch.bfloat16"} and linear_weight_dtypes(cast) == {"torch.float32"}
     assert "linear weights held in bfloat16" in said.dtype_reason
@@ -213,7 +220,7 @@ def test_linear_weights_are_held_in_bfloat16_where_the_vectors_stay_the_same(mon
 
 @pytest.mark.parametrize(("upcast", "said"), [(True, "the probe moved"), (False, "the probe failed: RuntimeError")])
 def test_linear_weights_stay_float32_where_holding_them_would_move_the_vectors(
-    monkeypatch: pytest.MonkeyPatch, upcast: bool, said: str
+    monkeypatch: pytest.MonkeyPatch, upcast: bool, said: str, tmp_path: Path
 ) -> None:
     """A model with a linear layer that computes in float32 outside autocast (a custom module's head, say):
     holding its weight in bfloat16 would round it (the probe's vectors move) or fail (float32 input, bfloat16
@@ -222,7 +229,7 @@ def test_linear_weights_stay_float32_where_holding_them_would_move_the_vectors(
 
     hold = SentenceTransformerBackend._hold_linear_weights
 
-    def with_a_float32_layer(self: SentenceTransformerBackend) -> str:
+    def with_a_float32_layer(self: SentenceTransformerBackend, check: bool = True) -> str:
         layer = next(m for m in self._model.modules() if isinstance(m, torch.nn.Linear))
 
         def outside_autocast(x: torch.Tensor) -> torch.Tensor:
@@ -232,10 +239,12 @@ def test_linear_weights_stay_float32_where_holding_them_would_move_the_vectors(
                 return torch.nn.functional.linear(x.float(), layer.weight, layer.bias)
 
         layer.forward = outside_autocast  # type: ignore[method-assign]
-        return hold(self)
+        return hold(self, check=check)
 
     monkeypatch.setattr(SentenceTransformerBackend, "_hold_linear_weights", with_a_float32_layer)
-    backend = SentenceTransformerBackend(BUNDLED_MODEL, "cpu", dtype="bfloat16", backend="torch")
+    backend = SentenceTransformerBackend(
+        BUNDLED_MODEL, "cpu", dtype="bfloat16", backend="torch", cache_dir=str(tmp_path)
+    )
     reason = backend.load().dtype_reason
     print(f"\n{reason}")
     assert f"linear weights cast at every pass (held in bfloat16, {said}" in reason
