@@ -19,7 +19,7 @@ LOAD_USERS ?= 6
 REHEARSAL_S ?= 120
 
 .PHONY: help install system-deps run lint typecheck hadolint alerts rules unit integration e2e test bench loadtest largest \
-	loadtest-compare throughput dashboard deploy clean jemalloc unit-newest lock-check fidelity rehearsal readme
+	loadtest-compare throughput startup dashboard deploy clean jemalloc unit-newest lock-check fidelity rehearsal readme
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -153,6 +153,9 @@ loadtest-compare: $(STAMP)  ## the same load under policies off, legacy, smart; 
 
 rehearsal: $(STAMP) system-deps  ## two replicas behind haproxy, one over its memory limit: no request fails (REHEARSAL_S, default 120)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.rehearsal --seconds $(REHEARSAL_S) --out reports/rehearsal
+
+startup: $(STAMP)  ## start, handover and worker respawn times, quiet and under 8 clients, with the ops scripts (STARTUP_MODEL=DIR for another model; reports/startup)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.startup --model $${STARTUP_MODEL:-$(RUN_MODEL)} --out reports/startup
 
 throughput: $(STAMP)  ## texts/s of policies off and smart, side by side in interleaved rounds
 	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.throughput --policies off,smart

@@ -31,6 +31,7 @@ import requests
 
 from loadtest.clients import Clients, errors
 from loadtest.service import free_port
+from loadtest.startup import own_shebangs
 
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ROOT / "ops"
@@ -210,16 +211,6 @@ def first_layout(home: Path, port: int, sources: dict[str, Path]) -> Install:
     inst = Install(home, port, sources)
     shutil.copy(inst.config(), home / "service.env")
     return inst
-
-
-def own_shebangs(venv: Path, was: str) -> None:
-    """As if the venv had been made where it is: its scripts name its own python instead of ``was``'s."""
-    for script in (venv / "bin").iterdir():
-        if script.is_file() and not script.is_symlink() and script.read_bytes().startswith(f"#!{was}".encode()):
-            text = script.read_bytes().replace(was.encode(), str(venv).encode(), 1)
-            script.unlink()  # a new file: the hard-linked original belongs to the environment copied
-            script.write_bytes(text)
-            script.chmod(0o755)
 
 
 @pytest.fixture(scope="module")
