@@ -160,7 +160,7 @@ class Install:
     def serving(self) -> bool:
         try:
             return requests.get(f"{self.url}/ready", timeout=5).status_code == 200
-        except requests.ConnectionError:
+        except requests.RequestException:  # refused, or held unanswered
             return False
 
     def unlocked(self) -> bool:
