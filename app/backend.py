@@ -398,8 +398,8 @@ class SentenceTransformerBackend(EmbeddingBackend):
         max_seq_length: int | None = model.max_seq_length
         if max_seq_length is None or max_seq_length < 1:
             raise ModelLoadError(f"model {self._name!r} does not report its maximum sequence length")
-        store = self._calibration_store(source, device)
-        kept, said = store.read() if store else (None, "not kept: the model has no files or hub commit to key it by")
+        store, said = self._calibration_store(source, device)
+        kept, said = store.read() if store else (None, said)
         if kept is not None:
             moved = self._apply(kept, source)
             if moved is not None:  # as if nothing had been kept: the model as loaded, measured from nothing
@@ -453,16 +453,17 @@ class SentenceTransformerBackend(EmbeddingBackend):
         self.token_spans(["settles the copy's configuration before request threads share it"])
         return model
 
-    def _calibration_store(self, source: ModelSource, device: str) -> CalibrationStore | None:
-        """Where this model's calibration on this machine, with these settings, is kept; None where the model has
-        nothing to key it by (a hub id whose commit is not known)."""
+    def _calibration_store(self, source: ModelSource, device: str) -> tuple[CalibrationStore | None, str]:
+        """Where this model's calibration on this machine, with these settings, is kept; None, and why, where the
+        model has nothing to key it by (a hub id whose commit is not known) or there is no cache directory."""
         import torch
 
         from app.allocator import active
 
         identity = model_identity(source, self._name)
-        if identity is None:
-            return None
+        root = cache_root(self._cache_dir)
+        if identity is None or root is None:
+            return None, "not kept: " + (NO_CACHE_DIR if root is None else "the model has no files or hub commit")
         choices = {
             "device": device,
             "accelerator": torch.cuda.get_device_name() if device == "cuda" else "",
@@ -472,7 +473,7 @@ class SentenceTransformerBackend(EmbeddingBackend):
             "allocator": active(),
         }
         key, inputs = calibration_key(identity, choices)
-        return CalibrationStore(cache_root(self._cache_dir) / "calibration", key, inputs)
+        return CalibrationStore(root / "calibration", key, inputs), ""
 
     def _measure(self, source: ModelSource, device: str) -> Calibration:
         """Measure how to run the model here: its dtype, its runtime, the weights held in the dtype, the recorded
@@ -915,13 +916,21 @@ def cache_key(source: ModelSource, name: str) -> str | None:
     return f"{source.model_id.replace('/', '--')}-{digest[:16]}"
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embedding-service"
+NO_CACHE_DIR = "no cache directory (EMBEDDING_CACHE_DIR unset, and neither XDG_CACHE_HOME nor a home directory)"
 
 
-def cache_root(cache_dir: str | None) -> Path:
-    """``EMBEDDING_CACHE_DIR``, else :func:`default_cache_dir`: converted models and calibrations."""
-    return Path(cache_dir) if cache_dir else default_cache_dir()
+def cache_root(cache_dir: str | None) -> Path | None:
+    """Where converted models and calibrations are kept: ``EMBEDDING_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/embedding-service``, else ``~/.cache/embedding-service``; None for a user with no home (a
+    container's user may have no entry in the password database, and a sandbox no HOME)."""
+    if cache_dir:
+        return Path(cache_dir)
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "embedding-service"
+    try:
+        return Path.home() / ".cache" / "embedding-service"
+    except RuntimeError:  # "Could not determine home directory"
+        return None
 
 
 TRACE_TOLERANCE = 1e-5
@@ -1028,7 +1037,8 @@ class OpenVINOForward:
         import torch
 
         inputs = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in example.features]
-        cached = cache_root(cache_dir) / "openvino" / key / "model.xml" if key else None
+        root = cache_root(cache_dir)
+        cached = root / "openvino" / key / "model.xml" if key and root else None
         core = openvino.Core()
         started = time.perf_counter()
         if cached is not None and cached.exists():
@@ -1037,7 +1047,7 @@ class OpenVINOForward:
         else:
             converted = convert(model, example, inputs)
             how = f"converted in {time.perf_counter() - started:.1f} s"
-            how += _save(converted, cached)
+            how += _save(converted, cached) if root else f"; not cached: {NO_CACHE_DIR}"
             if cached is not None and cached.exists():  # compiled from the file, as a restart does: the converted
                 converted = core.read_model(cached)  # model's constants share torch's weights, which then go
         config = {

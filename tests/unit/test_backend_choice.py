@@ -10,7 +10,15 @@ from typing import cast
 import pytest
 
 from app.allocator import allocator_for
-from app.backend import ModelSource, OpenVINOForward, Prepared, SentenceTransformerBackend, cache_key
+from app.backend import (
+    NO_CACHE_DIR,
+    ModelSource,
+    OpenVINOForward,
+    Prepared,
+    SentenceTransformerBackend,
+    cache_key,
+    cache_root,
+)
 
 
 def test_openvino_starts_on_glibc_and_everything_else_as_asked() -> None:
@@ -104,3 +112,26 @@ class _Ids:
 
     def numel(self) -> int:
         return self.n
+
+
+def test_the_cache_is_where_the_settings_say_and_nowhere_for_a_user_without_a_home(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A container's user may have no entry in the password database and a sandbox no HOME (the pod's, rehearsed
+    in tests/e2e/test_pod_sandbox.py): the model still loads, measured, with nothing kept."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root(str(tmp_path / "set")) == tmp_path / "set"
+    assert cache_root(None) == tmp_path / "xdg" / "embedding-service"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root(None) == tmp_path / "home" / ".cache" / "embedding-service"
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", no_home)
+    assert cache_root(None) is None
+    assert SentenceTransformerBackend("model")._calibration_store(ModelSource(str(tmp_path), "m"), "cpu") == (
+        None,
+        f"not kept: {NO_CACHE_DIR}",
+    )
