@@ -118,8 +118,9 @@ integration: $(STAMP) system-deps  ## the real server and the real model on loop
 e2e: $(STAMP) system-deps  ## end-to-end: two services, real Prometheus and Alertmanager, the dashboard queries; a short Locust run
 	HF_HUB_OFFLINE=1 $(BIN)/pytest tests/e2e
 
-test: lint typecheck hadolint alerts  ## everything CI runs: lint, types, Dockerfile, rules, all tests
-	HF_HUB_OFFLINE=1 $(BIN)/pytest --durations=15
+test: lint typecheck hadolint alerts  ## everything CI runs: lint, types, Dockerfile, rules, all tests (durations: reports/)
+	@mkdir -p reports; status=0; HF_HUB_OFFLINE=1 $(BIN)/pytest --junitxml=reports/junit.xml || status=$$?; \
+		$(BIN)/python -m tests.durations --slowest 15 --tsv reports/durations.tsv; exit $$status
 
 # pythonX.Y from PATH, else the newest pyenv-installed X.Y (pyenv's shims answer only for the selected versions).
 find_python = $(shell if python$(1) -c '' 2>/dev/null; then command -v python$(1); \
