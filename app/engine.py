@@ -610,8 +610,9 @@ class Engine:
                 self._state = "ready"
                 self._metrics.ready.set(1)
             self._cond.notify_all()
-        if self._deadline is not None:
+        if self._deadline is not None:  # gone once ready: a serving engine runs no thread of its start
             self._deadline.cancel()
+            self._deadline.join()
         log.info(
             "model.loaded",
             model=info.model_id,
