@@ -281,12 +281,12 @@ class Engine:
             if self._state != "created":
                 raise RuntimeError("engine already started")
             self._state = "loading"
-        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
-        self._thread.start()
-        if self._startup_timeout_s is not None:
+        if self._startup_timeout_s is not None:  # started first: the inference thread joins it once ready
             self._deadline = threading.Timer(self._startup_timeout_s, self._startup_overdue)
             self._deadline.name, self._deadline.daemon = "startup-deadline", True
             self._deadline.start()
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self._thread.start()
 
     def _startup_overdue(self) -> None:
         """At the start-up deadline: a model still loading fails the start (however far it got)."""
@@ -547,7 +547,10 @@ class Engine:
         try:
             self._load()
         except BaseException as exc:  # noqa: BLE001  (the thread must report every start failure)
-            self._fail(exc)
+            if self._state == "ready":  # failed after it said ready: requests are waiting on a thread that has gone
+                self._crash(exc)
+            else:
+                self._fail(exc)
             return
         if self._state == "failed":
             return

@@ -344,6 +344,30 @@ def test_a_model_not_ready_within_the_start_up_timeout_fails_the_start(load_s: f
     engine.stop(5)
 
 
+class SeesItsDeadline(FakeBackend):
+    """Loads at once, noting whether the start-up deadline was already running."""
+
+    def load(self) -> ModelInfo:
+        self.deadline_running = any(t.name == "startup-deadline" for t in threading.enumerate())
+        return super().load()
+
+
+def test_a_model_that_loads_at_once_serves_under_a_start_up_deadline() -> None:
+    """The deadline runs before the load begins, so the inference thread can always end it once ready: started after
+    the thread, a load quicker than the deadline's start stopped the thread unseen and every request waited out
+    EMBEDDING_REQUEST_TIMEOUT_S (seen in CI with the fake model)."""
+    for _ in range(30):
+        backend = SeesItsDeadline()
+        engine = Engine(
+            backend, batch_size=4, queue_size=8, metrics=Metrics(), rss_sampler=lambda: 0, startup_timeout_s=60
+        )
+        engine.start()
+        assert engine.wait_until_settled(5) and engine.ready
+        assert engine.submit(["x"]).wait(5).embeddings.shape == (1, 8)
+        assert backend.deadline_running
+        assert engine.stop(5)
+
+
 def test_a_timed_out_request_is_skipped_by_the_engine_and_its_wait_counted(backend: FakeBackend) -> None:
     engine, metrics = make_engine(backend)
     engine.start()
