@@ -254,6 +254,13 @@ def settled(stack: Stack, instances: list[str]) -> float:
     return at
 
 
+QUANTILE_SLACK = 0.02
+"""How far a quantile over both instances may lie outside theirs. Over exact counts it lies between them, but rate()
+extrapolates each bucket's series to the window's edges on its own (one whose count was 0 at the window's start only
+back to that zero), so one instance's buckets are out of proportion by up to a scrape in 20 s: CI saw a p95 over both
+0.13 % under the lower instance's. A wrong aggregate (quantiles added, a label dropped) is off by far more."""
+
+
 def is_sum(expr: str) -> bool:
     """A plain sum of rates, or a per-interval count: what two instances add up to."""
     return "offset $__interval" in expr or re.fullmatch(r"sum( by \([^)]*\))? \(rate\([^()]*\)\)", expr) is not None
@@ -283,7 +290,8 @@ def test_every_query_answers_per_instance_or_as_a_correct_aggregate(stack: Stack
         elif is_sum(expr):
             assert value == pytest.approx(sum(parts)), f"{title} {dict(labels)}: not the sum of the instances"
         else:
-            assert min(parts) - 1e-9 <= value <= max(parts) + 1e-9, (
+            slack = QUANTILE_SLACK * max(parts) if "histogram_quantile" in expr else 1e-9
+            assert min(parts) - slack <= value <= max(parts) + slack, (
                 f"{title} {dict(labels)}: {value} is outside the instances' own values {parts}"
             )
 
