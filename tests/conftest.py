@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +19,28 @@ def _reset_structlog() -> Iterator[None]:
     structlog.reset_defaults()
 
 
+CALLERS_SETTINGS = (
+    "EMBEDDING_", "OTEL_", "HF_", "TRANSFORMERS_", "SENTENCE_TRANSFORMERS_", "TORCH", "PYTORCH_", "OMP_", "GOMP_",
+    "KMP_", "MKL_", "ONEDNN_", "DNNL_", "OV_", "MALLOC_", "LD_PRELOAD", "LRU_CACHE_CAPACITY", "PYTHONMALLOC",
+    "GUNICORN_CMD_ARGS", "WEB_CONCURRENCY", "PORT", "READY_TIMEOUT_S", "SLOW_START_S", "LOAD_", "BENCH_",
+)  # fmt: skip
+"""What a developer's shell may export that changes a service, its model or its kernels: no test, and no service,
+install or tool a test starts (each gets this process's environment and its own settings), sees it."""
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def _hermetic_environment() -> Iterator[None]:
+    """Tests run with the defaults they assert, on any shell: the caller's settings are taken away for the session,
+    and the hub is offline (no test downloads a model)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith(CALLERS_SETTINGS)]:
+            patch.delenv(name)
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(_hermetic_environment: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Every service and backend the tests start keeps its calibration and its converted models in one directory
     of the session (XDG_CACHE_HOME, which EMBEDDING_CACHE_DIR defaults under), not in the home directory: a
     session starts from nothing, and what one start measured, the next start of the same model and settings

@@ -21,7 +21,6 @@ def test_policies_are_measured_in_alternating_rounds(tmp_path: Path, capsys: pyt
 
     assert json.loads(out.read_text()) == result
     off, smart = result["policies"]["off"], result["policies"]["smart"]
-    assert off["ratio"] == 1.0
     assert smart["ratio"] == pytest.approx(smart["median_texts_per_s"] / off["median_texts_per_s"], abs=0.01)
     for policy, numbers in (("off", off), ("smart", smart)):
         assert len(numbers["texts_per_s"]) == 2

@@ -24,7 +24,7 @@ def test_health_answers_at_once_and_ready_only_after_warm_up(tmp_path: Path) -> 
         assert 503 in seen, "the service listens before the model is loaded, and says it is not ready"
         assert requests.get(f"{service.url}/health", timeout=5).status_code == 200
         loaded = service.events("model.loaded")[0]
-        assert loaded["warm_up_s"] >= 0
+        assert loaded["warm_up_s"] > 0  # it ran: a pass over a text of the model's whole length takes time
         (warning,) = service.events("config.unknown_variables")
         assert warning["variables"] == {"EMBEDDING_DTYPES": "EMBEDDING_DTYPE"}
         assert warning["level"] == "warning"

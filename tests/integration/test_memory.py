@@ -240,6 +240,9 @@ def test_above_the_hard_limit_new_requests_get_503_and_the_service_stays_up(tmp_
 
 def test_without_a_token_loopback_clients_may_clean_up_once_per_interval(service: ServiceProcess) -> None:
     first = requests.post(f"{service.url}/cleanup", timeout=60)
+    if first.status_code == 429:  # the session's service: another test's cleanup within the interval; wait it out
+        time.sleep(int(first.headers["Retry-After"]))
+        first = requests.post(f"{service.url}/cleanup", timeout=60)
     assert first.status_code == 200
     again = requests.post(f"{service.url}/cleanup", timeout=60)
     assert again.status_code == 429
