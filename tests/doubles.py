@@ -147,6 +147,11 @@ class FakeClock:
         self.now += seconds
 
 
+ROUTE_TEST_BUDGET_BYTES = 256 << 20
+"""The memory budget of a service on the fake backend. A derived one starts from the test process's RSS, which
+late in a full run (models loaded in-process, the corpus) is over 2 GB, past the elevated threshold: the budget
+fell to its floor and batches to 16 tokens, and a test that expects two texts in one batch failed in CI."""
+
 QUIET_HEAP = HeapActions(
     collect=lambda: 0, collect_once=lambda: 0, freeze=lambda: None, release=lambda: True, limit_arenas=lambda n: False
 )
@@ -157,7 +162,10 @@ QUIET_HEAP = HeapActions(
 def serving(settings: Settings, backend: EmbeddingBackend | None = None, *, wait: bool = True) -> Iterator[Flask]:
     """The app of a started service on ``backend`` (a fresh :class:`FakeBackend` by default), loaded unless not
     ``wait``; stopped after, every thread it started joined. It leaves the test process's heap alone and
-    writes no run marker."""
+    writes no run marker. Its memory budget is ``settings``' or :data:`ROUTE_TEST_BUDGET_BYTES`, never derived:
+    derived, it would start from this process's RSS, the whole session's."""
+    if settings.memory_budget_bytes is None:
+        settings = settings.replace(memory_budget_bytes=ROUTE_TEST_BUDGET_BYTES)
     service = Service(settings, backend=backend or FakeBackend(), heap=QUIET_HEAP, record_run=False)
     service.start()
     try:
