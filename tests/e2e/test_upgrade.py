@@ -254,14 +254,17 @@ def install(tmp_path: Path, template: Path, sources: dict[str, Path]) -> Iterato
 
 @pytest.fixture
 def slow_install(tmp_path: Path, template: Path, sources: dict[str, Path]) -> Iterator[Install]:
-    """Version 1.0.0, started, whose model (and every version's it is upgraded to) takes longer than 30 s to load."""
-    inst = started_install(tmp_path / "embedding-service", template, sources, **SLOW_START)
+    """Version 1.0.0, started as usual; then every start of a version it hands over to (an upgrade's, a rollback's, a
+    restart's, a respawned worker's) loads a model that takes longer than 30 s: the first start waits for nothing
+    the test checks."""
+    inst = started_install(tmp_path / "embedding-service", template, sources)
+    (inst.current() / "service.env").write_text(inst.config(**SLOW_START).read_text())  # a copy, not a hard link
     yield inst
     wait_until(inst.unlocked, 300, "the ops lock")
     inst.ops("service.sh", "stop")
 
 
-def test_start_adopts_the_first_layout_and_status_reports_version_and_readiness(
+def test_start_adopts_the_first_layout_status_reports_version_and_readiness_and_a_restart_without_room_warns(
     tmp_path: Path, sources: dict[str, Path]
 ) -> None:
     install = first_layout(tmp_path / "embedding-service", free_port(), sources)
@@ -277,6 +280,19 @@ def test_start_adopts_the_first_layout_and_status_reports_version_and_readiness(
         assert status.returncode == 0
         assert f"version {OLD}" in status.stdout
         assert "ready" in status.stdout
+
+        # Without memory for a second process, a restart has a gap (with a warning) or, with --no-gap, is refused
+        # and nothing stops.
+        masters = gunicorn_masters(install.home)
+        no_room = {"HANDOVER_RESERVE_BYTES": str(1 << 50)}
+        refused = install.ops("service.sh", "restart", "--no-gap", **no_room)
+        assert refused.returncode == 3, refused.stderr
+        assert "no room for a second process: it needs about" in refused.stderr
+        assert gunicorn_masters(install.home) == masters and install.embeds()
+        restarted = install.ops("service.sh", "restart", **no_room)
+        assert restarted.returncode == 0, restarted.stderr
+        assert "warning: clients will be refused while the service restarts: no room" in restarted.stderr
+        assert gunicorn_masters(install.home) != masters and install.embeds()
     finally:
         assert install.ops("service.sh", "stop").returncode == 0
     stopped = install.ops("service.sh", "status")
@@ -388,8 +404,7 @@ def test_an_upgrade_a_rollback_and_a_restart_under_load_refuse_no_client(slow_in
     than the 30 s gunicorn's lifespan allows: the new version takes the running one's socket once its model is
     ready, so no connection is refused and every answer is a 200 with its vectors. A worker killed after a
     handover (as the OOM killer would) is started again by the same master and serves: while it loads, clients
-    get 503 with Retry-After. Then, without memory for a second process, a restart has a gap (with a warning)
-    or, with --no-gap, is refused and nothing stops."""
+    get 503 with Retry-After."""
     install = slow_install
     with Clients(install.url) as clients:
         clients.wait_answers(20)
@@ -439,17 +454,6 @@ def test_an_upgrade_a_rollback_and_a_restart_under_load_refuse_no_client(slow_in
         assert all("Connection" in a for a in lost) and len(lost) <= 16, lost[:5]
         assert answers[-20:] == [200] * 20
     assert len([line for line in install.log().splitlines() if "handed over" in line]) == 3
-
-    masters = gunicorn_masters(install.home)
-    no_room = {"HANDOVER_RESERVE_BYTES": str(1 << 50)}
-    refused = install.ops("service.sh", "restart", "--no-gap", **no_room)
-    assert refused.returncode == 3, refused.stderr
-    assert "no room for a second process: it needs about" in refused.stderr
-    assert gunicorn_masters(install.home) == masters and install.embeds()
-    restarted = install.ops("service.sh", "restart", **no_room)
-    assert restarted.returncode == 0, restarted.stderr
-    assert "warning: clients will be refused while the service restarts: no room" in restarted.stderr
-    assert gunicorn_masters(install.home) != masters and install.embeds()
 
 
 def test_a_broken_version_is_switched_back_and_rollback_never_goes_to_it(install: Install) -> None:
