@@ -19,7 +19,8 @@ LOAD_USERS ?= 6
 REHEARSAL_S ?= 120
 
 .PHONY: help install system-deps run lint typecheck hadolint alerts rules unit integration e2e test bench loadtest largest \
-	loadtest-compare throughput startup dashboard deploy clean jemalloc unit-newest lock-check fidelity rehearsal readme
+	loadtest-compare throughput startup dashboard deploy clean jemalloc unit-newest lock-check fidelity rehearsal readme \
+	test-long
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -121,6 +122,11 @@ e2e: $(STAMP) system-deps  ## end-to-end: two services, real Prometheus and Aler
 test: lint typecheck hadolint alerts  ## everything CI runs: lint, types, Dockerfile, rules, all tests (durations: reports/)
 	@mkdir -p reports; status=0; HF_HUB_OFFLINE=1 $(BIN)/pytest --junitxml=reports/junit.xml || status=$$?; \
 		$(BIN)/python -m tests.durations --slowest 15 --tsv reports/durations.tsv; exit $$status
+
+test-long: $(STAMP) system-deps  ## what make test runs briefly, at length: schemathesis with 500 examples an operation, a 5-minute Locust run judged with its slope, the 120 s rehearsal
+	HF_HUB_OFFLINE=1 SCHEMA_EXAMPLES=500 $(BIN)/pytest tests/integration/test_schema.py -k openapi_document
+	$(MAKE) --no-print-directory loadtest LOAD_DURATION_S=300
+	$(MAKE) --no-print-directory rehearsal REHEARSAL_S=120
 
 # pythonX.Y from PATH, else the newest pyenv-installed X.Y (pyenv's shims answer only for the selected versions).
 find_python = $(shell if python$(1) -c '' 2>/dev/null; then command -v python$(1); \
