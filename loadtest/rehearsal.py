@@ -157,6 +157,7 @@ class Balancer:
     def __init__(
         self, work: Path, port_a: int, port_b: int, template: str = HAPROXY_CONFIG, readiness: str | None = None
     ) -> None:
+        work = work.resolve()  # haproxy reads a relative socket path as host:port (make rehearsal's reports/...)
         self.port, self.stats_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = work / "haproxy.cfg"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
-from loadtest.rehearsal import READY_AGAIN_S, Summary, judge
+from loadtest.rehearsal import READY_AGAIN_S, Balancer, Summary, judge
+from loadtest.service import free_port
 
 MB = 1_000_000
 GOOD = Summary(
@@ -47,3 +49,17 @@ def test_each_failure_is_named(change: dict[str, object], complaint: str) -> Non
     failed = judge(dataclasses.replace(GOOD, **change))  # type: ignore[arg-type]
     assert len(failed) == 1
     assert complaint in failed[0]
+
+
+def test_the_balancer_starts_in_a_directory_given_relative(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """make rehearsal writes to reports/rehearsal: haproxy took the relative admin socket's path for host:port and
+    refused its configuration, and the rehearsal ended before its load ("haproxy never saw replica a ready")."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reports").mkdir()
+    balancer = Balancer(Path("reports"), free_port(), free_port())
+    try:
+        assert balancer.wait_up("a", 2) is None  # nothing listens there: haproxy runs and says so
+        assert balancer.proc.poll() is None, (tmp_path / "reports" / "haproxy.log").read_text()
+        assert balancer.server("a")["status"] in ("DOWN", "no check")
+    finally:
+        balancer.terminate()
