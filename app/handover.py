@@ -18,12 +18,14 @@ model loads, as a fresh start does: no other process answers for it any more (:c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
 import socket
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 HANDOVER_DIR_VARIABLE = "EMBEDDING_HANDOVER_DIR"
@@ -61,6 +63,37 @@ def offer_path(directory: str | os.PathLike[str], pid: int | None = None) -> Pat
     return Path(directory) / f"handover.{os.getpid() if pid is None else pid}.sock"
 
 
+UNIX_PATH_MAX = 108
+"""The bytes a Unix socket's address holds on Linux (``sun_path``), its terminating zero included."""
+
+
+@contextlib.contextmanager
+def unix_address(path: str | os.PathLike[str]) -> Iterator[str]:
+    """A name of ``path`` short enough to bind or connect a Unix socket to: the path itself where it fits, else
+    the path through a descriptor of its directory (``/proc/self/fd/N/NAME``), valid while the block runs. An
+    install's directory can be any depth; its run/ directory's sockets are reached either way."""
+    path = Path(path)
+    if len(os.fsencode(path)) < UNIX_PATH_MAX:
+        yield str(path)
+        return
+    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{directory}/{path.name}"
+    finally:
+        os.close(directory)
+
+
+def _bind_private(server: socket.socket, path: Path) -> None:
+    """Bind ``server`` to ``path``, readable and writable by this user only (mode 0600 from the start)."""
+    path.unlink(missing_ok=True)  # a stale one: its process is gone (a pid is reused only after that)
+    previous = os.umask(0o177)
+    try:
+        with unix_address(path) as address:
+            server.bind(address)
+    finally:
+        os.umask(previous)
+
+
 class Offer:
     """Hands ``listeners`` to any process of this user that connects to :attr:`path`, until closed. Runs in
     the gunicorn master, whose logger (JSON lines, like the service's) it writes to."""
@@ -70,12 +103,7 @@ class Offer:
         self.path = offer_path(directory)
         self._fds = [listener.fileno() for listener in listeners]
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.path.unlink(missing_ok=True)  # a pid is reused only after its process is gone
-        previous = os.umask(0o177)
-        try:
-            self._server.bind(str(self.path))
-        finally:
-            os.umask(previous)
+        _bind_private(self._server, self.path)
         self._server.listen(4)
         self._thread = threading.Thread(target=self._serve, name="handover", daemon=True)
         self._thread.start()
@@ -109,7 +137,8 @@ def take(path: str | os.PathLike[str], timeout_s: float = 10.0) -> list[socket.s
     """The TCP listening sockets offered at ``path`` (raises OSError when nothing answers there)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.settimeout(timeout_s)
-        client.connect(str(path))
+        with unix_address(path) as address:
+            client.connect(address)
         _, fds, _, _ = socket.recv_fds(client, 1, 16)
     if not fds:
         raise OSError(f"{path} offered no socket")
@@ -122,12 +151,7 @@ def launch(offered: Path, check: Path, command: list[str]) -> None:
     ``/ready`` and one embedding through ``check``, while the shared port is answered by whichever is ready."""
     listeners = take(offered)
     checker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    check.unlink(missing_ok=True)
-    previous = os.umask(0o177)
-    try:
-        checker.bind(str(check))
-    finally:
-        os.umask(previous)
+    _bind_private(checker, check)
     checker.listen(64)
     # Inherited sockets are numbered from 3 (sd_listen_fds): copied out of the way first (os.dup's copies are
     # not inherited), then into place, inherited.

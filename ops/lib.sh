@@ -224,7 +224,8 @@ class Unix(http.client.HTTPConnection):
     def connect(self):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(self.timeout)
-        self.sock.connect(via)
+        os.chdir(os.path.dirname(via) or ".")  # a Unix socket's address holds 107 bytes; an install can be deeper
+        self.sock.connect(os.path.basename(via))
 
 connection = Unix("localhost", timeout=30) if via else http.client.HTTPConnection("127.0.0.1", int(port), timeout=30)
 try:

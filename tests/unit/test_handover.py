@@ -11,15 +11,18 @@ import logging
 import os
 import socket
 import stat
+import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from app.handover import Offer, Served, inherited_listeners, offer_path, take
+from app.handover import Offer, Served, inherited_listeners, offer_path, take, unix_address
 from app.server import AcceptOnceReady
 
 LOG = logging.getLogger("test.handover")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -52,6 +55,57 @@ def test_the_taken_socket_is_the_offered_one_and_shares_its_queue(listener: sock
     assert not offer.path.exists()  # the master exited: nothing left to take
     with pytest.raises(OSError):
         take(offer.path)
+
+
+@pytest.fixture
+def deep(tmp_path: Path) -> Path:
+    """A run/ directory whose sockets' paths are longer than a Unix socket's address holds (107 bytes)."""
+    run = tmp_path / ("an-install-directory-deeper-" * 3) / "embedding-service" / "run"
+    run.mkdir(parents=True)
+    return run
+
+
+def test_an_install_deeper_than_a_unix_socket_address_still_hands_over(listener: socket.socket, deep: Path) -> None:
+    offer = Offer([listener], deep, LOG)
+    try:
+        assert len(os.fsencode(offer.path)) > 107
+        assert stat.S_IMODE(offer.path.stat().st_mode) == 0o600
+        (taken,) = take(offer.path)
+        assert taken.getsockname() == listener.getsockname()
+        taken.close()
+    finally:
+        offer.close()
+    assert not offer.path.exists()
+
+
+def test_the_ops_scripts_ask_a_version_through_a_check_socket_deeper_than_an_address_holds(deep: Path) -> None:
+    """ops/lib.sh's ``http`` with VIA= the socket of a version started beside the running one (run/next.sock)."""
+    check = deep / ("next-" * 8 + "check.sock")
+    assert len(os.fsencode(check)) > 107
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with unix_address(check) as address:
+        server.bind(address)
+    server.listen(1)
+
+    def answer() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{"ready": true}')
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    asked = subprocess.run(
+        ["bash", "-c", f'. "{ROOT}/ops/lib.sh" && VIA="$1" http GET /ready', "http", str(check)],
+        env={**os.environ, "EMBEDDING_HOME": str(deep.parent)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    thread.join(5)
+    server.close()
+    assert asked.stdout == '200 {"ready": true}\n', asked.stderr
 
 
 def test_sockets_are_inherited_only_when_meant_for_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
