@@ -79,6 +79,7 @@ def test_the_largest_request_costs_what_the_model_reads(whole: ServiceProcess, l
     assert peak - before <= 5 * len(largest_body) + BATCH_RESERVE + SLACK
 
 
+@pytest.mark.slow  # sixteen requests of the largest size
 def test_sixteen_largest_requests_complete_or_are_refused_at_once(whole: ServiceProcess, largest_body: bytes) -> None:
     before = whole.worker_rss()
     statuses, answers, peak = sixteen_at_once(whole, largest_body, "/embed")

@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # loads the model in a process of its own
 def test_check_loads_the_model_and_embeds_one_text() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EMBEDDING_MODEL": "all-minilm-l6-v2"}
     done = subprocess.run(

@@ -18,6 +18,8 @@ from loadtest.corpus import build_corpus, sample
 from loadtest.service import ServiceProcess, running_service
 from tests.leaky import KEPT_BYTES_PER_TEXT
 
+pytestmark = pytest.mark.slow  # the leaky app, loaded until its heap shows the leak
+
 TOKEN = "let-me-in"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 LEAKY = Path(__file__).resolve().parents[1] / "leaky.py"

@@ -1,4 +1,5 @@
-"""Start, readiness, backpressure and shutdown of the real service, one process per test."""
+"""Start, readiness, a killed worker, backpressure and shutdown of the real service: one process through its life,
+one for each start that must be refused, one with a small queue."""
 
 from __future__ import annotations
 
@@ -9,16 +10,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import requests
 
 from loadtest.service import ServiceProcess
 
+pytestmark = pytest.mark.slow  # a service start (or a refused one) per test
+
 TEXTS = [f"Sentence {i} of a document that is being indexed, with a few more words." for i in range(32)]
 
 
-def test_health_answers_at_once_and_ready_only_after_warm_up(tmp_path: Path) -> None:
-    """Also: a misspelt setting (it changes nothing) is named at start, with the setting it resembles."""
-    service = ServiceProcess(tmp_path / "log", {"EMBEDDING_DTYPES": "bfloat16"}).start()
+def test_one_life_health_at_once_ready_after_warm_up_a_killed_worker_counted_and_sigterm_finishing_queued_work(
+    tmp_path: Path,
+) -> None:
+    """One process from start to SIGTERM. /health answers at once and /ready only after warm-up, and a misspelt
+    setting (it changes nothing) is named at start with the setting it resembles. A worker killed as the OOM killer
+    does is started again by gunicorn and counted as an unclean exit. SIGTERM finishes the work queued and exits 0,
+    and the next start (after a clean stop, as an upgrade does) counts nothing new."""
+    settings = {"EMBEDDING_STATE_DIR": str(tmp_path / "state")}
+    service = ServiceProcess(tmp_path / "first.log", {**settings, "EMBEDDING_DTYPES": "bfloat16"}).start()
     try:
         seen = service.wait_ready()
         assert 503 in seen, "the service listens before the model is loaded, and says it is not ready"
@@ -28,13 +38,40 @@ def test_health_answers_at_once_and_ready_only_after_warm_up(tmp_path: Path) -> 
         (warning,) = service.events("config.unknown_variables")
         assert warning["variables"] == {"EMBEDDING_DTYPES": "EMBEDDING_DTYPE"}
         assert warning["level"] == "warning"
+
+        assert service.metric("embedding_unclean_exits_total") == 0
+        killed = service.worker_pid()
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while service.worker_pid() == killed:
+            assert time.monotonic() < deadline, "gunicorn did not start another worker"
+            time.sleep(0.2)
+        service.wait_ready()
+        assert service.metric("embedding_unclean_exits_total") == 1
+        assert service.metric("embedding_previous_exit_unclean") == 1
+        (event,) = service.events("service.previous_run_unclean")
+        assert event["previous"]["pid"] == killed
+        assert event["level"] == "warning"
+
+        statuses, code = sigterm_with_work_queued(service)
+        assert statuses == [200] * 16
+        assert code == 0
+        assert service.events("engine.stopped")
     finally:
-        assert service.terminate() == 0
+        service.terminate()
+    again = ServiceProcess(tmp_path / "second.log", settings).start()
+    try:
+        again.wait_ready()
+        assert again.metric("embedding_unclean_exits_total") == 1  # the count carries on; nothing new
+        assert again.metric("embedding_previous_exit_unclean") == 0
+        assert not again.events("service.previous_run_unclean")
+    finally:
+        assert again.terminate() == 0
 
 
-def test_sigterm_finishes_queued_work_and_exits_zero(tmp_path: Path) -> None:
-    service = ServiceProcess(tmp_path / "log").start()
-    service.wait_ready()
+def sigterm_with_work_queued(service: ServiceProcess) -> tuple[list[int], int]:
+    """SIGTERM once 16 requests of 32 texts have reached the service and some wait in its queue: their statuses
+    and the exit code."""
     started = threading.Barrier(17)
 
     def index_batch(i: int) -> int:
@@ -54,10 +91,7 @@ def test_sigterm_finishes_queued_work_and_exits_zero(tmp_path: Path) -> None:
         time.sleep(0.1)  # from the handler into the engine's queue
         assert (service.metric("embedding_queue_depth") or 0) > 0
         code = service.terminate()
-        statuses = [f.result() for f in futures]
-    assert statuses == [200] * 16
-    assert code == 0
-    assert service.events("engine.stopped")
+        return [f.result() for f in futures], code
 
 
 def test_a_bad_setting_stops_the_start_and_names_the_variable(tmp_path: Path) -> None:
@@ -112,34 +146,3 @@ def test_a_full_queue_answers_429_with_retry_after_and_loses_no_accepted_work(tm
         assert requests.post(f"{service.url}/embed", json={"inputs": "after"}, timeout=30).status_code == 200
     finally:
         service.terminate()
-
-
-def test_a_killed_worker_is_counted_as_an_unclean_exit_and_a_clean_stop_is_not(tmp_path: Path) -> None:
-    """As an OOM kill does: SIGKILL to the worker; gunicorn starts another, which counts it."""
-    settings = {"EMBEDDING_STATE_DIR": str(tmp_path / "state")}
-    service = ServiceProcess(tmp_path / "first.log", settings).start()
-    try:
-        service.wait_ready()
-        assert service.metric("embedding_unclean_exits_total") == 0
-        killed = service.worker_pid()
-        os.kill(killed, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while service.worker_pid() == killed:
-            assert time.monotonic() < deadline, "gunicorn did not start another worker"
-            time.sleep(0.2)
-        service.wait_ready()
-        assert service.metric("embedding_unclean_exits_total") == 1
-        assert service.metric("embedding_previous_exit_unclean") == 1
-        (event,) = service.events("service.previous_run_unclean")
-        assert event["previous"]["pid"] == killed
-        assert event["level"] == "warning"
-    finally:
-        assert service.terminate() == 0
-    again = ServiceProcess(tmp_path / "second.log", settings).start()  # after a clean stop, as an upgrade does
-    try:
-        again.wait_ready()
-        assert again.metric("embedding_unclean_exits_total") == 1  # the count carries on; nothing new
-        assert again.metric("embedding_previous_exit_unclean") == 0
-        assert not again.events("service.previous_run_unclean")
-    finally:
-        assert again.terminate() == 0

@@ -10,7 +10,11 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import pytest
+
 from loadtest.service import ServiceProcess
+
+pytestmark = pytest.mark.slow  # a 20 s Locust run
 
 ROOT = Path(__file__).resolve().parents[2]
 

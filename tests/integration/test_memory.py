@@ -15,6 +15,8 @@ from loadtest.corpus import build_corpus, sample
 from loadtest.service import ServiceProcess, running_service
 from tests.integration.conftest import held_linear_parameters
 
+pytestmark = pytest.mark.slow  # services of their own, and memory that takes seconds to settle
+
 MB = 1_000_000
 
 
@@ -132,6 +134,7 @@ def test_the_whole_model_is_in_memory_once_the_service_is_ready(service: Service
     assert resident >= 0.95 * (weights.stat().st_size - 4 * held_linear_parameters(service))
 
 
+@pytest.mark.alone  # what the allocator keeps depends on when the threads of the last requests free
 @pytest.mark.parametrize("allocator", ["jemalloc", "glibc"])
 def test_the_service_runs_on_the_allocator_asked_for(tmp_path: Path, documents: list[str], allocator: str) -> None:
     # jemalloc (the default) is preloaded into gunicorn's master before it forks.

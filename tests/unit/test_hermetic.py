@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from app.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,6 +20,7 @@ def test_no_setting_of_the_caller_reaches_a_test() -> None:
     assert Settings() == Settings.from_env({})
 
 
+@pytest.mark.slow  # a pytest run of its own
 def test_a_shell_with_settings_exported_runs_the_tests_as_a_clean_one() -> None:
     """The test above, under a shell that sets a service's limits, its threads and its allocator's options: a
     session that kept them would start services with them, and assert the defaults against them."""
