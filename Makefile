@@ -119,8 +119,16 @@ integration: $(STAMP) system-deps  ## the real server and the real model on loop
 e2e: $(STAMP) system-deps  ## end-to-end: two services, real Prometheus and Alertmanager, the dashboard queries; a short Locust run
 	HF_HUB_OFFLINE=1 $(BIN)/pytest tests/e2e
 
+# make test runs the test modules on TEST_WORKERS processes (pytest-xdist; a module's tests stay together, on one;
+# the longest first, tests/conftest.py), then the tests marked `alone`, which measure what the others' load would
+# move, by themselves.
+TEST_WORKERS ?= 3
+
 test: lint typecheck hadolint alerts  ## everything CI runs: lint, types, Dockerfile, rules, all tests (durations: reports/)
-	@mkdir -p reports; status=0; HF_HUB_OFFLINE=1 $(BIN)/pytest --junitxml=reports/junit.xml || status=$$?; \
+	@mkdir -p reports; rm -f reports/junit*.xml; status=0; \
+		HF_HUB_OFFLINE=1 $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not alone" \
+			--junitxml=reports/junit.xml || status=$$?; \
+		HF_HUB_OFFLINE=1 $(BIN)/pytest -m alone --junitxml=reports/junit-alone.xml || status=$$?; \
 		$(BIN)/python -m tests.durations --slowest 15 --tsv reports/durations.tsv; exit $$status
 
 test-long: $(STAMP) system-deps  ## what make test runs briefly, at length: schemathesis with 500 examples an operation, a 5-minute Locust run judged with its slope, the 120 s rehearsal

@@ -44,8 +44,33 @@ def _session_cache(_hermetic_environment: None, tmp_path_factory: pytest.TempPat
     """Every service and backend the tests start keeps its calibration and its converted models in one directory
     of the session (XDG_CACHE_HOME, which EMBEDDING_CACHE_DIR defaults under), not in the home directory: a
     session starts from nothing, and what one start measured, the next start of the same model and settings
-    reads. Tests of measuring itself give their own empty directory."""
-    cache = tmp_path_factory.mktemp("cache")
+    reads. Tests of measuring itself give their own empty directory. Under pytest-xdist the workers of a run share
+    it (their temporary directories' parent): an entry is written aside and renamed into place, so a start reads
+    all of one or none."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        cache = tmp_path_factory.getbasetemp().parent / "cache"
+        cache.mkdir(exist_ok=True)
+    else:
+        cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(cache))
         yield cache
+
+
+RUN_FIRST = ("tests/e2e/test_upgrade.py", "tests/e2e/test_upgrade_interrupted.py", "tests/e2e/test_upgrade_failures.py")
+"""The longest modules (docs/testing.md, time by module): make test's workers (pytest-xdist, a module to a worker)
+start them first, so that the run does not end waiting for one of them."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest modules first, then the other modules with slow tests, then the rest, each in the order collected
+    (a module's tests stay together: its fixtures start once)."""
+    slow = {item.nodeid.split("::", 1)[0] for item in items if item.get_closest_marker("slow")}
+
+    def rank(item: pytest.Item) -> int:
+        module = item.nodeid.split("::", 1)[0]
+        if module in RUN_FIRST:
+            return RUN_FIRST.index(module)
+        return len(RUN_FIRST) + (0 if module in slow else 1)
+
+    items.sort(key=rank)

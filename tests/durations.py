@@ -1,4 +1,5 @@
-"""Where `make test`'s time goes, from the JUnit report it writes (reports/junit.xml).
+"""Where `make test`'s time goes, from the JUnit reports it writes (reports/junit*.xml: the modules run in
+parallel, then the tests that run alone).
 
     python -m tests.durations                        # the 25 slowest tests and the time by module
     python -m tests.durations --slowest 40 --tsv reports/durations.tsv
@@ -16,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-REPORT = Path("reports") / "junit.xml"
+REPORTS = Path("reports")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,13 @@ def cases(report: Path) -> list[Case]:
     return sorted(found, key=lambda c: -c.seconds)
 
 
+def wall_seconds(report: Path) -> float:
+    """How long the run that wrote ``report`` took, its workers side by side."""
+    root = ET.parse(report).getroot()
+    suite = root if root.tag == "testsuite" else next(root.iter("testsuite"))
+    return float(suite.get("time", 0))
+
+
 def by_module(found: list[Case]) -> list[tuple[str, int, float]]:
     """(module, tests, seconds), the most time first."""
     totals: dict[str, list[float]] = defaultdict(list)
@@ -48,21 +56,25 @@ def by_module(found: list[Case]) -> list[tuple[str, int, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("report", nargs="?", type=Path, default=REPORT)
+    parser.add_argument("reports", nargs="*", type=Path, help="JUnit reports (default: reports/junit*.xml)")
     parser.add_argument("--slowest", type=int, default=25)
     parser.add_argument("--tsv", type=Path, help="write every test's duration here")
     args = parser.parse_args(argv)
-    if not args.report.exists():
-        sys.stderr.write(f"{args.report}: no JUnit report (make test writes it)\n")
+    reports = args.reports or sorted(REPORTS.glob("junit*.xml"))
+    missing = [str(report) for report in reports if not report.exists()]
+    if not reports or missing:
+        sys.stderr.write(f"{', '.join(missing) or REPORTS}: no JUnit report (make test writes them)\n")
         return 1
-    found = cases(args.report)
+    found = sorted((case for report in reports for case in cases(report)), key=lambda c: -c.seconds)
     if args.tsv is not None:
         args.tsv.parent.mkdir(parents=True, exist_ok=True)
         rows = [f"{c.seconds:.2f}\t{c.outcome}\t{c.module}::{c.name}" for c in found]
         args.tsv.write_text("seconds\toutcome\ttest\n" + "\n".join(rows) + "\n")
     total = sum(c.seconds for c in found)
     out = sys.stdout
-    out.write(f"{len(found)} tests, {total / 60:.1f} minutes in all; the {args.slowest} slowest:\n")
+    runs = ", ".join(f"{report.name} {wall_seconds(report) / 60:.1f}" for report in reports)
+    out.write(f"{len(found)} tests, {total / 60:.1f} minutes of tests (wall minutes: {runs}); ")
+    out.write(f"the {args.slowest} slowest:\n")
     for case in found[: args.slowest]:
         out.write(f"{case.seconds:8.1f} s  {case.module}::{case.name}\n")
     out.write("by module:\n")

@@ -12,6 +12,7 @@ from loadtest.throughput import main
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # texts a second, compared
 def test_policies_are_measured_in_alternating_rounds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "throughput.json"
     args = ["--policies", "off,smart", "--rounds", "2", "--texts", "64", "--clients", "2", "--out", str(out)]

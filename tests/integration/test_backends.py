@@ -21,7 +21,7 @@ from loadtest.fidelity import MIN_COSINE, MIN_KNN_OVERLAP, knn_overlap
 from loadtest.service import BUNDLED_MODEL, ServiceProcess, running_service
 from tests.integration.conftest import BUNDLED_WEIGHT_BYTES, held_linear_parameters
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # start-up measures: calibration, graph, weights
 
 
 @pytest.fixture(scope="module")
