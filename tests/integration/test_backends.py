@@ -21,7 +21,7 @@ from loadtest.fidelity import MIN_COSINE, MIN_KNN_OVERLAP, knn_overlap
 from loadtest.service import BUNDLED_MODEL, ServiceProcess, running_service
 from tests.integration.conftest import BUNDLED_WEIGHT_BYTES, held_linear_parameters
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # start-up measures: calibration, graph, weights
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,6 @@ def linear_weight_dtypes(backend: SentenceTransformerBackend) -> set[str]:
     return {str(m.weight.dtype) for m in backend._model.modules() if isinstance(m, torch.nn.Linear)}
 
 
-@pytest.mark.alone  # asserts that start-up measured the batch cost, which the others' load can hide
 def test_linear_weights_are_held_in_bfloat16_where_the_vectors_stay_the_same(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -17,7 +17,7 @@ from app.backend import ModelInfo, SentenceTransformerBackend
 from loadtest.corpus import build_corpus, sample
 from loadtest.service import BUNDLED_MODEL
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # what a start measures
 
 TEXTS = [d.text for d in sample(build_corpus(), 48, seed=11)]
 
